@@ -1,0 +1,256 @@
+"""The measurement rules: from probe observations to a per-URL verdict.
+
+Theory of operation
+-------------------
+Every probe is first *classified* on its own (`classify`): present, removed,
+inconclusive or dns_nxdomain. Inconclusive results (timeouts, 5xx, 429, TLS
+and network errors, refused by the agent's address policy) carry no evidence
+and are ignored: they neither extend nor break a run of removed results.
+
+Per URL, a `UrlVerdict` keeps one `AgentTrack` per vantage point: its last
+conclusive class, the length of its current run of removed results and when
+that run began. The URL's state is then decided across vantage points:
+
+* any agent that reached the host recently last saw the content present →
+  the URL is *available*; if at the same time another agent has a confirmed
+  run of removed results, it is *geoblocked* (blocked or cloaked for some
+  networks, not removed);
+* every agent that reached the host recently has at least `k` consecutive
+  removed results → *removed*;
+* anything in between keeps the previous state (a removal not yet confirmed).
+
+"Reached the host recently" means a conclusive result within
+`Policy.reach_window` of the newest observation, so an agent that stops
+probing a URL cannot block its removal for ever.
+
+Removal time is interval-censored: the content went between the last time any
+agent saw it present and the first removed observation after that. Both ends
+are kept; latency is measured to the first removed observation (the upper
+end), from the notice.
+
+A present observation after a confirmed removal is a reappearance: it opens a
+new episode, whose latency runs from the reappearance. The first episode's
+removal is the one the per-provider latency statistics use.
+
+Nothing here does I/O or reads a clock: time arrives with each observation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+REMOVED_ERRORS = frozenset({"connect_refused"})
+NXDOMAIN_ERROR = "dns_nxdomain"
+
+
+class ProbeClass(enum.StrEnum):
+    """What one probe says about the content, on its own."""
+
+    PRESENT = "present"
+    REMOVED = "removed"
+    INCONCLUSIVE = "inconclusive"
+    NXDOMAIN = "dns_nxdomain"
+
+
+class UrlState(enum.StrEnum):
+    """What all vantage points together say about a URL."""
+
+    PENDING = "pending"
+    AVAILABLE = "available"
+    GEOBLOCKED = "geoblocked"
+    REMOVED = "removed"
+
+
+ONLINE_STATES = frozenset({UrlState.AVAILABLE, UrlState.GEOBLOCKED})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The configurable measurement policy; defaults are documented in docs/METHOD.md."""
+
+    confirmations: int = 2
+    removed_statuses: frozenset[int] = frozenset({404, 410, 451})
+    nxdomain_is_removal: bool = True
+    reach_window: float = 6 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.confirmations < 1:
+            raise ValueError(f"confirmations must be at least 1, got {self.confirmations}")
+        if self.reach_window <= 0:
+            raise ValueError(f"reach_window must be positive, got {self.reach_window}")
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The part of a stored probe result the verdict needs."""
+
+    agent_id: int
+    at: float
+    status: int
+    error: str
+    sha256: bytes
+
+
+def classify(obs: Observation, baseline: bytes | None, policy: Policy) -> ProbeClass:
+    """Classify one probe against the URL's baseline hash (None: not yet known)."""
+    if obs.error and obs.error != "none":
+        if obs.error == NXDOMAIN_ERROR:
+            return ProbeClass.NXDOMAIN
+        if obs.error in REMOVED_ERRORS:
+            return ProbeClass.REMOVED
+        return ProbeClass.INCONCLUSIVE
+    if obs.status in policy.removed_statuses:
+        return ProbeClass.REMOVED
+    if 200 <= obs.status < 300:
+        if not obs.sha256:
+            return ProbeClass.INCONCLUSIVE
+        if baseline is None or obs.sha256 == baseline:
+            return ProbeClass.PRESENT
+        return ProbeClass.REMOVED
+    return ProbeClass.INCONCLUSIVE
+
+
+@dataclass
+class AgentTrack:
+    """One vantage point's view of one URL."""
+
+    last_class: ProbeClass | None = None
+    last_conclusive_at: float | None = None
+    removed_run: int = 0
+    run_started_at: float | None = None
+    last_present_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A confirmed removal of one episode; the content went within [last_present_at, first_removed_at]."""
+
+    episode: int
+    last_present_at: float | None
+    first_removed_at: float
+    confirmed_at: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Reappearance:
+    """Content seen present again after a confirmed removal; opens episode `episode`."""
+
+    episode: int
+    at: float
+
+
+@dataclass(frozen=True)
+class StateChange:
+    old: UrlState
+    new: UrlState
+    at: float
+
+
+Event = Removal | Reappearance | StateChange
+
+
+@dataclass
+class UrlVerdict:
+    """The evolving verdict for one URL; feed it observations in arrival order."""
+
+    notified_at: float
+    state: UrlState = UrlState.PENDING
+    episode_opened_at: float | None = None
+    baseline: bytes | None = None
+    episode: int = 1
+    last_present_at: float | None = None
+    first_removed_at: float | None = None
+    removal: Removal | None = None
+    first_removal: Removal | None = None
+    reappearances: int = 0
+    agents: dict[int, AgentTrack] = field(default_factory=dict)
+
+    @property
+    def opened_at(self) -> float:
+        """When the current episode's clock started: the notice, or the reappearance."""
+        return self.notified_at if self.episode_opened_at is None else self.episode_opened_at
+
+    def observe(self, obs: Observation, policy: Policy) -> list[Event]:
+        """Fold one observation in; return what changed."""
+        cls = classify(obs, self.baseline, policy)
+        if cls is ProbeClass.NXDOMAIN:
+            cls = ProbeClass.REMOVED if policy.nxdomain_is_removal else ProbeClass.INCONCLUSIVE
+        if cls is ProbeClass.INCONCLUSIVE:
+            return []
+        if cls is ProbeClass.PRESENT and self.baseline is None:
+            self.baseline = obs.sha256
+        track = self.agents.setdefault(obs.agent_id, AgentTrack())
+        track.last_class = cls
+        track.last_conclusive_at = max(obs.at, track.last_conclusive_at or obs.at)
+        if cls is ProbeClass.PRESENT:
+            self._saw_present(track, obs.at)
+        else:
+            self._saw_removed(track, obs.at)
+        return self._decide(obs.at, policy)
+
+    def _saw_present(self, track: AgentTrack, at: float) -> None:
+        track.removed_run = 0
+        track.run_started_at = None
+        track.last_present_at = max(at, track.last_present_at or at)
+        if self.last_present_at is None or at > self.last_present_at:
+            self.last_present_at = at
+        if self.first_removed_at is not None and self.first_removed_at <= at:
+            self.first_removed_at = None
+
+    def _saw_removed(self, track: AgentTrack, at: float) -> None:
+        track.removed_run += 1
+        if track.run_started_at is None:
+            track.run_started_at = at
+        after_present = self.last_present_at is None or at > self.last_present_at
+        if after_present and (self.first_removed_at is None or at < self.first_removed_at):
+            self.first_removed_at = at
+
+    def _reaching(self, now: float, policy: Policy) -> Iterable[AgentTrack]:
+        horizon = now - policy.reach_window
+        return [
+            t
+            for t in self.agents.values()
+            if t.last_conclusive_at is not None and t.last_conclusive_at >= horizon
+        ]
+
+    def _decide(self, now: float, policy: Policy) -> list[Event]:
+        reaching = list(self._reaching(now, policy))
+        present = any(t.last_class is ProbeClass.PRESENT for t in reaching)
+        confirmed = [t.removed_run >= policy.confirmations for t in reaching]
+        if present:
+            new = UrlState.GEOBLOCKED if any(confirmed) else UrlState.AVAILABLE
+        elif reaching and all(confirmed):
+            new = UrlState.REMOVED
+        else:
+            new = self.state
+        events: list[Event] = []
+        if new is self.state:
+            return events
+        if self.state is UrlState.REMOVED:
+            self.episode += 1
+            self.reappearances += 1
+            self.removal = None
+            self.episode_opened_at = now
+            events.append(Reappearance(self.episode, now))
+        if new is UrlState.REMOVED:
+            events.append(self._confirm(now))
+        events.append(StateChange(self.state, new, now))
+        self.state = new
+        return events
+
+    def _confirm(self, now: float) -> Removal:
+        first_removed = self.first_removed_at if self.first_removed_at is not None else now
+        removal = Removal(
+            episode=self.episode,
+            last_present_at=self.last_present_at,
+            first_removed_at=first_removed,
+            confirmed_at=now,
+            latency=max(0.0, first_removed - self.opened_at),
+        )
+        self.removal = removal
+        if self.first_removal is None:
+            self.first_removal = removal
+        return removal
