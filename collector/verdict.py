@@ -125,7 +125,10 @@ class AgentTrack:
 
 @dataclass(frozen=True)
 class Removal:
-    """A confirmed removal of one episode; the content went within [last_present_at, first_removed_at]."""
+    """A confirmed removal of one episode.
+
+    The content went between last_present_at and first_removed_at (interval-censored).
+    """
 
     episode: int
     last_present_at: float | None

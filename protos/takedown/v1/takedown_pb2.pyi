@@ -338,11 +338,14 @@ class BatchAck(_message.Message):
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     STORED_AT_UNIX_US_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     stored: _builtins.int
     duplicates: _builtins.int
     """results already stored from an earlier delivery"""
     stored_at_unix_us: _builtins.int
+    rejected: _builtins.int
+    """results for URLs not assigned to this agent, dropped"""
     def __init__(
         self,
         *,
@@ -350,10 +353,11 @@ class BatchAck(_message.Message):
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         stored_at_unix_us: _builtins.int = ...,
+        rejected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "duplicates", b"duplicates", "stored", b"stored", "stored_at_unix_us", b"stored_at_unix_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "duplicates", b"duplicates", "rejected", b"rejected", "stored", b"stored", "stored_at_unix_us", b"stored_at_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

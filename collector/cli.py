@@ -1,0 +1,217 @@
+"""`takedown-collector serve | import | report`.
+
+Every option can also come from the environment (TAKEDOWN_COLLECTOR_<OPTION>)
+or a TOML file given with --config (a [collector] table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import configargparse
+
+from collector import __version__
+from collector.importer import import_file
+from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
+from collector.report import provider_table, render
+from collector.server import CollectorConfig, serve
+from collector.store import StoreError
+from collector.store.reads import connect_readonly, url_outcomes
+from collector.verdict import Policy
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def duration(text: str) -> float:
+    """Seconds from '90', '90s', '15m', '24h', '30d' or '2w'."""
+    m = _DURATION.match(text)
+    if not m:
+        raise configargparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90s, 15m, 24h, 30d"
+        )
+    value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if value <= 0:
+        raise configargparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _parser(command: str, description: str) -> configargparse.ArgParser:
+    p = configargparse.ArgParser(
+        prog=f"takedown-collector {command}",
+        description=description,
+        config_file_parser_class=configargparse.TomlConfigParser(["collector"]),
+        auto_env_var_prefix="TAKEDOWN_COLLECTOR_",
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-c", "--config", is_config_file=True, help="TOML file with a [collector] table")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
+    )
+    return p
+
+
+def serve_parser() -> configargparse.ArgParser:
+    p = _parser(
+        "serve", "Run the collector: agent streams and intake over gRPC, /metrics over HTTP."
+    )
+    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--listen", default="127.0.0.1:7443", help="gRPC address, HOST:PORT")
+    p.add_argument(
+        "--metrics-listen", default="127.0.0.1:9464", help="HTTP address for /metrics and /healthz"
+    )
+    p.add_argument(
+        "--prefixes",
+        type=Path,
+        help="CSV prefix,asn,provider[,country,cdn] mapping peer addresses to providers",
+    )
+    p.add_argument(
+        "--probe-interval", type=duration, default=300.0, help="how often each agent probes a URL"
+    )
+    p.add_argument(
+        "--confirmations",
+        type=int,
+        default=2,
+        help="consecutive removed results each agent must see before a removal counts",
+    )
+    p.add_argument(
+        "--reach-window",
+        type=duration,
+        default=6 * 3600.0,
+        help="an agent whose last conclusive result is older is left out of the quorum",
+    )
+    p.add_argument(
+        "--nxdomain-is-removal",
+        action=configargparse.BooleanOptionalAction,
+        default=True,
+        help="count DNS NXDOMAIN as removal",
+    )
+    p.add_argument(
+        "--deadline",
+        type=duration,
+        action="append",
+        help=f"deadline(s) for takedown_overdue_urls; default {DEFAULT_DEADLINES[0] / 3600:.0f}h",
+    )
+    p.add_argument(
+        "--buckets",
+        type=lambda s: [duration(x) for x in s.split(",")],
+        help="latency histogram bucket bounds, comma separated (default 1m .. 30d)",
+    )
+    return p
+
+
+def import_parser() -> configargparse.ArgParser:
+    p = _parser("import", "Submit reported URLs from a CSV or JSONL file to a running collector.")
+    p.add_argument(
+        "file", type=Path, help="CSV (header: url,notified_at[,received_at,reference]) or JSONL"
+    )
+    p.add_argument("--collector", default="127.0.0.1:7443", help="collector gRPC address")
+    p.add_argument(
+        "--format", choices=["csv", "jsonl"], help="file format (default: from the name)"
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="import the valid rows even if some are invalid (default: import nothing then)",
+    )
+    p.add_argument("--batch-size", type=int, default=1000, help="reports per request")
+    return p
+
+
+def report_parser() -> configargparse.ArgParser:
+    p = _parser("report", "Print the per-provider removal table from the collector database.")
+    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output")
+    return p
+
+
+COMMANDS = {"serve": serve_parser, "import": import_parser, "report": report_parser}
+
+
+def _usage() -> str:
+    lines = [
+        f"usage: takedown-collector {{{','.join(COMMANDS)}}} [options]",
+        "",
+        "Takedown Monitor collector. Commands:",
+    ]
+    for name, build in COMMANDS.items():
+        lines.append(f"  {name:8} {build().description}")
+    lines.append("\nRun 'takedown-collector COMMAND --help' for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or args_in[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args_in else 2
+    if args_in[0] == "--version":
+        print(f"takedown-collector {__version__}")
+        return 0
+    command, rest = args_in[0], args_in[1:]
+    if command not in COMMANDS:
+        print(f"takedown-collector: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    args = COMMANDS[command]().parse_args(rest)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        if command == "serve":
+            return _serve(args)
+        if command == "import":
+            return asyncio.run(
+                import_file(
+                    args.file,
+                    args.collector,
+                    fmt=args.format,
+                    skip_invalid=args.skip_invalid,
+                    batch_size=args.batch_size,
+                )
+            )
+        return _report(args)
+    except StoreError as exc:
+        print(f"takedown-collector {command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: configargparse.Namespace) -> int:
+    config = CollectorConfig(
+        db=args.db,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        prefixes=args.prefixes,
+        probe_interval=args.probe_interval,
+        policy=Policy(
+            confirmations=args.confirmations,
+            nxdomain_is_removal=args.nxdomain_is_removal,
+            reach_window=args.reach_window,
+        ),
+        buckets=args.buckets or DEFAULT_BUCKETS,
+        deadlines=args.deadline or DEFAULT_DEADLINES,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def _report(args: configargparse.Namespace) -> int:
+    conn = connect_readonly(args.db)
+    try:
+        rows = provider_table(url_outcomes(conn), time.time())
+    finally:
+        conn.close()
+    sys.stdout.write(render(rows, args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Prometheus metrics computed from stored state at scrape time.
+
+A custom collector reads the database on each scrape instead of mirroring
+state into gauges, so every figure is right straight after a restart. Labels
+are providers and agents, never URLs or report ids.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from collector.store import reads
+from collector.verdict import UrlState
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 6 * 3600, 12 * 3600, 86400,
+    2 * 86400, 4 * 86400, 7 * 86400, 14 * 86400, 30 * 86400,
+)  # fmt: skip
+DEFAULT_DEADLINES: tuple[float, ...] = (86400.0,)
+
+
+def deadline_label(seconds: float) -> str:
+    """24h, 12h, 1h, 90m, 45s: the deadline as people write it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0 and not (unit == "d" and seconds < 2 * 86400):
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class StateCollector(Collector):
+    """Exports per-provider removal latency, URL states, overdue counts and agent health."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        connected: Callable[[], dict[int, tuple[str, str]]],
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        deadlines: Sequence[float] = DEFAULT_DEADLINES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db_path = db_path
+        self.connected = connected
+        self.buckets = sorted(buckets)
+        self.deadlines = sorted(deadlines)
+        self.clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        conn = reads.connect_readonly(self.db_path)
+        try:
+            yield from self._urls(conn)
+            yield from self._latency(conn)
+            yield from self._agents(conn)
+        finally:
+            conn.close()
+
+    def _urls(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+        urls = GaugeMetricFamily(
+            "takedown_urls",
+            "Reported URLs by attributed provider and state",
+            labels=["provider", "state"],
+        )
+        counts = reads.url_counts(conn)
+        providers = sorted({p for p, _, _ in counts})
+        by_key = {(p, s): n for p, s, n in counts}
+        for provider in providers:
+            for state in UrlState:
+                urls.add_metric([provider, state.value], by_key.get((provider, state.value), 0))
+        yield urls
+        overdue = GaugeMetricFamily(
+            "takedown_overdue_urls",
+            "URLs still online after notice + deadline",
+            labels=["provider", "deadline"],
+        )
+        found = {(p, d): n for p, d, n in reads.overdue_counts(conn, self.deadlines, self.clock())}
+        for provider in providers:
+            for d in self.deadlines:
+                overdue.add_metric([provider, deadline_label(d)], found.get((provider, d), 0))
+        yield overdue
+        reappeared = CounterMetricFamily(
+            "takedown_reappearances",
+            "Times removed content was seen present again",
+            labels=["provider"],
+        )
+        for provider, n in reads.reappearance_counts(conn):
+            reappeared.add_metric([provider], n or 0)
+        yield reappeared
+
+    def _latency(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "takedown_removal_latency_seconds",
+            "Time from notice to the first removed observation of a confirmed removal",
+            labels=["provider"],
+        )
+        for provider, (cumulative, count, total) in sorted(
+            reads.latency_histograms(conn, self.buckets).items()
+        ):
+            points = [(_le(b), c) for b, c in zip(self.buckets, cumulative, strict=True)]
+            points.append(("+Inf", count))
+            family.add_metric([provider], points, total)
+        yield family
+
+    def _agents(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+        live = self.connected()
+        agents = reads.agents(conn)
+        up = GaugeMetricFamily(
+            "takedown_agent_connected",
+            "1 while the agent holds a stream to this collector",
+            labels=["agent", "network"],
+        )
+        last = GaugeMetricFamily(
+            "takedown_agent_last_result_timestamp_seconds",
+            "Agent clock time of the newest stored result from the agent",
+            labels=["agent"],
+        )
+        for a in agents:
+            up.add_metric([a.name, a.network], 1 if a.id in live else 0)
+            if a.last_result_at is not None:
+                last.add_metric([a.name], a.last_result_at)
+        yield up
+        yield last
+        results = CounterMetricFamily(
+            "takedown_probe_results",
+            "Probe results stored, by agent and class",
+            labels=["agent", "class"],
+        )
+        for name, cls, n in reads.result_counts(conn):
+            results.add_metric([name, cls], n)
+        yield results

@@ -1,0 +1,148 @@
+"""Wiring of a running collector: the writer, the gRPC server and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from collector.attribution import PrefixTable
+from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
+from collector.service import AgentHub, AgentLinkService, IntakeService
+from collector.store import Store, Writer
+from collector.verdict import Policy
+from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    db: Path
+    listen: str = "127.0.0.1:7443"
+    metrics_listen: str = "127.0.0.1:9464"
+    prefixes: Path | None = None
+    probe_interval: float = 300.0
+    policy: Policy = field(default_factory=Policy)
+    buckets: Sequence[float] = DEFAULT_BUCKETS
+    deadlines: Sequence[float] = DEFAULT_DEADLINES
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class Collector:
+    """A started collector; `await start()`, then `await stop()`."""
+
+    def __init__(self, config: CollectorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        table = PrefixTable.from_csv(config.prefixes) if config.prefixes else PrefixTable([])
+        self.writer = Writer(lambda: Store(config.db, table, config.policy))
+        self.hub = AgentHub()
+        self.registry = CollectorRegistry()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        await self.writer.start()
+        interval = lambda: self.config.probe_interval  # noqa: E731
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_AgentLinkServicer_to_server(
+            AgentLinkService(self.writer, self.hub, self.config.db, interval, self.clock), server
+        )
+        pb_grpc.add_IntakeServicer_to_server(
+            IntakeService(self.writer, self.hub, interval, self.clock), server
+        )
+        self.grpc_port = server.add_insecure_port(self.config.listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {self.config.listen}")
+        await server.start()
+        self._server = server
+        self.registry.register(
+            StateCollector(
+                self.config.db,
+                self.hub.connected,
+                self.config.buckets,
+                self.config.deadlines,
+                self.clock,
+            )
+        )
+        await self._start_http()
+        log.info(
+            "collector_started grpc_port=%d metrics_port=%d db=%s",
+            self.grpc_port,
+            self.metrics_port,
+            self.config.db,
+        )
+
+    async def _start_http(self) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            body = await asyncio.to_thread(generate_latest, self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, port = split_hostport(self.config.metrics_listen)
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None and isinstance(server, asyncio.Server)
+        self.metrics_port = server.sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work, let in-flight batches commit and ack, then close the database."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.writer.close()
+        log.info("collector_stopped")
+
+
+async def serve(config: CollectorConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    collector = Collector(config)
+    await collector.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await collector.stop()

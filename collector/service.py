@@ -1,0 +1,354 @@
+"""The collector's gRPC services: the agents' stream and the hotlines' intake.
+
+This module and agent/link.py are the only ones that touch generated
+protobuf types: messages are range-checked and translated to plain values
+here, and handed to the single writer. A batch is acknowledged only after the
+writer has committed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from collector.reports_file import InvalidURL, ReportIn, normalize_url
+from collector.store import ResultIn, StoreError, Submitted, Target, Writer
+from collector.store.reads import active_targets, connect_readonly
+from protos.takedown.v1 import takedown_pb2 as pb
+from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTS_PER_SUBMIT = 10_000
+ASSIGNMENT_CHUNK = 1_000
+MAX_NAME = 128
+MAX_URL = 8192
+EARLIEST = 946_684_800.0  # 2000-01-01: older times are an agent's broken clock
+
+_ERROR_NAMES = {
+    v.number: v.name.removeprefix("ERROR_CLASS_").lower()
+    for v in pb.DESCRIPTOR.enum_types_by_name["ErrorClass"].values
+}
+
+
+def us_to_s(us: int) -> float:
+    return us / 1_000_000
+
+
+def s_to_us(s: float) -> int:
+    return round(s * 1_000_000)
+
+
+class Refused(Exception):
+    """Ends a stream with a gRPC status the agent can act on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class AgentSession:
+    """One connected agent's stream: its outgoing queue and whether its assignment was sent."""
+
+    agent_id: int
+    name: str
+    network: str
+    outbox: asyncio.Queue[pb.CollectorMessage] = field(default_factory=asyncio.Queue)
+    ready: bool = False
+    held: list[pb.CollectorMessage] = field(default_factory=list)
+
+    def push(self, message: pb.CollectorMessage) -> None:
+        if self.ready:
+            self.outbox.put_nowait(message)
+        else:
+            self.held.append(message)
+
+    def release(self) -> None:
+        self.ready = True
+        for message in self.held:
+            self.outbox.put_nowait(message)
+        self.held.clear()
+
+
+class AgentHub:
+    """Connected agent sessions; assignment changes are pushed to all of them."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, AgentSession] = {}
+
+    def join(self, session: AgentSession) -> AgentSession | None:
+        """Register a session; return the one it replaces (same agent reconnecting)."""
+        old = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        return old
+
+    def leave(self, session: AgentSession) -> None:
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+
+    def connected(self) -> dict[int, tuple[str, str]]:
+        """agent id → (name, network) of every live stream."""
+        return {s.agent_id: (s.name, s.network) for s in self._sessions.values()}
+
+    def publish(self, targets: Iterable[Target]) -> None:
+        upsert = [_target(t) for t in targets]
+        if not upsert:
+            return
+        message = pb.CollectorMessage(assignment=pb.AssignmentUpdate(upsert=upsert))
+        for session in self._sessions.values():
+            session.push(message)
+
+
+def _target(t: Target) -> pb.Target:
+    return pb.Target(url_id=t.url_id, url=t.url, interval_seconds=max(1, round(t.interval)))
+
+
+def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
+    """A range-checked plain result, or the reason it is refused."""
+    started = us_to_s(r.started_at_unix_us)
+    if r.url_id <= 0:
+        return f"url_id {r.url_id} is not a valid id"
+    if not EARLIEST <= started <= now + 86_400:
+        return f"started_at {r.started_at_unix_us} is outside the plausible range"
+    if r.status > 999:
+        return f"status {r.status} is not an HTTP status"
+    if len(r.body_sha256) not in (0, 32):
+        return f"body_sha256 has {len(r.body_sha256)} bytes, expected 32"
+    if len(r.final_url) > MAX_URL:
+        return "final_url is too long"
+    if r.error not in _ERROR_NAMES:
+        return f"unknown error class {r.error}"
+    if r.peer_ip:
+        try:
+            ipaddress.ip_address(r.peer_ip)
+        except ValueError:
+            return "peer_ip is not an IP address"
+    return ResultIn(
+        url_id=r.url_id,
+        seq=r.seq,
+        started_at=started,
+        elapsed=r.elapsed_ms / 1000,
+        status=r.status,
+        final_url=r.final_url,
+        sha256=r.body_sha256,
+        body_bytes=r.body_bytes,
+        truncated=r.truncated,
+        peer_ip=r.peer_ip,
+        error=_ERROR_NAMES[r.error],
+        redirects=r.redirects,
+    )
+
+
+class AgentLinkService(pb_grpc.AgentLinkServicer):
+    """One bidirectional stream per agent: hello, assignment out, batches in, acks out."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        hub: AgentHub,
+        db_path: Path,
+        interval: Callable[[], float],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.writer = writer
+        self.hub = hub
+        self.db_path = db_path
+        self.interval = interval
+        self.clock = clock
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[pb.AgentMessage],
+        context: grpc.aio.ServicerContext[pb.AgentMessage, pb.CollectorMessage],
+    ) -> AsyncIterator[pb.CollectorMessage]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream must open with hello")
+        hello = first.hello
+        for name, value in (("agent", hello.agent), ("network", hello.network)):
+            if not value or len(value) > MAX_NAME or not value.isprintable():
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"hello.{name} must be 1-{MAX_NAME} printable characters",
+                )
+        now = self.clock()
+        agent_id = await self.writer.run(
+            lambda s: s.register_agent(hello.agent, hello.network, hello.version[:MAX_NAME], now)
+        )
+        session = AgentSession(agent_id, hello.agent, hello.network)
+        if self.hub.join(session) is not None:
+            log.info("agent_replaced_stream agent=%s", hello.agent)
+        log.info("agent_connected agent=%s network=%s", hello.agent, hello.network)
+        yield pb.CollectorMessage(
+            welcome=pb.Welcome(agent_id=agent_id, received_hello_at_unix_us=s_to_us(now))
+        )
+        receiver = asyncio.create_task(self._receive(session, request_iterator))
+        try:
+            await self._send_assignment(session)
+            while True:
+                get = asyncio.create_task(session.outbox.get())
+                await asyncio.wait({get, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                    continue
+                get.cancel()
+                while not session.outbox.empty():
+                    yield session.outbox.get_nowait()
+                refusal = receiver.exception()
+                if isinstance(refusal, Refused):
+                    await context.abort(refusal.code, refusal.details)
+                if refusal is not None:
+                    raise refusal
+                return
+        finally:
+            self.hub.leave(session)
+            receiver.cancel()
+            log.info("agent_disconnected agent=%s", hello.agent)
+
+    async def _receive(
+        self, session: AgentSession, request_iterator: AsyncIterator[pb.AgentMessage]
+    ) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("kind") != "batch":
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "only result batches may follow hello"
+                )
+            await self._ingest(session, message.batch)
+
+    async def _send_assignment(self, session: AgentSession) -> None:
+        interval = self.interval()
+
+        def read() -> list[Target]:
+            conn = connect_readonly(self.db_path)
+            try:
+                return list(active_targets(conn, interval))
+            finally:
+                conn.close()
+
+        targets = await asyncio.to_thread(read)
+        for i in range(0, max(1, len(targets)), ASSIGNMENT_CHUNK):
+            chunk = targets[i : i + ASSIGNMENT_CHUNK]
+            update = pb.AssignmentUpdate(reset=(i == 0), upsert=[_target(t) for t in chunk])
+            session.outbox.put_nowait(pb.CollectorMessage(assignment=update))
+        session.release()
+
+    async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
+        now = self.clock()
+        results: list[ResultIn] = []
+        invalid = 0
+        for r in batch.results:
+            value = translate_result(r, now)
+            if isinstance(value, str):
+                invalid += 1
+                log.warning("result_refused agent=%s reason=%r", session.name, value)
+            else:
+                results.append(value)
+        try:
+            done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now))
+        except StoreError as exc:
+            log.error("batch_not_stored agent=%s error=%s", session.name, exc)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"results not stored: {exc}") from exc
+        if done.rejected:
+            log.warning("results_for_unknown_urls agent=%s count=%d", session.name, done.rejected)
+        session.outbox.put_nowait(
+            pb.CollectorMessage(
+                ack=pb.BatchAck(
+                    batch_id=batch.batch_id,
+                    stored=done.stored,
+                    duplicates=done.duplicates,
+                    rejected=done.rejected + invalid,
+                    stored_at_unix_us=s_to_us(self.clock()),
+                )
+            )
+        )
+
+
+class IntakeService(pb_grpc.IntakeServicer):
+    """Hotlines submit reports; idempotent on reference."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        hub: AgentHub,
+        interval: Callable[[], float],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.writer = writer
+        self.hub = hub
+        self.interval = interval
+        self.clock = clock
+
+    async def Submit(
+        self,
+        request: pb.SubmitRequest,
+        context: grpc.aio.ServicerContext[pb.SubmitRequest, pb.SubmitResponse],
+    ) -> pb.SubmitResponse:
+        if len(request.reports) > MAX_REPORTS_PER_SUBMIT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_REPORTS_PER_SUBMIT} reports per request, got {len(request.reports)}",
+            )
+        now = self.clock()
+        outcomes: list[pb.SubmitOutcome | None] = []
+        valid: list[ReportIn] = []
+        for report in request.reports:
+            checked = check_report(report, now)
+            if isinstance(checked, str):
+                outcomes.append(pb.SubmitOutcome(status=pb.SUBMIT_STATUS_REJECTED, error=checked))
+            else:
+                outcomes.append(None)
+                valid.append(checked)
+        try:
+            stored = await self.writer.run(lambda s: s.submit_reports(valid, now))
+        except StoreError as exc:
+            log.error("reports_not_stored error=%s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"reports not stored: {exc}")
+        interval = self.interval()
+        self.hub.publish(
+            Target(o.url_id, r.url, interval)
+            for o, r in zip(stored, valid, strict=True)
+            if o.new_url
+        )
+        it = iter(stored)
+        response = pb.SubmitResponse()
+        for slot in outcomes:
+            if slot is None:
+                o = next(it)
+                status = (
+                    pb.SUBMIT_STATUS_ACCEPTED
+                    if o.status is Submitted.ACCEPTED
+                    else pb.SUBMIT_STATUS_ALREADY_KNOWN
+                )
+                slot = pb.SubmitOutcome(status=status, report_id=o.report_id, url_id=o.url_id)
+            response.outcomes.append(slot)
+        return response
+
+
+def check_report(report: pb.Report, now: float) -> ReportIn | str:
+    """A validated plain report, or why it is refused."""
+    try:
+        url = normalize_url(report.url)
+    except InvalidURL as exc:
+        return f"url: {exc}"
+    if report.notified_at_unix_us <= 0:
+        return "notified_at is required"
+    notified = us_to_s(report.notified_at_unix_us)
+    if not EARLIEST <= notified <= now + 86_400:
+        return "notified_at is outside the plausible range (2000-01-01 to tomorrow)"
+    received = us_to_s(report.received_at_unix_us) if report.received_at_unix_us else None
+    if received is not None and not EARLIEST <= received <= now + 86_400:
+        return "received_at is outside the plausible range (2000-01-01 to tomorrow)"
+    if len(report.reference) > 200 or not report.reference.isprintable():
+        return "reference must be at most 200 printable characters"
+    return ReportIn(
+        url=url, notified_at=notified, received_at=received, reference=report.reference or None
+    )

@@ -1,0 +1,67 @@
+"""Plain values crossing the store's boundary (no SQL, no protobuf)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class StoreError(Exception):
+    """The database could not do what was asked; nothing of that call was committed."""
+
+
+class StorageFull(StoreError):
+    """The disk or the database file is full."""
+
+
+class CorruptDatabase(StoreError):
+    """The database file is not a usable SQLite database."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResultIn:
+    """One probe result as received from an agent, already range-checked."""
+
+    url_id: int
+    seq: int
+    started_at: float
+    elapsed: float
+    status: int
+    final_url: str
+    sha256: bytes
+    body_bytes: int
+    truncated: bool
+    peer_ip: str
+    error: str
+    redirects: int
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What a batch did: stored, recognised as already stored, or refused."""
+
+    stored: int
+    duplicates: int
+    rejected: int
+
+
+class Submitted(enum.Enum):
+    ACCEPTED = "accepted"
+    ALREADY_KNOWN = "already_known"
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    status: Submitted
+    report_id: int
+    url_id: int
+    new_url: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL an agent should probe, and how often."""
+
+    url_id: int
+    url: str
+    interval: float

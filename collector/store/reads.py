@@ -1,0 +1,176 @@
+"""Read queries over the collector database, for metrics, reports and assignment.
+
+Reads use their own connections (WAL lets them run beside the writer) and
+never write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from collector.store.model import CorruptDatabase, StoreError, Target
+from collector.verdict import ONLINE_STATES
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection; a missing or foreign file is a clear StoreError."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such database (start the collector with --db {path} first)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("SELECT 1 FROM url_state LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise CorruptDatabase(f"{path}: not a Takedown Monitor database ({exc})") from exc
+    return conn
+
+
+def active_targets(conn: sqlite3.Connection, interval: float) -> Iterator[Target]:
+    """Every URL agents should probe, in id order."""
+    for url_id, url in conn.execute("SELECT id, url FROM urls WHERE active = 1 ORDER BY id"):
+        yield Target(url_id, url, interval)
+
+
+def url_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(provider, state, number of URLs)."""
+    return conn.execute(
+        "SELECT provider, state, COUNT(*) FROM url_state GROUP BY provider, state"
+    ).fetchall()
+
+
+def overdue_counts(
+    conn: sqlite3.Connection, deadlines: Sequence[float], now: float
+) -> list[tuple[str, float, int]]:
+    """(provider, deadline seconds, URLs still online past notice + deadline)."""
+    states = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
+    out: list[tuple[str, float, int]] = []
+    for deadline in deadlines:
+        for provider, n in conn.execute(
+            "SELECT provider, COUNT(*) FROM url_state"
+            f" WHERE state IN ({states}) AND notified_at + ? < ? GROUP BY provider",
+            (deadline, now),
+        ):
+            out.append((provider, deadline, n))
+    return out
+
+
+def latency_histograms(
+    conn: sqlite3.Connection, buckets: Sequence[float]
+) -> dict[str, tuple[list[int], int, float]]:
+    """Per provider: cumulative bucket counts, count and sum of first-removal latencies."""
+    cases = ", ".join(f"SUM(removal_latency <= {float(b)!r})" for b in buckets)
+    out: dict[str, tuple[list[int], int, float]] = {}
+    for row in conn.execute(
+        f"SELECT provider, {cases}, COUNT(*), SUM(removal_latency) FROM url_state"
+        " WHERE removal_latency IS NOT NULL GROUP BY provider"
+    ):
+        provider, *cumulative, count, total = row
+        out[provider] = ([int(c) for c in cumulative], int(count), float(total))
+    return out
+
+
+def reappearance_counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    return conn.execute(
+        "SELECT provider, SUM(reappearances) FROM url_state GROUP BY provider"
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    id: int
+    name: str
+    network: str
+    version: str
+    last_seen: float
+    last_result_at: float | None
+
+
+def agents(conn: sqlite3.Connection) -> list[AgentRow]:
+    return [
+        AgentRow(*row)
+        for row in conn.execute(
+            "SELECT id, name, network, version, last_seen, last_result_at FROM agents ORDER BY name"
+        )
+    ]
+
+
+def result_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(agent name, class, number of results stored)."""
+    return conn.execute(
+        "SELECT a.name, c.class, c.n FROM result_counts c JOIN agents a ON a.id = c.agent_id"
+    ).fetchall()
+
+
+@dataclass(frozen=True)
+class UrlOutcome:
+    """One URL's measurement, as the provider table needs it."""
+
+    provider: str
+    asn: int | None
+    state: str
+    notified_at: float
+    removal_latency: float | None
+    reports: int
+
+
+def url_outcomes(conn: sqlite3.Connection) -> list[UrlOutcome]:
+    return [
+        UrlOutcome(*row)
+        for row in conn.execute(
+            "SELECT s.provider, s.asn, s.state, s.notified_at, s.removal_latency,"
+            " (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id)"
+            " FROM url_state s"
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class UrlStatus:
+    """One URL's current verdict, for listings and the per-URL view."""
+
+    url_id: int
+    url: str
+    state: str
+    provider: str
+    asn: int | None
+    notified_at: float
+    last_present_at: float | None
+    removal_first_removed_at: float | None
+    removal_latency: float | None
+    episode: int
+    reappearances: int
+
+
+def url_statuses(conn: sqlite3.Connection) -> list[UrlStatus]:
+    return [
+        UrlStatus(*row)
+        for row in conn.execute(
+            "SELECT u.id, u.url, s.state, s.provider, s.asn, s.notified_at, s.last_present_at,"
+            " s.removal_first_removed_at, s.removal_latency, s.episode, s.reappearances"
+            " FROM url_state s JOIN urls u ON u.id = s.url_id ORDER BY u.id"
+        )
+    ]
+
+
+def results_count(
+    conn: sqlite3.Connection,
+    agent: str | None = None,
+    url_id: int | None = None,
+    since: float | None = None,
+) -> int:
+    """Stored results, optionally of one agent, one URL, probed at or after `since`."""
+    sql = "SELECT COUNT(*) FROM results r JOIN agents a ON a.id = r.agent_id WHERE 1 = 1"
+    params: list[object] = []
+    if agent is not None:
+        sql += " AND a.name = ?"
+        params.append(agent)
+    if url_id is not None:
+        sql += " AND r.url_id = ?"
+        params.append(url_id)
+    if since is not None:
+        sql += " AND r.started_at >= ?"
+        params.append(since)
+    return int(conn.execute(sql, params).fetchone()[0])

@@ -1,0 +1,112 @@
+"""The collector's SQLite schema, as an ordered list of migrations.
+
+Times are REAL Unix seconds (UTC). Per-URL verdict state lives in url_state;
+every stored probe result in results, keyed by (agent_id, seq) so that a
+batch delivered twice is stored once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("takedown.collector")
+
+
+def _run(db: Any, script: str) -> None:
+    """Run a script statement by statement, inside the migration's transaction."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migrations()
+def m001_initial(db: Any) -> None:
+    _run(
+        db,
+        """
+        CREATE TABLE agents (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            network TEXT NOT NULL,
+            version TEXT NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            last_result_at REAL
+        );
+        CREATE TABLE urls (
+            id INTEGER PRIMARY KEY,
+            url TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE reports (
+            id INTEGER PRIMARY KEY,
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            reference TEXT UNIQUE,
+            notified_at REAL NOT NULL,
+            received_at REAL,
+            submitted_at REAL NOT NULL
+        );
+        CREATE INDEX reports_url ON reports(url_id, notified_at);
+        CREATE TABLE url_state (
+            url_id INTEGER PRIMARY KEY REFERENCES urls(id),
+            state TEXT NOT NULL,
+            notified_at REAL NOT NULL,
+            baseline BLOB,
+            provider TEXT NOT NULL DEFAULT 'unattributed',
+            asn INTEGER,
+            episode INTEGER NOT NULL DEFAULT 1,
+            episode_opened_at REAL,
+            last_present_at REAL,
+            first_removed_at REAL,
+            removal_last_present_at REAL,
+            removal_first_removed_at REAL,
+            removal_confirmed_at REAL,
+            removal_latency REAL,
+            reappearances INTEGER NOT NULL DEFAULT 0,
+            agents TEXT NOT NULL DEFAULT '{}',
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX url_state_provider ON url_state(provider, state);
+        CREATE TABLE episodes (
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            episode INTEGER NOT NULL,
+            opened_at REAL NOT NULL,
+            last_present_at REAL,
+            first_removed_at REAL,
+            confirmed_at REAL,
+            latency REAL,
+            provider TEXT,
+            PRIMARY KEY (url_id, episode)
+        ) WITHOUT ROWID;
+        CREATE TABLE results (
+            agent_id INTEGER NOT NULL REFERENCES agents(id),
+            seq INTEGER NOT NULL,
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            started_at REAL NOT NULL,
+            elapsed REAL NOT NULL,
+            status INTEGER NOT NULL,
+            final_url TEXT NOT NULL,
+            sha256 BLOB,
+            body_bytes INTEGER NOT NULL,
+            truncated INTEGER NOT NULL,
+            peer_ip TEXT NOT NULL,
+            error TEXT NOT NULL,
+            redirects INTEGER NOT NULL,
+            class TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            asn INTEGER,
+            stored_at REAL NOT NULL,
+            PRIMARY KEY (agent_id, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX results_url ON results(url_id, started_at);
+        CREATE TABLE result_counts (
+            agent_id INTEGER NOT NULL REFERENCES agents(id),
+            class TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (agent_id, class)
+        ) WITHOUT ROWID;
+        """,
+    )

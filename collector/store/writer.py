@@ -1,0 +1,92 @@
+"""One thread owns the write connection; the event loop hands it work through a queue.
+
+SQLite allows one writer at a time and its calls block, so all writes run on
+a dedicated thread, in the order they were submitted, and the asyncio side
+awaits a future for each. The loop never blocks on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from collector.store.model import StoreError
+from collector.store.writes import Store
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class Writer:
+    """Runs `Store` methods on its own thread; `await writer.run(fn)` returns fn(store)."""
+
+    def __init__(self, open_store: Callable[[], Store]) -> None:
+        self._open_store = open_store
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Open the store on the writer thread; raises StoreError if it cannot be opened."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._thread = threading.Thread(target=self._main, args=(loop,), name="sqlite-writer")
+        self._thread.start()
+        try:
+            await self._ready
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
+
+    def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._ready is not None
+        ready = self._ready
+        try:
+            store = self._open_store()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                fn, future = item
+                try:
+                    value, error = fn(store), None
+                except BaseException as exc:
+                    value, error = None, exc
+                loop.call_soon_threadsafe(_settle, future, value, error)
+        finally:
+            store.close()
+
+    async def run(self, fn: Callable[[Store], T]) -> T:
+        """Run fn(store) on the writer thread, after everything submitted before it."""
+        if self._thread is None:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, future))
+        return await future
+
+    async def close(self) -> None:
+        """Finish queued work, then close the database."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
