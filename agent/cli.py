@@ -1,0 +1,162 @@
+"""`takedown-agent`: options from flags, environment (TAKEDOWN_AGENT_*) or TOML ([agent])."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import configargparse
+
+from agent import __version__
+from agent.link import CollectorRefused
+from agent.main import Agent, AgentConfig
+from agent.probe import ProbeConfig
+
+log = logging.getLogger("agent")
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(f"{text!r} is not a CIDR range") from exc
+
+
+def _positive(kind: type[int] | type[float]) -> object:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+        if value <= 0:
+            raise configargparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return parse
+
+
+def build_parser() -> configargparse.ArgParser:
+    p = configargparse.ArgParser(
+        prog="takedown-agent",
+        description="Probe the URLs a Takedown Monitor collector assigns (status and body hash"
+        " only; bodies are never kept) and stream the results to it.",
+        config_file_parser_class=configargparse.TomlConfigParser(["agent"]),
+        auto_env_var_prefix="TAKEDOWN_AGENT_",
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-c", "--config", is_config_file=True, help="TOML file with an [agent] table")
+    p.add_argument("--collector", required=True, help="collector gRPC address, HOST:PORT")
+    p.add_argument("--name", default=socket.gethostname(), help="unique agent name")
+    p.add_argument(
+        "--network", required=True, help="vantage point label, e.g. nl-ams-isp1 (metrics label)"
+    )
+    p.add_argument(
+        "--source-address",
+        help="local address outgoing probes are sent from (choose the egress on multi-homed hosts)",
+    )
+    p.add_argument(
+        "--allow-private",
+        nargs="*",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="non-public ranges the agent may probe (by default only public addresses)",
+    )
+    p.add_argument("--concurrency", type=_positive(int), default=256, help="probes at once")
+    p.add_argument("--per-host", type=_positive(int), default=4, help="connections per host")
+    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per probe")
+    p.add_argument("--connect-timeout", type=_positive(float), default=10.0, help="seconds")
+    p.add_argument("--read-timeout", type=_positive(float), default=20.0, help="seconds idle")
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive(int),
+        default=16 * 1024 * 1024,
+        help="bytes hashed per probe; longer bodies are marked truncated",
+    )
+    p.add_argument("--max-redirects", type=int, default=10, help="redirect hops followed")
+    p.add_argument("--batch-size", type=_positive(int), default=500, help="results per message")
+    p.add_argument(
+        "--flush-interval", type=_positive(float), default=1.0, help="max seconds a result waits"
+    )
+    p.add_argument(
+        "--max-inflight", type=_positive(int), default=8, help="unacknowledged batches at most"
+    )
+    p.add_argument("--jitter", type=float, default=0.1, help="± fraction of a probe interval")
+    p.add_argument(
+        "--first-spread",
+        type=float,
+        default=60.0,
+        help="seconds over which the first probes of new URLs are spread",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
+    )
+    p.add_argument("--version", action="version", version=f"takedown-agent {__version__}")
+    return p
+
+
+def config_from(args: configargparse.Namespace) -> AgentConfig:
+    probe = ProbeConfig(
+        total_timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        max_body_bytes=args.max_body_bytes,
+        max_redirects=args.max_redirects,
+        concurrency=args.concurrency,
+        per_host=args.per_host,
+        source_address=args.source_address,
+        user_agent=f"takedown-monitor-agent/{__version__}",
+    )
+    return AgentConfig(
+        collector=args.collector,
+        name=args.name,
+        network=args.network,
+        probe=probe,
+        allow_private=tuple(args.allow_private),
+        batch_size=args.batch_size,
+        flush_interval=args.flush_interval,
+        max_inflight=args.max_inflight,
+        jitter=args.jitter,
+        first_spread=args.first_spread,
+    )
+
+
+async def _run(config: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Agent(config).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    config = config_from(args)
+    log.info(
+        "agent_starting name=%s network=%s collector=%s",
+        config.name,
+        config.network,
+        config.collector,
+    )
+    try:
+        asyncio.run(_run(config))
+    except CollectorRefused as exc:
+        print(f"takedown-agent: {exc}", file=sys.stderr)
+        return 2
+    log.info("agent_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

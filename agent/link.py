@@ -1,0 +1,266 @@
+"""The agent's one stream to the collector, and the only place that reconnects.
+
+A session: open the stream, say hello, wait for the welcome, then at the same
+time read (assignment changes, acknowledgements) and write (result batches,
+at most `max_inflight` unacknowledged). When the stream is lost, every
+unacknowledged batch goes back to the outbox to be sent first next time.
+
+Failures are classified once, here: a lost or unavailable collector is
+transient and retried with jittered exponential backoff (tenacity); a refusal
+(bad credentials, invalid argument) is fatal and ends the agent with a clear
+message. A session that stayed healthy for `healthy_after` seconds resets the
+backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from agent.outbox import Batch, Outbox
+from agent.result import ErrorClass, ProbeResult
+from protos.takedown.v1 import takedown_pb2 as pb
+from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+FATAL_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+_ERROR_NUMBERS = {e: pb.ErrorClass.Value(f"ERROR_CLASS_{e.name}") for e in ErrorClass}
+
+
+class LinkError(Exception):
+    """Base of the link's errors."""
+
+
+class StreamLost(LinkError):
+    """The stream ended or failed in a way worth retrying."""
+
+
+class CollectorRefused(LinkError):
+    """The collector refused this agent; retrying will not help."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, StreamLost)
+
+
+@dataclass(frozen=True)
+class Identity:
+    agent: str
+    network: str
+    version: str
+
+
+@dataclass(frozen=True)
+class AssignmentChange:
+    """Plain form of an AssignmentUpdate: (url_id, url, interval seconds) to add or change."""
+
+    reset: bool
+    upsert: tuple[tuple[int, str, float], ...]
+    remove: tuple[int, ...]
+
+
+def encode(batch: Batch) -> pb.AgentMessage:
+    return pb.AgentMessage(
+        batch=pb.ResultBatch(batch_id=batch.batch_id, results=[_result(r) for r in batch.results])
+    )
+
+
+def _result(r: ProbeResult) -> pb.ProbeResult:
+    return pb.ProbeResult(
+        url_id=r.url_id,
+        seq=r.seq,
+        started_at_unix_us=round(r.started_at * 1_000_000),
+        elapsed_ms=max(0, round(r.elapsed * 1000)),
+        status=r.status,
+        final_url=r.final_url,
+        body_sha256=r.body_sha256,
+        body_bytes=r.body_bytes,
+        truncated=r.truncated,
+        peer_ip=r.peer_ip,
+        error=_ERROR_NUMBERS[r.error],
+        redirects=r.redirects,
+    )
+
+
+class Link:
+    """Delivers the outbox to the collector and applies assignment changes it pushes."""
+
+    def __init__(
+        self,
+        target: str,
+        identity: Identity,
+        outbox: Outbox,
+        on_assignment: Callable[[AssignmentChange], None],
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 1.0,
+        max_inflight: int = 8,
+        wait: wait_base | None = None,
+        healthy_after: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.identity = identity
+        self.outbox = outbox
+        self.on_assignment = on_assignment
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_inflight = max_inflight
+        self.wait = wait if wait is not None else wait_exponential_jitter(multiplier=0.5, max=30)
+        self.healthy_after = healthy_after
+        self.clock = clock
+        self.connected = False
+        self.reconnects = 0
+        self._wake = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._draining = False
+
+    def notify(self) -> None:
+        """Tell the link that the outbox has new results."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Keep a session open until cancelled; raise CollectorRefused if refused."""
+        while True:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                wait=self.wait,
+                reraise=True,
+                before_sleep=self._before_sleep,
+            ):
+                with attempt:
+                    await self._session()
+
+    def _before_sleep(self, state: object) -> None:
+        self.reconnects += 1
+        log.warning("collector_unreachable target=%s retrying=true", self.target)
+
+    async def _session(self) -> None:
+        options = [
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ]
+        started = self.clock()
+        welcomed = False
+        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+            call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+            try:
+                await call.write(
+                    pb.AgentMessage(
+                        hello=pb.Hello(
+                            agent=self.identity.agent,
+                            network=self.identity.network,
+                            version=self.identity.version,
+                            sent_at_unix_us=time.time_ns() // 1000,
+                        )
+                    )
+                )
+                first = await call.read()
+                if not isinstance(first, pb.CollectorMessage) or not first.HasField("welcome"):
+                    raise StreamLost("the collector did not welcome this agent")
+                welcomed = True
+                self.connected = True
+                log.info("collector_connected target=%s", self.target)
+                reader = asyncio.create_task(self._read(call))
+                try:
+                    await self._write(call, reader)
+                finally:
+                    reader.cancel()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL_CODES:
+                    raise CollectorRefused(
+                        f"collector {self.target} refused this agent: {exc.code().name}:"
+                        f" {exc.details()}"
+                    ) from exc
+                lost = StreamLost(f"{exc.code().name}: {exc.details()}")
+                if welcomed and self.clock() - started >= self.healthy_after:
+                    log.warning("collector_stream_lost reason=%s", lost)
+                    return
+                raise lost from exc
+            finally:
+                self.connected = False
+                self.outbox.requeue()
+                call.cancel()
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage]
+    ) -> None:
+        while True:
+            message = await call.read()
+            if not isinstance(message, pb.CollectorMessage):
+                break
+            kind = message.WhichOneof("kind")
+            if kind == "ack":
+                self.outbox.ack(message.ack.batch_id)
+                self._wake.set()
+                self._acked.set()
+            elif kind == "assignment":
+                a = message.assignment
+                self.on_assignment(
+                    AssignmentChange(
+                        reset=a.reset,
+                        upsert=tuple(
+                            (t.url_id, t.url, float(t.interval_seconds)) for t in a.upsert
+                        ),
+                        remove=tuple(a.remove),
+                    )
+                )
+        raise StreamLost("the collector closed the stream")
+
+    async def _write(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage],
+        reader: asyncio.Task[None],
+    ) -> None:
+        last_send = self.clock()
+        while True:
+            if reader.done():
+                reader.result()
+            due = self.outbox.pending >= self.batch_size or (
+                self.outbox.pending and self.clock() - last_send >= self.flush_interval
+            )
+            if self.outbox.inflight < self.max_inflight and (due or self._draining):
+                batch = self.outbox.take(self.batch_size)
+                if batch is not None:
+                    await call.write(encode(batch))
+                    last_send = self.clock()
+                    continue
+            self._wake.clear()
+            waker = asyncio.create_task(self._wake.wait())
+            await asyncio.wait(
+                {waker, reader}, timeout=self.flush_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            waker.cancel()
+
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a deadline, not a cancel scope
+        """Send everything pending now and wait for the acks; True if all were acknowledged."""
+        self._draining = True
+        self._wake.set()
+        deadline = self.clock() + timeout
+        while len(self.outbox) and self.clock() < deadline:
+            self._acked.clear()
+            try:
+                await asyncio.wait_for(
+                    self._acked.wait(), timeout=max(0.0, deadline - self.clock())
+                )
+            except TimeoutError:
+                break
+        return len(self.outbox) == 0

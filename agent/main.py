@@ -1,0 +1,152 @@
+"""A running agent: the schedule decides what is due, the prober checks it, the link delivers.
+
+Data flows one way: assignment changes from the link update the schedule;
+due URLs are probed (at most `concurrency` at a time); each result goes into
+the outbox and the link sends it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiohttp.abc import AbstractResolver
+
+from agent import __version__
+from agent.guard import AddressPolicy
+from agent.link import AssignmentChange, Identity, Link
+from agent.outbox import Outbox
+from agent.probe import ProbeConfig, Prober
+from agent.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    collector: str
+    name: str
+    network: str
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    allow_private: Sequence[Network] = ()
+    batch_size: int = 500
+    flush_interval: float = 1.0
+    max_inflight: int = 8
+    jitter: float = 0.1
+    first_spread: float = 60.0
+    outbox_limit: int = 1_000_000
+    drain_timeout: float = 10.0
+
+
+class Agent:
+    """Probes its assignment until `stop` is set, then delivers what it has and returns."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        resolver: AbstractResolver | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.resolver = resolver
+        self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
+        self.urls: dict[int, str] = {}
+        self.outbox = Outbox(limit=config.outbox_limit)
+        self.link = Link(
+            config.collector,
+            Identity(config.name, config.network, __version__),
+            self.outbox,
+            self._assign,
+            batch_size=config.batch_size,
+            flush_interval=config.flush_interval,
+            max_inflight=config.max_inflight,
+        )
+        self._changed = asyncio.Event()
+        self._probes: set[asyncio.Task[None]] = set()
+        self.probed = 0
+
+    def _assign(self, change: AssignmentChange) -> None:
+        now = self.clock()
+        if change.reset:
+            keep = {url_id for url_id, _, _ in change.upsert}
+            for url_id in list(self.urls):
+                if url_id not in keep:
+                    self.urls.pop(url_id)
+                    self.schedule.remove(url_id)
+        for url_id in change.remove:
+            self.urls.pop(url_id, None)
+            self.schedule.remove(url_id)
+        for url_id, url, interval in change.upsert:
+            self.urls[url_id] = url
+            if self.schedule.interval(url_id) != interval:
+                self.schedule.set(url_id, interval, now)
+        log.info("assignment_changed urls=%d", len(self.urls))
+        self._changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        policy = AddressPolicy(list(self.config.allow_private))
+        async with Prober(self.config.probe, policy, resolver=self.resolver) as prober:
+            link = asyncio.create_task(self.link.run(), name="link")
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await self._loop(prober, link, stopping)
+            finally:
+                stopping.cancel()
+                await self._finish(link)
+
+    async def _loop(
+        self, prober: Prober, link: asyncio.Task[None], stopping: asyncio.Task[bool]
+    ) -> None:
+        limit = self.config.probe.concurrency
+        while not stopping.done():
+            if link.done():
+                link.result()
+            free = limit - len(self._probes)
+            now = self.clock()
+            if free > 0:
+                for url_id in self.schedule.pop_due(now, free):
+                    url = self.urls.get(url_id)
+                    if url is not None:
+                        task = asyncio.create_task(self._probe(prober, url_id, url))
+                        self._probes.add(task)
+                        task.add_done_callback(self._probes.discard)
+            next_due = self.schedule.next_due()
+            timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self.clock()))
+            if len(self._probes) >= limit:
+                timeout = 1.0
+            self._changed.clear()
+            changed = asyncio.create_task(self._changed.wait())
+            waiting: set[asyncio.Future[object]] = {changed, link, stopping}  # type: ignore[arg-type]
+            if len(self._probes) >= limit:
+                waiting |= set(self._probes)  # type: ignore[arg-type]
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+
+    async def _probe(self, prober: Prober, url_id: int, url: str) -> None:
+        result = await prober.probe(url_id, url)
+        self.outbox.add(result)
+        self.probed += 1
+        self.link.notify()
+
+    async def _finish(self, link: asyncio.Task[None]) -> None:
+        """Let running probes finish, deliver the outbox, then close the stream."""
+        if self._probes:
+            await asyncio.wait(self._probes, timeout=self.config.probe.total_timeout)
+        if not link.done():
+            delivered = await self.link.drain(self.config.drain_timeout)
+            if not delivered:
+                log.warning("shutdown_undelivered results=%d", len(self.outbox))
+        link.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await link
