@@ -246,7 +246,7 @@ class TestVerdictProperties:
 
     @given(st.lists(KIND, min_size=1, max_size=40))
     def test_single_agent_confirms_after_k_consecutive(self, kinds: list[str]) -> None:
-        """With one agent, removal happens exactly when k conclusive removed results follow present."""
+        """With one agent, removal happens once k removed results follow the last present."""
         v = UrlVerdict(notified_at=0)
         run = 0
         for i, kind in enumerate(kinds):

@@ -1,0 +1,194 @@
+"""The demo: a real collector, two real agents and a sample hoster, all on loopback.
+
+It runs exactly the production programs (`takedown-collector serve`,
+`takedown-agent`, `takedown-collector import` and `report`) as separate
+processes; only the hoster is a stand-in, serving eight pages on two
+addresses that the prefix table maps to two providers. Four pages are removed
+a few seconds after the notice, one is blocked for one agent's network, one
+answers 503 for a while. The demo waits until the removals are measured, then
+prints the metrics and the provider table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from demo.hoster import Fate, Hoster
+
+HOSTS = {"127.0.0.10": "Example Hosting A", "127.0.0.11": "Example Hosting B"}
+AGENTS = [("agent-ams", "nl-ams-demo", "127.0.0.2"), ("agent-fra", "de-fra-demo", "127.0.0.3")]
+PAGES = {
+    "127.0.0.10": [("/gallery/1", Fate.GONE_404, 4), ("/gallery/2", Fate.REPLACED, 8),
+                   ("/gallery/3", None, 0), ("/blocked", None, 0)],
+    "127.0.0.11": [("/files/a", Fate.GONE_410, 6), ("/files/b", Fate.REDIRECT, 10),
+                   ("/files/c", Fate.UNAVAILABLE_503, 5), ("/files/d", None, 0)],
+}  # fmt: skip
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT)
+
+
+async def metrics(port: int) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        return await response.text()
+
+
+def removed_count(text: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "takedown_removal_latency_seconds_count"
+    )
+
+
+async def run(state: Path, give_up_after: float) -> int:
+    hoster = Hoster()
+    port = free_port()
+    for pages in PAGES.values():
+        for path, _, _ in pages:
+            hoster.add(path, blocked_for=["127.0.0.3"] if path == "/blocked" else [])
+    await hoster.start(HOSTS, port)
+    prefixes = state / "prefixes.csv"
+    prefixes.write_text(
+        "prefix,asn,provider\n"
+        + "".join(f"{ip}/32,{64500 + i},{name}\n" for i, (ip, name) in enumerate(HOSTS.items()))
+    )
+    grpc_port, metrics_port = free_port(), free_port()
+    db = state / "collector.db"
+    procs = [
+        spawn(
+            [str(BIN / "takedown-collector"), "serve", "--db", str(db),
+             "--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+             "--prefixes", str(prefixes), "--probe-interval", "1s", "--confirmations", "2",
+             "--deadline", "15s", "--deadline", "24h"],
+            state / "collector.log",
+        )
+    ]  # fmt: skip
+    try:
+        await wait_for_port(grpc_port, 20)
+        for name, network, source in AGENTS:
+            procs.append(
+                spawn(
+                    [str(BIN / "takedown-agent"), "--collector", f"127.0.0.1:{grpc_port}",
+                     "--name", name, "--network", network, "--source-address", source,
+                     "--allow-private", "127.0.0.0/8", "--first-spread", "1",
+                     "--flush-interval", "0.5"],
+                    state / f"{name}.log",
+                )
+            )  # fmt: skip
+        notified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        reports = state / "reports.csv"
+        reports.write_text(
+            "url,notified_at,reference\n"
+            + "".join(
+                f"http://{address}:{port}{path},{notified},DEMO-{address[-2:]}-{i}\n"
+                for address, pages in PAGES.items()
+                for i, (path, _, _) in enumerate(pages)
+            )
+        )
+        print(f"== importing {reports}")
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "takedown-collector"), "import", str(reports),
+             "--collector", f"127.0.0.1:{grpc_port}"],
+            check=True,
+        )  # fmt: skip
+        start = time.monotonic()
+        changes = sorted(
+            (delay, path, fate)
+            for pages in PAGES.values()
+            for path, fate, delay in pages
+            if fate is not None
+        )
+        print("== the hoster will remove 4 pages and answer 503 for one, over ~10 s")
+        expected = sum(1 for _, _, fate in changes if fate is not Fate.UNAVAILABLE_503)
+        deadline = start + give_up_after
+        while time.monotonic() < deadline:
+            elapsed = time.monotonic() - start
+            while changes and changes[0][0] <= elapsed:
+                _, path, fate = changes.pop(0)
+                hoster.set_fate(path, fate)
+                print(f"   t={elapsed:4.1f}s hoster: {path} -> {fate.value}")
+            text = await metrics(metrics_port)
+            if not changes and removed_count(text) >= expected:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            print("!! the removals were not all measured in time; see the logs in", state)
+            return 1
+        print("\n== /metrics (excerpt)")
+        shown = ("takedown_removal_latency_seconds_count", "takedown_removal_latency_seconds_sum",
+                 "takedown_urls{", "takedown_overdue_urls", "takedown_agent_connected")  # fmt: skip
+        for line in (await metrics(metrics_port)).splitlines():
+            if line.startswith(shown):
+                print("  ", line)
+        print("\n== takedown-collector report")
+        await asyncio.to_thread(
+            subprocess.run, [str(BIN / "takedown-collector"), "report", "--db", str(db)], check=True
+        )
+        return 0
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await hoster.stop()
+
+
+async def wait_for_port(port: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"the collector did not start listening on port {port}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state", type=Path, help="keep database and logs here (default: temp)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="give up after this many s")
+    args = parser.parse_args()
+    state = args.state or Path(tempfile.mkdtemp(prefix="takedown-demo-"))
+    state.mkdir(parents=True, exist_ok=True)
+    print(f"== state (database, logs) in {state}")
+    code = asyncio.run(run(state, args.timeout))
+    if args.state is None and code == 0 and not os.environ.get("KEEP_DEMO_STATE"):
+        shutil.rmtree(state)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Shared fixtures: a real collector (grpc.aio + SQLite + /metrics), real agents, a real hoster."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.main import Agent, AgentConfig
+from agent.probe import ProbeConfig
+from collector.server import Collector, CollectorConfig
+from collector.verdict import Policy
+from demo.hoster import Hoster
+
+HOST_A = "127.0.0.10"
+HOST_B = "127.0.0.11"
+PREFIXES = (
+    "prefix,asn,provider,country,cdn\n"
+    f"{HOST_A}/32,64500,Hoster A,NL,false\n"
+    f"{HOST_B}/32,AS64501,Hoster B,DE,no\n"
+)
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool] | bool], within: float = 30.0, what: str = ""
+) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what or condition}")
+        await asyncio.sleep(0.05)
+
+
+async def scrape(port: int) -> dict[str, list[Any]]:
+    """Fetch /metrics and return samples grouped by sample name."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+@pytest.fixture
+def prefixes(tmp_path: Path) -> Path:
+    path = tmp_path / "prefixes.csv"
+    path.write_text(PREFIXES)
+    return path
+
+
+@pytest.fixture
+async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
+    config = CollectorConfig(
+        db=tmp_path / "collector.db",
+        listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        prefixes=prefixes,
+        probe_interval=1.0,
+        policy=Policy(confirmations=2),
+        deadlines=(3600.0, 86400.0),
+    )
+    c = Collector(config)
+    await c.start()
+    yield c
+    await c.stop(grace=1)
+
+
+@pytest.fixture
+async def hoster() -> AsyncIterator[Hoster]:
+    h = Hoster()
+    await h.start([HOST_A, HOST_B])
+    yield h
+    await h.stop()
+
+
+AgentFactory = Callable[[str, str, str], Agent]
+
+
+@pytest.fixture
+async def agents(collector: Collector) -> AsyncIterator[Callable[[str, str, str], Agent]]:
+    """Start agents bound to a loopback source address; all are stopped gracefully at the end."""
+    running: list[tuple[Agent, asyncio.Event, asyncio.Task[None]]] = []
+
+    def start(name: str, network: str, source: str) -> Agent:
+        config = AgentConfig(
+            collector=f"127.0.0.1:{collector.grpc_port}",
+            name=name,
+            network=network,
+            probe=ProbeConfig(
+                total_timeout=5, connect_timeout=2, read_timeout=3, source_address=source
+            ),
+            allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
+            flush_interval=0.2,
+            first_spread=0.5,
+        )
+        agent = Agent(config, rng=random.Random(name))
+        stop = asyncio.Event()
+        running.append((agent, stop, asyncio.create_task(agent.run(stop))))
+        return agent
+
+    yield start
+    for _, stop, _ in running:
+        stop.set()
+    for _, _, task in running:
+        await asyncio.wait_for(task, timeout=15)

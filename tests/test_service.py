@@ -1,0 +1,205 @@
+"""The collector's gRPC services over a real grpc.aio server and a real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from collector.server import Collector
+from collector.store.reads import connect_readonly, results_count, url_statuses
+from protos.takedown.v1 import takedown_pb2 as pb
+from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+NOW_US = int(time.time() * 1_000_000)
+
+
+@pytest.fixture
+async def channel(collector: Collector) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as ch:
+        yield ch
+
+
+def report(url: str, reference: str = "", notified_us: int = NOW_US) -> pb.Report:
+    return pb.Report(url=url, reference=reference, notified_at_unix_us=notified_us)
+
+
+def result(url_id: int, seq: int, status: int = 200) -> pb.ProbeResult:
+    return pb.ProbeResult(
+        url_id=url_id,
+        seq=seq,
+        started_at_unix_us=NOW_US + seq,
+        status=status,
+        body_sha256=hashlib.sha256(b"x").digest() if status == 200 else b"",
+        peer_ip="127.0.0.10",
+        final_url="http://example.test/x",
+    )
+
+
+class TestIntake:
+    async def test_same_reference_twice_is_not_duplicated(self, channel: grpc.aio.Channel) -> None:
+        """Submitting a known reference answers ALREADY_KNOWN with the same ids."""
+        stub = pb_grpc.IntakeStub(channel)
+        first = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "R1")]))
+        again = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "R1")]))
+        assert first.outcomes[0].status == pb.SUBMIT_STATUS_ACCEPTED
+        assert again.outcomes[0].status == pb.SUBMIT_STATUS_ALREADY_KNOWN
+        assert again.outcomes[0].report_id == first.outcomes[0].report_id
+
+    async def test_without_reference_same_url_and_notice_is_known(
+        self, channel: grpc.aio.Channel
+    ) -> None:
+        """Without a reference, the same URL with the same notice time is recognised."""
+        stub = pb_grpc.IntakeStub(channel)
+        await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/2")]))
+        again = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/2")]))
+        assert again.outcomes[0].status == pb.SUBMIT_STATUS_ALREADY_KNOWN
+
+    async def test_bad_reports_are_rejected_one_by_one(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """Each bad report gets its own reason; the good ones in the same request are stored."""
+        stub = pb_grpc.IntakeStub(channel)
+        response = await stub.Submit(
+            pb.SubmitRequest(
+                reports=[
+                    report("ftp://a.example/x", "B1"),
+                    report("http://a.example/ok", "B2"),
+                    report("http://a.example/y", "B3", notified_us=0),
+                    report("http://a.example/z", "B4", notified_us=NOW_US * 3),
+                ]
+            )
+        )
+        statuses = [o.status for o in response.outcomes]
+        assert statuses == [
+            pb.SUBMIT_STATUS_REJECTED,
+            pb.SUBMIT_STATUS_ACCEPTED,
+            pb.SUBMIT_STATUS_REJECTED,
+            pb.SUBMIT_STATUS_REJECTED,
+        ]
+        assert "url" in response.outcomes[0].error
+        assert "notified_at" in response.outcomes[2].error
+        assert "notified_at" in response.outcomes[3].error
+        conn = connect_readonly(collector.config.db)
+        assert [s.url for s in url_statuses(conn)] == ["http://a.example/ok"]
+        conn.close()
+
+
+async def open_stream(
+    channel: grpc.aio.Channel, name: str = "test-agent"
+) -> grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage]:
+    call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+    await call.write(pb.AgentMessage(hello=pb.Hello(agent=name, network="net", version="t")))
+    welcome = await call.read()
+    assert welcome.HasField("welcome")
+    return call
+
+
+async def next_of(
+    call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage], kind: str
+) -> pb.CollectorMessage:
+    while True:
+        message = await call.read()
+        assert message is not grpc.aio.EOF
+        if message.WhichOneof("kind") == kind:
+            return message
+
+
+class TestAgentStream:
+    async def test_stream_must_open_with_hello(self, channel: grpc.aio.Channel) -> None:
+        """A batch before hello ends the stream with INVALID_ARGUMENT."""
+        call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+        await call.write(pb.AgentMessage(batch=pb.ResultBatch(batch_id=1)))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def test_assignment_is_pushed_on_connect_and_on_import(
+        self, channel: grpc.aio.Channel
+    ) -> None:
+        """The full assignment comes first (reset), later imports arrive as additions."""
+        stub = pb_grpc.IntakeStub(channel)
+        await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "A1")]))
+        call = await open_stream(channel)
+        full = await next_of(call, "assignment")
+        assert full.assignment.reset
+        assert [t.url for t in full.assignment.upsert] == ["http://a.example/1"]
+        await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/2", "A2")]))
+        delta = await next_of(call, "assignment")
+        assert not delta.assignment.reset
+        assert [t.url for t in delta.assignment.upsert] == ["http://a.example/2"]
+        assert delta.assignment.upsert[0].interval_seconds == 1
+        call.cancel()
+
+    async def test_redelivered_batch_is_stored_once(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """A batch sent twice is acknowledged twice but its results are stored once."""
+        stub = pb_grpc.IntakeStub(channel)
+        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "D1")]))
+        url_id = sub.outcomes[0].url_id
+        call = await open_stream(channel)
+        batch = pb.ResultBatch(batch_id=7, results=[result(url_id, s) for s in range(1, 301)])
+        await call.write(pb.AgentMessage(batch=batch))
+        first = await next_of(call, "ack")
+        await call.write(pb.AgentMessage(batch=batch))
+        second = await next_of(call, "ack")
+        assert (first.ack.batch_id, first.ack.stored, first.ack.duplicates) == (7, 300, 0)
+        assert (second.ack.stored, second.ack.duplicates) == (0, 300)
+        conn = connect_readonly(collector.config.db)
+        assert results_count(conn, "test-agent") == 300
+        conn.close()
+        call.cancel()
+
+    async def test_ack_comes_after_commit(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """When the ack arrives, a fresh read connection already sees the results."""
+        stub = pb_grpc.IntakeStub(channel)
+        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "C1")]))
+        call = await open_stream(channel)
+        url_id = sub.outcomes[0].url_id
+        batch = pb.ResultBatch(batch_id=1, results=[result(url_id, 1), result(url_id, 2, 404)])
+        await call.write(pb.AgentMessage(batch=batch))
+        await next_of(call, "ack")
+        conn = connect_readonly(collector.config.db)
+        assert results_count(conn, "test-agent", url_id) == 2
+        conn.close()
+        call.cancel()
+
+    async def test_unknown_urls_and_bad_fields_are_rejected_not_stored(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """Results for unknown URLs or with impossible fields are counted as rejected."""
+        stub = pb_grpc.IntakeStub(channel)
+        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "U1")]))
+        url_id = sub.outcomes[0].url_id
+        bad_hash = result(url_id, 3)
+        bad_hash.body_sha256 = b"short"
+        bad_time = result(url_id, 4)
+        bad_time.started_at_unix_us = 5
+        call = await open_stream(channel)
+        batch = pb.ResultBatch(
+            batch_id=2, results=[result(url_id, 1), result(9999, 2), bad_hash, bad_time]
+        )
+        await call.write(pb.AgentMessage(batch=batch))
+        ack = await next_of(call, "ack")
+        assert (ack.ack.stored, ack.ack.rejected) == (1, 3)
+        call.cancel()
+
+    async def test_oversized_message_is_refused(self, channel: grpc.aio.Channel) -> None:
+        """A message over the size limit ends the stream with RESOURCE_EXHAUSTED."""
+        call = await open_stream(channel)
+        huge = pb.ResultBatch(
+            batch_id=1, results=[pb.ProbeResult(url_id=1, final_url="x" * 8000)] * 2500
+        )
+        await call.write(pb.AgentMessage(batch=huge))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while True:
+                await call.read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
