@@ -6,6 +6,7 @@ or a TOML file given with --config (a [collector] table).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import re
@@ -91,7 +92,7 @@ def serve_parser() -> configargparse.ArgParser:
     )
     p.add_argument(
         "--nxdomain-is-removal",
-        action=configargparse.BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=True,
         help="count DNS NXDOMAIN as removal",
     )

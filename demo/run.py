@@ -87,7 +87,7 @@ async def run(state: Path, give_up_after: float) -> int:
             [str(BIN / "takedown-collector"), "serve", "--db", str(db),
              "--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
              "--prefixes", str(prefixes), "--probe-interval", "1s", "--confirmations", "2",
-             "--deadline", "15s", "--deadline", "24h"],
+             "--deadline", "10s", "--deadline", "24h"],
             state / "collector.log",
         )
     ]  # fmt: skip
