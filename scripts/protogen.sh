@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-.}"
-python -m grpc_tools.protoc -I . \
+py="${PYTHON:-python}"
+# protoc finds the mypy plugins (protoc-gen-mypy*) next to the interpreter.
+PATH="$(dirname "$(command -v "$py")"):$PATH"
+"$py" -m grpc_tools.protoc -I . \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
   protos/takedown/v1/takedown.proto

@@ -1,0 +1,171 @@
+"""The store on a real SQLite file: idempotency, restarts, storage faults."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from collector.attribution import PrefixTable
+from collector.reports_file import ReportIn
+from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
+from collector.store.reads import connect_readonly, results_count, url_statuses
+from collector.verdict import Policy
+
+NOW = time.time()
+CONTENT = hashlib.sha256(b"content").digest()
+
+
+def report(url: str, reference: str | None = None) -> ReportIn:
+    return ReportIn(url=url, notified_at=NOW - 60, received_at=None, reference=reference)
+
+
+def res(url_id: int, seq: int, status: int = 200, peer: str = "192.0.2.1") -> ResultIn:
+    return ResultIn(
+        url_id=url_id,
+        seq=seq,
+        started_at=NOW + seq,
+        elapsed=0.01,
+        status=status,
+        final_url="http://x.example/",
+        sha256=CONTENT if status == 200 else b"",
+        body_bytes=7,
+        truncated=False,
+        peer_ip=peer,
+        error="none",
+        redirects=0,
+    )
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> PrefixTable:
+    path = tmp_path / "prefixes.csv"
+    path.write_text("prefix,asn,provider\n192.0.2.0/24,64500,Example\n")
+    return PrefixTable.from_csv(path)
+
+
+def open_store(path: Path, table: PrefixTable) -> Store:
+    return Store(path, table, Policy(confirmations=2))
+
+
+class TestStore:
+    def test_verdict_survives_a_restart(self, tmp_path: Path, table: PrefixTable) -> None:
+        """State folded before a restart continues after it: one more removed result confirms."""
+        db = tmp_path / "c.db"
+        store = open_store(db, table)
+        url_id = store.submit_reports([report("http://x.example/a", "R")], NOW)[0].url_id
+        agent = store.register_agent("a1", "net", "t", NOW)
+        store.ingest(agent, [res(url_id, 1), res(url_id, 2, 404)], NOW)
+        store.close()
+        store = open_store(db, table)
+        store.ingest(agent, [res(url_id, 3, 404)], NOW)
+        store.close()
+        conn = connect_readonly(db)
+        (status,) = url_statuses(conn)
+        conn.close()
+        assert status.state == "removed"
+        assert status.provider == "Example" and status.asn == 64500
+        assert status.removal_first_removed_at == NOW + 2
+
+    def test_same_seq_is_stored_once_across_restarts(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """A batch redelivered after a collector restart is recognised as duplicate."""
+        db = tmp_path / "c.db"
+        store = open_store(db, table)
+        url_id = store.submit_reports([report("http://x.example/a")], NOW)[0].url_id
+        agent = store.register_agent("a1", "net", "t", NOW)
+        first = store.ingest(agent, [res(url_id, s) for s in range(10)], NOW)
+        store.close()
+        store = open_store(db, table)
+        again = store.ingest(agent, [res(url_id, s) for s in range(5, 15)], NOW)
+        store.close()
+        assert (first.stored, again.stored, again.duplicates) == (10, 5, 5)
+        conn = connect_readonly(db)
+        assert results_count(conn) == 15
+        conn.close()
+
+    def test_same_url_new_reference_shares_the_url(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """A second report of the same URL is a new report on the same monitored URL."""
+        store = open_store(tmp_path / "c.db", table)
+        a, b = store.submit_reports(
+            [report("http://x.example/a", "R1"), report("http://x.example/a", "R2")], NOW
+        )
+        store.close()
+        assert a.status is b.status is Submitted.ACCEPTED
+        assert a.url_id == b.url_id and a.report_id != b.report_id
+        assert a.new_url and not b.new_url
+
+    def test_full_disk_commits_nothing_and_says_so(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """When the database cannot grow, the batch fails as StorageFull and earlier data stays."""
+        db = tmp_path / "c.db"
+        store = open_store(db, table)
+        url_id = store.submit_reports([report("http://x.example/a")], NOW)[0].url_id
+        agent = store.register_agent("a1", "net", "t", NOW)
+        store.ingest(agent, [res(url_id, 1)], NOW)
+        pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+        store.conn.execute(f"PRAGMA max_page_count = {pages}")
+        big = [res(url_id, s) for s in range(2, 5000)]
+        with pytest.raises(StorageFull, match="full"):
+            store.ingest(agent, big, NOW)
+        store.close()
+        conn = connect_readonly(db)
+        assert results_count(conn) == 1
+        conn.close()
+
+    def test_corrupt_file_is_refused_at_start(self, tmp_path: Path, table: PrefixTable) -> None:
+        """A file that is not a SQLite database is named in a clear error, not overwritten."""
+        db = tmp_path / "c.db"
+        db.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(CorruptDatabase, match=r"c\.db"):
+            open_store(db, table)
+        assert db.read_bytes().startswith(b"this is not a database")
+
+    def test_readonly_connection_names_a_missing_file(self, tmp_path: Path) -> None:
+        """Reading a database that does not exist says which file and how to create it."""
+        with pytest.raises(Exception, match="no such database"):
+            connect_readonly(tmp_path / "missing.db")
+
+
+class TestWriter:
+    async def test_writes_run_in_order_off_the_loop(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """Work submitted to the writer runs in submission order and returns its value."""
+        writer = Writer(lambda: open_store(tmp_path / "c.db", table))
+        await writer.start()
+        ids = [
+            await writer.run(lambda s, i=i: s.register_agent(f"a{i}", "n", "v", NOW))
+            for i in range(5)
+        ]
+        await writer.close()
+        assert ids == sorted(ids) and len(set(ids)) == 5
+
+    async def test_start_fails_clearly_on_a_corrupt_file(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """Opening a corrupt database through the writer raises the store's error."""
+        db = tmp_path / "c.db"
+        db.write_bytes(b"garbage" * 1000)
+        writer = Writer(lambda: open_store(db, table))
+        with pytest.raises(CorruptDatabase):
+            await writer.start()
+
+    async def test_errors_reach_the_caller(self, tmp_path: Path, table: PrefixTable) -> None:
+        """An exception inside the writer thread is raised in the awaiting task."""
+        writer = Writer(lambda: open_store(tmp_path / "c.db", table))
+        await writer.start()
+
+        def boom(store: Store) -> None:
+            store.conn.execute("SELECT * FROM no_such_table")
+
+        with pytest.raises(sqlite3.OperationalError):
+            await writer.run(boom)
+        await writer.close()
