@@ -20,7 +20,7 @@ class TestOutbox:
         assert [box.add(result()).seq for _ in range(3)] == [100, 101, 102]
 
     def test_default_sequence_starts_from_the_clock(self) -> None:
-        """Without a stored counter, numbering starts from the clock so a restart keeps increasing."""
+        """Without a stored counter, numbering starts from the clock: restarts keep increasing."""
         first = Outbox().add(result()).seq
         assert Outbox().add(result()).seq > first
 

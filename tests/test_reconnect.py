@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import json
 import random
 import socket
 from pathlib import Path
@@ -52,9 +53,10 @@ async def test_agent_reconnects_and_state_survives_restart(
     first = Collector(config)
     await first.start()
     reports = tmp_path / "r.jsonl"
+    notified = "2026-01-01T00:00:00Z"
     reports.write_text(
         "".join(
-            f'{{"url": "http://{HOST_A}:{hoster.port}{p}", "notified_at": "2026-01-01T00:00:00Z"}}\n'
+            json.dumps({"url": f"http://{HOST_A}:{hoster.port}{p}", "notified_at": notified}) + "\n"
             for p in ("/one", "/two")
         )
     )
