@@ -73,6 +73,7 @@ class AssignmentChange:
     reset: bool
     upsert: tuple[tuple[int, str, float], ...]
     remove: tuple[int, ...]
+    complete: bool = False
 
 
 def encode(batch: Batch) -> pb.AgentMessage:
@@ -184,15 +185,18 @@ class Link:
                     await self._write(call, reader)
                 finally:
                     reader.cancel()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in FATAL_CODES:
-                    raise CollectorRefused(
-                        f"collector {self.target} refused this agent: {exc.code().name}:"
-                        f" {exc.details()}"
-                    ) from exc
-                lost = StreamLost(f"{exc.code().name}: {exc.details()}")
+            except (grpc.aio.AioRpcError, StreamLost) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    if exc.code() in FATAL_CODES:
+                        raise CollectorRefused(
+                            f"collector {self.target} refused this agent: {exc.code().name}:"
+                            f" {exc.details()}"
+                        ) from exc
+                    lost = StreamLost(f"{exc.code().name}: {exc.details()}")
+                else:
+                    lost = exc
                 if welcomed and self.clock() - started >= self.healthy_after:
-                    log.warning("collector_stream_lost reason=%s", lost)
+                    log.warning("collector_stream_lost reason=%s reconnecting=now", lost)
                     return
                 raise lost from exc
             finally:
@@ -221,6 +225,7 @@ class Link:
                             (t.url_id, t.url, float(t.interval_seconds)) for t in a.upsert
                         ),
                         remove=tuple(a.remove),
+                        complete=a.complete,
                     )
                 )
         raise StreamLost("the collector closed the stream")

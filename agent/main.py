@@ -62,6 +62,7 @@ class Agent:
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
         self.urls: dict[int, str] = {}
+        self._listed: set[int] | None = None  # ids named so far by a full assignment
         self.outbox = Outbox(limit=config.outbox_limit)
         self.link = Link(
             config.collector,
@@ -79,11 +80,9 @@ class Agent:
     def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()
         if change.reset:
-            keep = {url_id for url_id, _, _ in change.upsert}
-            for url_id in list(self.urls):
-                if url_id not in keep:
-                    self.urls.pop(url_id)
-                    self.schedule.remove(url_id)
+            self._listed = set()
+        if self._listed is not None:
+            self._listed.update(url_id for url_id, _, _ in change.upsert)
         for url_id in change.remove:
             self.urls.pop(url_id, None)
             self.schedule.remove(url_id)
@@ -91,6 +90,11 @@ class Agent:
             self.urls[url_id] = url
             if self.schedule.interval(url_id) != interval:
                 self.schedule.set(url_id, interval, now)
+        if change.complete and self._listed is not None:
+            for url_id in [u for u in self.urls if u not in self._listed]:
+                self.urls.pop(url_id)
+                self.schedule.remove(url_id)
+            self._listed = None
         log.info("assignment_changed urls=%d", len(self.urls))
         self._changed.set()
 

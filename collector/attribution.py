@@ -146,11 +146,13 @@ class PrefixTable:
     def lookup(self, ip: str) -> Attribution:
         """Attribute one address; garbage, empty or unmatched input gives UNATTRIBUTED."""
         try:
-            packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+            packed: bytes | None = socket.inet_pton(
+                socket.AF_INET6 if ":" in ip else socket.AF_INET, ip
+            )
         except (OSError, ValueError, TypeError):
             packed = _parse_slowly(ip)
-            if packed is None:
-                return UNATTRIBUTED
+        if packed is None:
+            return UNATTRIBUTED
         if len(packed) == 4:
             return self._v4.lookup(int.from_bytes(packed))
         if packed.startswith(_MAPPED_V4_PREFIX):
@@ -180,7 +182,9 @@ class PrefixTable:
                         raise AttributionFileError(
                             path, line, f"expected {len(header)} fields, got {len(row)}"
                         )
-                    network, attribution = _parse_row(path, line, dict(zip(header, row)))
+                    network, attribution = _parse_row(
+                        path, line, dict(zip(header, row, strict=True))
+                    )
                     if network in seen:
                         first_line, first = seen[network]
                         if first != attribution:

@@ -18,6 +18,7 @@ from pathlib import Path
 import configargparse
 
 from collector import __version__
+from collector.attribution import AttributionFileError
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.report import provider_table, render
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         return _report(args)
-    except StoreError as exc:
+    except (StoreError, AttributionFileError, OSError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
         return 1
 

@@ -192,6 +192,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             welcome=pb.Welcome(agent_id=agent_id, received_hello_at_unix_us=s_to_us(now))
         )
         receiver = asyncio.create_task(self._receive(session, request_iterator))
+        get: asyncio.Task[pb.CollectorMessage] | None = None
         try:
             await self._send_assignment(session)
             while True:
@@ -212,6 +213,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         finally:
             self.hub.leave(session)
             receiver.cancel()
+            if get is not None:
+                get.cancel()
             log.info("agent_disconnected agent=%s", hello.agent)
 
     async def _receive(
@@ -237,7 +240,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         targets = await asyncio.to_thread(read)
         for i in range(0, max(1, len(targets)), ASSIGNMENT_CHUNK):
             chunk = targets[i : i + ASSIGNMENT_CHUNK]
-            update = pb.AssignmentUpdate(reset=(i == 0), upsert=[_target(t) for t in chunk])
+            update = pb.AssignmentUpdate(
+                reset=(i == 0),
+                complete=(i + ASSIGNMENT_CHUNK >= len(targets)),
+                upsert=[_target(t) for t in chunk],
+            )
             session.outbox.put_nowait(pb.CollectorMessage(assignment=update))
         session.release()
 

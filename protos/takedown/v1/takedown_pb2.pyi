@@ -192,9 +192,10 @@ Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
 class AssignmentUpdate(_message.Message):
-    """A change to the set of URLs the agent probes. With reset=true the agent
-    forgets its previous assignment first; a full assignment may span several
-    messages, the first with reset=true.
+    """A change to the set of URLs the agent probes. A full assignment may span
+    several messages: the first has reset=true, the last complete=true (one
+    message may have both); when it is complete the agent drops every URL the
+    full assignment did not name.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -202,7 +203,9 @@ class AssignmentUpdate(_message.Message):
     RESET_FIELD_NUMBER: _builtins.int
     UPSERT_FIELD_NUMBER: _builtins.int
     REMOVE_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
     reset: _builtins.bool
+    complete: _builtins.bool
     @_builtins.property
     def upsert(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]: ...
     @_builtins.property
@@ -213,10 +216,11 @@ class AssignmentUpdate(_message.Message):
         reset: _builtins.bool = ...,
         upsert: _abc.Iterable[Global___Target] | None = ...,
         remove: _abc.Iterable[_builtins.int] | None = ...,
+        complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["remove", b"remove", "reset", b"reset", "upsert", b"upsert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "remove", b"remove", "reset", b"reset", "upsert", b"upsert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
