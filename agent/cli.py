@@ -27,17 +27,27 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise configargparse.ArgumentTypeError(f"{text!r} is not a CIDR range") from exc
 
 
-def _positive(kind: type[int] | type[float]) -> object:
+def _number(
+    kind: type[int] | type[float], low: float, high: float = float("inf"), *, open_low: bool = True
+) -> object:
+    """An argparse type: a number of `kind` in (low, high) — or [low, high) with open_low=False."""
+
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError as exc:
             raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-        if value <= 0:
-            raise configargparse.ArgumentTypeError(f"{text!r} must be positive")
+        too_low = value <= low if open_low else value < low
+        if too_low or value >= high:
+            left = "(" if open_low else "["
+            raise configargparse.ArgumentTypeError(f"{text!r} is outside {left}{low}, {high})")
         return value
 
     return parse
+
+
+def _positive(kind: type[int] | type[float]) -> object:
+    return _number(kind, 0)
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -78,7 +88,12 @@ def build_parser() -> configargparse.ArgParser:
         default=16 * 1024 * 1024,
         help="bytes hashed per probe; longer bodies are marked truncated",
     )
-    p.add_argument("--max-redirects", type=int, default=10, help="redirect hops followed")
+    p.add_argument(
+        "--max-redirects",
+        type=_number(int, 0, 100, open_low=False),
+        default=10,
+        help="redirect hops followed",
+    )
     p.add_argument("--batch-size", type=_positive(int), default=500, help="results per message")
     p.add_argument(
         "--flush-interval", type=_positive(float), default=1.0, help="max seconds a result waits"
@@ -86,10 +101,15 @@ def build_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--max-inflight", type=_positive(int), default=8, help="unacknowledged batches at most"
     )
-    p.add_argument("--jitter", type=float, default=0.1, help="± fraction of a probe interval")
+    p.add_argument(
+        "--jitter",
+        type=_number(float, 0, 1, open_low=False),
+        default=0.1,
+        help="± fraction of a probe interval, in [0, 1)",
+    )
     p.add_argument(
         "--first-spread",
-        type=float,
+        type=_number(float, 0, open_low=False),
         default=60.0,
         help="seconds over which the first probes of new URLs are spread",
     )

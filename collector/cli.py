@@ -44,6 +44,16 @@ def duration(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise configargparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def _parser(command: str, description: str) -> configargparse.ArgParser:
     p = configargparse.ArgParser(
         prog=f"takedown-collector {command}",
@@ -81,7 +91,7 @@ def serve_parser() -> configargparse.ArgParser:
     )
     p.add_argument(
         "--confirmations",
-        type=int,
+        type=positive_int,
         default=2,
         help="consecutive removed results each agent must see before a removal counts",
     )
@@ -125,7 +135,13 @@ def import_parser() -> configargparse.ArgParser:
         action="store_true",
         help="import the valid rows even if some are invalid (default: import nothing then)",
     )
-    p.add_argument("--batch-size", type=int, default=1000, help="reports per request")
+    p.add_argument("--batch-size", type=positive_int, default=1000, help="reports per request")
+    p.add_argument(
+        "--attempts",
+        type=positive_int,
+        default=5,
+        help="tries per request while the collector is unavailable (backoff up to 10 s)",
+    )
     return p
 
 
@@ -153,9 +169,12 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    if not args_in or args_in[0] in ("-h", "--help"):
+    if not args_in:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args_in[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if args_in else 2
+        return 0
     if args_in[0] == "--version":
         print(f"takedown-collector {__version__}")
         return 0
@@ -178,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     fmt=args.format,
                     skip_invalid=args.skip_invalid,
                     batch_size=args.batch_size,
+                    attempts=args.attempts,
                 )
             )
         return _report(args)

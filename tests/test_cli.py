@@ -1,0 +1,528 @@
+"""The command-line entry points: help, flags/env/TOML options, import, report, agent refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import configargparse
+import pytest
+
+from agent.cli import build_parser
+from collector.cli import duration, import_parser, report_parser, serve_parser
+from collector.importer import import_file
+from collector.server import Collector
+from collector.store.reads import connect_readonly, url_statuses
+
+BIN = Path(sys.executable).parent
+AGENT = str(BIN / "takedown-agent")
+COLLECTOR = str(BIN / "takedown-collector")
+
+REPORT_KEYS = {
+    "provider",
+    "asn",
+    "reports",
+    "urls",
+    "removed",
+    "online",
+    "median_latency_seconds",
+    "removed_within_24h",
+}
+T0 = "2026-01-05T10:00:00+00:00"
+GOOD_URLS = ("http://a.example/1", "http://b.example/2", "http://c.example/3")
+
+
+def clean_env() -> dict[str, str]:
+    """The test's environment without TAKEDOWN_* variables, so a child sees only its arguments."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TAKEDOWN_")}
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a console script to completion (for tests with no server in this process)."""
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=clean_env(), check=False
+    )
+
+
+async def run_async(*args: str, within: float = 30) -> tuple[int, str, str, float]:
+    """Run a console script without blocking the event loop the collector fixture serves on."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{args[0]} did not finish within {within}s")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode(), time.monotonic() - started
+
+
+def option_strings(parser: configargparse.ArgParser) -> Iterator[str]:
+    """Every option string (or positional name) the parser defines."""
+    for action in parser._actions:
+        yield from action.option_strings or [action.dest]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path.write_text("url,notified_at,reference\n" + "".join(f"{u},{t},{r}\n" for u, t, r in rows))
+    return path
+
+
+def good_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "good.csv", [(u, T0, f"R{i}") for i, u in enumerate(GOOD_URLS, 1)])
+
+
+def bad_csv(tmp_path: Path) -> Path:
+    """Three rows; the one on physical line 3 has a timestamp without a UTC offset."""
+    return write_csv(
+        tmp_path / "bad.csv",
+        [
+            ("http://x.example/1", T0, "X1"),
+            ("http://x.example/2", "2026-01-05T10:00:00", "X2"),
+            ("http://x.example/3", T0, "X3"),
+        ],
+    )
+
+
+def stored_urls(collector: Collector) -> set[str]:
+    conn = connect_readonly(collector.config.db)
+    try:
+        return {s.url for s in url_statuses(conn)}
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that is bound (so nobody else takes it) but refuses connections."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+class TestHelp:
+    def test_agent_help_lists_every_option(self) -> None:
+        """`takedown-agent --help` exits 0 and mentions every option of its parser."""
+        done = run(AGENT, "--help")
+        assert done.returncode == 0, done.stderr
+        missing = [o for o in option_strings(build_parser()) if o not in done.stdout]
+        assert missing == []
+
+    @pytest.mark.parametrize(
+        ("command", "build"),
+        [("serve", serve_parser), ("import", import_parser), ("report", report_parser)],
+    )
+    def test_collector_command_help_lists_every_option(
+        self, command: str, build: Callable[[], configargparse.ArgParser]
+    ) -> None:
+        """`takedown-collector COMMAND --help` exits 0 and mentions every option of its parser."""
+        done = run(COLLECTOR, command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert f"takedown-collector {command}" in done.stdout
+        missing = [o for o in option_strings(build()) if o not in done.stdout]
+        assert missing == []
+
+    def test_no_command_prints_usage_and_exits_2(self) -> None:
+        """`takedown-collector` alone prints the usage listing the commands and exits 2."""
+        done = run(COLLECTOR)
+        assert done.returncode == 2
+        output = done.stdout + done.stderr
+        assert "usage: takedown-collector" in output
+        assert all(c in output for c in ("serve", "import", "report"))
+
+    def test_unknown_command_exits_2_naming_it(self) -> None:
+        """An unknown command exits 2 with an error that names it."""
+        done = run(COLLECTOR, "frobnicate")
+        assert done.returncode == 2
+        assert "unknown command 'frobnicate'" in done.stderr
+
+
+class TestAgentOptions:
+    @pytest.fixture
+    def toml(self, tmp_path: Path) -> Path:
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            "[agent]\n"
+            'collector = "127.0.0.1:7000"\n'
+            'network = "toml-net"\n'
+            "concurrency = 12\n"
+            'allow-private = ["127.0.0.0/8", "10.0.0.0/8"]\n'
+        )
+        return path
+
+    @pytest.fixture(autouse=True)
+    def no_takedown_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in list(os.environ):
+            if name.startswith("TAKEDOWN_"):
+                monkeypatch.delenv(name)
+
+    def test_toml_agent_table_sets_values(self, toml: Path) -> None:
+        """Values in the [agent] table of --config are used, including lists and typed values."""
+        args = build_parser().parse_args(["--config", str(toml)])
+        assert args.collector == "127.0.0.1:7000"
+        assert args.network == "toml-net"
+        assert args.concurrency == 12
+        assert [str(n) for n in args.allow_private] == ["127.0.0.0/8", "10.0.0.0/8"]
+
+    def test_environment_overrides_toml(self, toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """TAKEDOWN_AGENT_NETWORK sets network, over the TOML file's value."""
+        monkeypatch.setenv("TAKEDOWN_AGENT_NETWORK", "env-net")
+        args = build_parser().parse_args(["--config", str(toml)])
+        assert args.network == "env-net"
+        assert args.collector == "127.0.0.1:7000"
+
+    def test_environment_alone_satisfies_required_option(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A required option given only through the environment is accepted."""
+        monkeypatch.setenv("TAKEDOWN_AGENT_NETWORK", "env-net")
+        args = build_parser().parse_args(["--collector", "127.0.0.1:1"])
+        assert args.network == "env-net"
+
+    def test_flag_overrides_environment_and_toml(
+        self, toml: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A command-line flag wins over both the environment and the TOML file."""
+        monkeypatch.setenv("TAKEDOWN_AGENT_NETWORK", "env-net")
+        monkeypatch.setenv("TAKEDOWN_AGENT_CONCURRENCY", "7")
+        args = build_parser().parse_args(
+            ["--config", str(toml), "--network", "cli-net", "--concurrency", "3"]
+        )
+        assert args.network == "cli-net"
+        assert args.concurrency == 3
+
+    def test_bad_allow_private_exits_naming_value(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--allow-private with a non-CIDR value is a usage error that names the value."""
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(
+                ["--collector", "127.0.0.1:1", "--network", "n", "--allow-private", "not-a-net"]
+            )
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--allow-private" in err
+        assert "'not-a-net'" in err
+
+    def test_jitter_out_of_range_is_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--jitter outside [0, 1) is refused by the parser, naming the option."""
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(
+                ["--collector", "127.0.0.1:1", "--network", "n", "--jitter", "1.5"]
+            )
+        assert exc.value.code == 2
+        assert "--jitter" in capsys.readouterr().err
+
+    def test_jitter_out_of_range_exits_without_traceback(self) -> None:
+        """takedown-agent --jitter 1.5 exits 2 with a one-line error, not a traceback."""
+        with closed_port() as port:
+            done = run(
+                AGENT, "--collector", f"127.0.0.1:{port}", "--network", "n", "--jitter", "1.5"
+            )
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr
+        assert "--jitter" in done.stderr
+
+
+class TestServeOptions:
+    @pytest.fixture
+    def toml(self, tmp_path: Path) -> Path:
+        path = tmp_path / "collector.toml"
+        path.write_text(
+            "[collector]\n"
+            'probe-interval = "2h"\n'
+            "confirmations = 3\n"
+            "nxdomain-is-removal = false\n"
+            'deadline = ["1h", "24h"]\n'
+        )
+        return path
+
+    @pytest.fixture(autouse=True)
+    def no_takedown_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in list(os.environ):
+            if name.startswith("TAKEDOWN_"):
+                monkeypatch.delenv(name)
+
+    def test_toml_collector_table_sets_values(self, toml: Path) -> None:
+        """Values in the [collector] table are parsed with each option's type."""
+        args = serve_parser().parse_args(["--config", str(toml)])
+        assert args.probe_interval == 7200.0
+        assert args.confirmations == 3
+        assert args.nxdomain_is_removal is False
+        assert args.deadline == [3600.0, 86400.0]
+
+    def test_environment_duration(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """TAKEDOWN_COLLECTOR_PROBE_INTERVAL=15m gives a probe interval of 900 seconds."""
+        monkeypatch.setenv("TAKEDOWN_COLLECTOR_PROBE_INTERVAL", "15m")
+        assert serve_parser().parse_args([]).probe_interval == 900.0
+
+    def test_environment_overrides_toml(self, toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The environment wins over the TOML file; other TOML values still apply."""
+        monkeypatch.setenv("TAKEDOWN_COLLECTOR_PROBE_INTERVAL", "15m")
+        args = serve_parser().parse_args(["--config", str(toml)])
+        assert args.probe_interval == 900.0
+        assert args.confirmations == 3
+
+    def test_flag_overrides_environment_and_toml(
+        self, toml: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A command-line flag wins over both the environment and the TOML file."""
+        monkeypatch.setenv("TAKEDOWN_COLLECTOR_PROBE_INTERVAL", "15m")
+        args = serve_parser().parse_args(
+            ["--config", str(toml), "--probe-interval", "30s", "--confirmations", "5"]
+        )
+        assert args.probe_interval == 30.0
+        assert args.confirmations == 5
+
+    def test_defaults_without_env_or_toml(self) -> None:
+        """With nothing given, the documented defaults apply."""
+        args = serve_parser().parse_args([])
+        assert args.probe_interval == 300.0
+        assert args.listen == "127.0.0.1:7443"
+        assert args.nxdomain_is_removal is True
+
+    def test_confirmations_below_one_is_usage_error(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--confirmations 0 is refused by the parser, naming the option."""
+        with pytest.raises(SystemExit) as exc:
+            serve_parser().parse_args(["--confirmations", "0"])
+        assert exc.value.code == 2
+        assert "--confirmations" in capsys.readouterr().err
+
+    def test_confirmations_below_one_exits_without_traceback(self, tmp_path: Path) -> None:
+        """takedown-collector serve --confirmations 0 exits 2 with a one-line error."""
+        done = run(
+            COLLECTOR,
+            "serve",
+            "--confirmations",
+            "0",
+            "--db",
+            str(tmp_path / "c.db"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            timeout=20,
+        )
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr
+        assert "--confirmations" in done.stderr
+
+
+class TestDuration:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [
+            ("90", 90.0),
+            ("90s", 90.0),
+            ("15m", 900.0),
+            ("24h", 86400.0),
+            ("30d", 30 * 86400.0),
+            ("2w", 14 * 86400.0),
+            ("1.5h", 5400.0),
+        ],
+    )
+    def test_accepts(self, text: str, seconds: float) -> None:
+        """Plain seconds and s/m/h/d/w suffixes convert to seconds."""
+        assert duration(text) == seconds
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("abc", "'abc' is not a duration like 90s, 15m, 24h, 30d"),
+            ("0", "'0' must be positive"),
+            ("-5m", "'-5m' is not a duration"),
+            ("5x", "'5x' is not a duration"),
+            ("", "'' is not a duration"),
+        ],
+    )
+    def test_refuses(self, text: str, message: str) -> None:
+        """Text that is not a positive duration is refused with a message quoting it."""
+        with pytest.raises(configargparse.ArgumentTypeError, match=message):
+            duration(text)
+
+    def test_bad_duration_on_command_line_is_usage_error(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A bad --probe-interval exits 2 naming the option and the value."""
+        with pytest.raises(SystemExit) as exc:
+            serve_parser().parse_args(["--probe-interval=-5m"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--probe-interval" in err
+        assert "'-5m'" in err
+
+
+@pytest.mark.integration
+class TestImport:
+    async def test_valid_csv_then_again(self, collector: Collector, tmp_path: Path) -> None:
+        """A valid CSV is accepted; importing it again reports every row as already known."""
+        path = good_csv(tmp_path)
+        target = f"127.0.0.1:{collector.grpc_port}"
+        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), "--collector", target)
+        assert rc == 0, err
+        assert "accepted 3, already known 0, rejected 0" in err
+        assert stored_urls(collector) == set(GOOD_URLS)
+        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), "--collector", target)
+        assert rc == 0, err
+        assert "accepted 0, already known 3, rejected 0" in err
+
+    async def test_bad_row_imports_nothing(self, collector: Collector, tmp_path: Path) -> None:
+        """A file with a naive timestamp on line 3 exits 1, names FILE:3, and stores nothing."""
+        path = bad_csv(tmp_path)
+        rc, _, err, _ = await run_async(
+            COLLECTOR, "import", str(path), "--collector", f"127.0.0.1:{collector.grpc_port}"
+        )
+        assert rc == 1
+        assert f"{path}:3:" in err
+        assert "no UTC offset" in err
+        assert "nothing imported" in err
+        assert not any(u.startswith("http://x.example/") for u in stored_urls(collector))
+
+    async def test_skip_invalid_imports_valid_rows(
+        self, collector: Collector, tmp_path: Path
+    ) -> None:
+        """With --skip-invalid the two valid rows are imported and the summary counts one reject."""
+        path = bad_csv(tmp_path)
+        rc, _, err, _ = await run_async(
+            COLLECTOR,
+            "import",
+            str(path),
+            "--collector",
+            f"127.0.0.1:{collector.grpc_port}",
+            "--skip-invalid",
+        )
+        assert rc == 0, err
+        assert f"{path}:3:" in err
+        assert "accepted 2, already known 0, rejected 1" in err
+        assert stored_urls(collector) == {"http://x.example/1", "http://x.example/3"}
+
+    async def test_jsonl(self, collector: Collector, tmp_path: Path) -> None:
+        """A JSONL file (format from its extension) is imported like a CSV."""
+        path = tmp_path / "reports.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps({"url": u, "notified_at": T0, "reference": f"J{i}"}) + "\n"
+                for i, u in enumerate(GOOD_URLS)
+            )
+        )
+        rc, _, err, _ = await run_async(
+            COLLECTOR, "import", str(path), "--collector", f"127.0.0.1:{collector.grpc_port}"
+        )
+        assert rc == 0, err
+        assert "accepted 3, already known 0, rejected 0" in err
+        assert stored_urls(collector) == set(GOOD_URLS)
+
+    async def test_no_collector_listening(self, tmp_path: Path) -> None:
+        """With nothing listening, import gives up in bounded time: exit 1 naming UNAVAILABLE."""
+        path = good_csv(tmp_path)
+        with closed_port() as port:
+            rc, _, err, elapsed = await run_async(
+                COLLECTOR,
+                "import",
+                str(path),
+                "--collector",
+                f"127.0.0.1:{port}",
+                "--attempts",
+                "2",
+                within=60,
+            )
+        assert rc == 1
+        assert "UNAVAILABLE" in err
+        assert "Traceback" not in err
+        assert elapsed < 60
+
+
+@pytest.mark.integration
+class TestReport:
+    @pytest.fixture
+    async def db(self, collector: Collector, tmp_path: Path) -> Path:
+        """The fixture collector's database, with three reports submitted over gRPC."""
+        out = io.StringIO()
+        status = await import_file(good_csv(tmp_path), f"127.0.0.1:{collector.grpc_port}", out=out)
+        assert status == 0, out.getvalue()
+        return collector.config.db
+
+    async def test_json(self, db: Path) -> None:
+        """--format json prints a list of provider rows with the documented keys and counts."""
+        rc, out, err, _ = await run_async(COLLECTOR, "report", "--db", str(db), "--format", "json")
+        assert rc == 0, err
+        rows = json.loads(out)
+        assert isinstance(rows, list)
+        assert rows
+        assert all(set(row) >= REPORT_KEYS for row in rows)
+        assert sum(row["urls"] for row in rows) == 3
+        assert sum(row["reports"] for row in rows) == 3
+        assert sum(row["removed"] for row in rows) == 0
+
+    async def test_csv(self, db: Path) -> None:
+        """--format csv prints a header with the documented columns, then one line per provider."""
+        rc, out, err, _ = await run_async(COLLECTOR, "report", "--db", str(db), "--format", "csv")
+        assert rc == 0, err
+        records = list(csv.DictReader(io.StringIO(out)))
+        assert records
+        assert set(records[0]) >= REPORT_KEYS
+        assert sum(int(r["urls"]) for r in records) == 3
+
+    async def test_table(self, db: Path) -> None:
+        """The default table format starts with the column header line."""
+        rc, out, err, _ = await run_async(COLLECTOR, "report", "--db", str(db))
+        assert rc == 0, err
+        header = out.splitlines()[0].split()
+        assert header[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
+        assert "median" in header
+
+    def test_missing_database(self, tmp_path: Path) -> None:
+        """A missing database file exits 1 with a message naming it and no traceback."""
+        missing = tmp_path / "nope.db"
+        done = run(COLLECTOR, "report", "--db", str(missing))
+        assert done.returncode == 1
+        assert str(missing) in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not missing.exists()
+
+    def test_foreign_file(self, tmp_path: Path) -> None:
+        """A file that is not a collector database exits 1 with a message naming it."""
+        foreign = tmp_path / "foreign.db"
+        foreign.write_bytes(b"not sqlite at all" * 100)
+        done = run(COLLECTOR, "report", "--db", str(foreign))
+        assert done.returncode == 1
+        assert str(foreign) in done.stderr
+        assert "not a Takedown Monitor database" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+class TestAgentRefused:
+    async def test_empty_network_is_refused(self, collector: Collector) -> None:
+        """An agent the collector refuses (empty network) exits 2 naming INVALID_ARGUMENT."""
+        rc, _, err, _ = await run_async(
+            AGENT,
+            "--collector",
+            f"127.0.0.1:{collector.grpc_port}",
+            "--network",
+            "",
+            "--name",
+            "x",
+            "--allow-private",
+            "127.0.0.0/8",
+            within=30,
+        )
+        assert rc == 2, err
+        assert "INVALID_ARGUMENT" in err
+        assert "Traceback" not in err
