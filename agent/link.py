@@ -96,6 +96,7 @@ def _result(r: ProbeResult) -> pb.ProbeResult:
         peer_ip=r.peer_ip,
         error=_ERROR_NUMBERS[r.error],
         redirects=r.redirects,
+        challenge=r.challenge,
     )
 
 

@@ -44,4 +44,5 @@ class ProbeResult:
     peer_ip: str = ""  # address actually connected to, final hop
     error: ErrorClass = ErrorClass.NONE
     redirects: int = 0
+    challenge: bool = False  # response headers show a bot challenge page
     seq: int = 0  # assigned by the outbox, unique and increasing per agent

@@ -9,39 +9,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import configargparse
 
 from collector import __version__
 from collector.attribution import AttributionFileError
+from collector.durations import parse_duration
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.report import provider_table, render
+from collector.schedule import DEFAULT_PHASES, Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
 from collector.store import StoreError
 from collector.store.reads import connect_readonly, url_outcomes
 from collector.verdict import Policy
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-
 
 def duration(text: str) -> float:
     """Seconds from '90', '90s', '15m', '24h', '30d' or '2w'."""
-    m = _DURATION.match(text)
-    if not m:
-        raise configargparse.ArgumentTypeError(
-            f"{text!r} is not a duration like 90s, 15m, 24h, 30d"
-        )
-    value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if value <= 0:
-        raise configargparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _phases(text: str) -> tuple[Phase, ...]:
+    try:
+        return parse_phases(text)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(str(exc)) from exc
 
 
 def positive_int(text: str) -> int:
@@ -87,7 +88,46 @@ def serve_parser() -> configargparse.ArgParser:
         help="CSV prefix,asn,provider[,country,cdn] mapping peer addresses to providers",
     )
     p.add_argument(
-        "--probe-interval", type=duration, default=300.0, help="how often each agent probes a URL"
+        "--schedule",
+        type=_phases,
+        default=DEFAULT_PHASES,
+        help="probe intervals by age of the notice: INTERVAL<AGE,...,INTERVAL"
+        " (default 5m<2h,15m<48h,1h)",
+    )
+    p.add_argument(
+        "--probe-interval",
+        type=duration,
+        help="one fixed interval for every URL, watching included (replaces --schedule and"
+        " the dense probing around deadlines)",
+    )
+    p.add_argument(
+        "--deadline-window",
+        type=duration,
+        default=1800.0,
+        help="probe densely this long before and after each deadline",
+    )
+    p.add_argument(
+        "--deadline-interval", type=duration, default=300.0, help="interval near a deadline"
+    )
+    p.add_argument(
+        "--watch-interval", type=duration, default=6 * 3600.0, help="interval after removal"
+    )
+    p.add_argument(
+        "--watch-period",
+        type=duration,
+        default=30 * 86400.0,
+        help="keep watching removed URLs for reappearance this long",
+    )
+    p.add_argument(
+        "--max-probe-rate",
+        type=float,
+        help="upper bound on probes per second per agent; intervals stretch to stay under it",
+    )
+    p.add_argument(
+        "--replan-every",
+        type=duration,
+        default=60.0,
+        help="how often probe intervals are recomputed and pushed to agents",
     )
     p.add_argument(
         "--confirmations",
@@ -105,13 +145,31 @@ def serve_parser() -> configargparse.ArgParser:
         "--nxdomain-is-removal",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="count DNS NXDOMAIN as removal",
+        help="count DNS NXDOMAIN as removal (flagged in the table either way)",
+    )
+    p.add_argument(
+        "--forbidden-is-removal",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="count HTTP 403 as removal (by default it is inconclusive)",
+    )
+    p.add_argument(
+        "--dynamic-after",
+        type=positive_int,
+        default=3,
+        help="different never-repeating bodies after which a page counts as dynamic",
     )
     p.add_argument(
         "--deadline",
         type=duration,
         action="append",
-        help=f"deadline(s) for takedown_overdue_urls; default {DEFAULT_DEADLINES[0] / 3600:.0f}h",
+        help="deadline regime(s) from the notice, repeatable (default 1h, 12h, 24h)",
+    )
+    p.add_argument(
+        "--order-deadline",
+        type=duration,
+        default=12 * 3600.0,
+        help="deadline of a binding removal order when the report gives none",
     )
     p.add_argument(
         "--buckets",
@@ -206,20 +264,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def planner_from(args: configargparse.Namespace) -> Planner:
+    deadlines = tuple(args.deadline or DEFAULT_DEADLINES)
+    if args.probe_interval:
+        planner = Planner.fixed(args.probe_interval, args.watch_period)
+    else:
+        planner = Planner(
+            phases=args.schedule,
+            deadline_window=args.deadline_window,
+            deadline_interval=args.deadline_interval,
+            watch_interval=args.watch_interval,
+            watch_period=args.watch_period,
+        )
+    return replace(
+        planner,
+        deadlines=deadlines,
+        order_deadline=args.order_deadline,
+        max_rate=args.max_probe_rate,
+    )
+
+
 def _serve(args: configargparse.Namespace) -> int:
+    planner = planner_from(args)
     config = CollectorConfig(
         db=args.db,
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         prefixes=args.prefixes,
-        probe_interval=args.probe_interval,
+        planner=planner,
+        replan_every=args.replan_every,
         policy=Policy(
             confirmations=args.confirmations,
             nxdomain_is_removal=args.nxdomain_is_removal,
+            forbidden_is_removal=args.forbidden_is_removal,
+            dynamic_after=args.dynamic_after,
             reach_window=args.reach_window,
         ),
         buckets=args.buckets or DEFAULT_BUCKETS,
-        deadlines=args.deadline or DEFAULT_DEADLINES,
+        deadlines=planner.deadlines,
     )
     asyncio.run(serve(config))
     return 0

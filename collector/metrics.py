@@ -21,6 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from collector.durations import duration_label as deadline_label
 from collector.store import reads
 from collector.verdict import UrlState
 
@@ -28,15 +29,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 6 * 3600, 12 * 3600, 86400,
     2 * 86400, 4 * 86400, 7 * 86400, 14 * 86400, 30 * 86400,
 )  # fmt: skip
-DEFAULT_DEADLINES: tuple[float, ...] = (86400.0,)
-
-
-def deadline_label(seconds: float) -> str:
-    """24h, 12h, 1h, 90m, 45s: the deadline as people write it."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0 and not (unit == "d" and seconds < 2 * 86400):
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
+DEFAULT_DEADLINES: tuple[float, ...] = (3600.0, 12 * 3600.0, 86400.0)
 
 
 def _le(bound: float) -> str:

@@ -18,36 +18,33 @@ Exceptions::
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import re
 import time
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from ipaddress import IPv6Address
 from pathlib import Path
 from typing import IO
 
-import idna
+from collector.durations import parse_duration
+from collector.urls import InvalidURL, normalize_url
 
-MAX_URL_LENGTH = 2048
 MAX_LINE_BYTES = 1 << 20
 MAX_KEPT_ERRORS = 1000
 FUTURE_TOLERANCE_SECONDS = 86400.0
 REQUIRED_FIELDS = ("url", "notified_at")
-OPTIONAL_FIELDS = ("received_at", "reference")
+OPTIONAL_FIELDS = (
+    "received_at",
+    "reference",
+    "sha256",
+    "order_issued_at",
+    "order_deadline",
+    "origin_ip",
+)
 
 _FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl"}
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-_SPLIT = re.compile(r"[A-Za-z]+://([^/?#]*)([^#]*)")
-_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
-_PORT = re.compile(r"[0-9]{1,5}")
-_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zs", "Zl", "Zp"})
-
-
-class InvalidURL(ValueError):
-    """A reported URL that cannot be probed as given."""
 
 
 class InvalidTime(ValueError):
@@ -66,6 +63,10 @@ class ReportIn:
     notified_at: float
     received_at: float | None
     reference: str | None
+    sha256: bytes | None = None
+    order_issued_at: float | None = None
+    order_deadline: float | None = None
+    origin_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,78 +90,6 @@ class FileCheck:
     def ok(self) -> bool:
         """True when every row is valid."""
         return self.error_count == 0
-
-
-def normalize_url(raw: str) -> str:
-    """Return the canonical form of an http(s) URL, or raise InvalidURL saying why it is unusable.
-
-    Scheme and host are lowercased, an internationalised host becomes IDNA ASCII (UTS 46, as
-    aiohttp/yarl does when probing), default ports and the fragment are dropped; userinfo, path and
-    query are kept exactly.
-    """
-    url = raw.strip()
-    if not url or len(url) > MAX_URL_LENGTH:
-        raise InvalidURL(f"url is empty or longer than {MAX_URL_LENGTH} characters")
-    for ch in url:
-        if ch.isspace() or unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
-            raise InvalidURL(f"url contains whitespace or control character {ch!r}")
-    scheme = url.partition(":")[0].lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise InvalidURL(f"url scheme {scheme!r} is not http or https")
-    match = _SPLIT.match(url)
-    if match is None:
-        raise InvalidURL("url has no host (expected http:// or https://)")
-    authority, path_query = match.group(1), match.group(2)
-    userinfo, at, hostport = authority.rpartition("@")
-    host, port = _split_host_port(hostport)
-    port_text = "" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}"
-    result = f"{scheme}://{userinfo + at if userinfo else ''}{host}{port_text}{path_query}"
-    if len(result) > MAX_URL_LENGTH:
-        raise InvalidURL(f"url is longer than {MAX_URL_LENGTH} characters once normalized")
-    return result
-
-
-def _split_host_port(hostport: str) -> tuple[str, int | None]:
-    """Split and validate `host[:port]`, returning the normalized host and the port if any."""
-    if hostport.startswith("["):
-        literal, bracket, port_part = hostport[1:].partition("]")
-        if not bracket or "%" in literal or (port_part and port_part[0] != ":"):
-            raise InvalidURL(f"url host {hostport!r} is not a bracketed IPv6 address")
-        try:
-            IPv6Address(literal)
-        except ValueError:
-            raise InvalidURL(f"url host [{literal}] is not an IPv6 address") from None
-        return f"[{literal.lower()}]", _parse_port(port_part[1:])
-    host, _, port_text = hostport.partition(":")
-    return _normalize_host(host), _parse_port(port_text)
-
-
-def _parse_port(text: str) -> int | None:
-    """An empty port means the default; otherwise 1..65535."""
-    if not text:
-        return None
-    if not _PORT.fullmatch(text) or not 0 < int(text) <= 65535:
-        raise InvalidURL(f"url port {text!r} is not a number between 1 and 65535")
-    return int(text)
-
-
-def _normalize_host(host: str) -> str:
-    """Lowercase an ASCII host, convert an internationalised one to IDNA, then check its labels."""
-    if not host:
-        raise InvalidURL("url has no host")
-    if host.isascii():
-        ascii_host = host.lower()
-    else:
-        try:
-            ascii_host = idna.encode(host, uts46=True).decode("ascii")
-        except (UnicodeError, ValueError) as exc:
-            raise InvalidURL(f"url host {host!r} is not a valid domain name: {exc}") from None
-    labels = ascii_host.split(".")
-    if labels[-1] == "" and len(labels) > 1:
-        labels.pop()
-    if len(ascii_host) > 254 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
-        raise InvalidURL(f"url host {host!r} is not a valid host name")
-    return ascii_host
 
 
 def parse_time(raw: str, field: str) -> float:
@@ -305,6 +234,31 @@ def _read_jsonl(lines: Iterable[str], checker: _RowChecker) -> Iterator[ReportIn
         yield checker.check(number, obj)
 
 
+def parse_extras(
+    sha256: str | None, order_deadline: str | None, origin_ip: str | None, problems: list[str]
+) -> tuple[bytes | None, float | None, str | None]:
+    """Check the optional reference hash, order deadline and origin IP; note problems."""
+    digest = None
+    if sha256 is not None:
+        if re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            digest = bytes.fromhex(sha256)
+        else:
+            problems.append("sha256 must be 64 hexadecimal characters")
+    deadline = None
+    if order_deadline is not None:
+        try:
+            deadline = parse_duration(order_deadline)
+        except ValueError as exc:
+            problems.append(f"order_deadline: {exc}")
+    origin = None
+    if origin_ip is not None:
+        try:
+            origin = str(ipaddress.ip_address(origin_ip))
+        except ValueError:
+            problems.append(f"origin_ip {origin_ip!r} is not an IP address")
+    return digest, deadline, origin
+
+
 class _RowChecker:
     """Validates one row's fields and remembers references to report duplicates."""
 
@@ -326,13 +280,25 @@ class _RowChecker:
                 problems.append(str(exc))
         notified_at = self._time(notified, "notified_at", problems)
         received_at = self._time(received, "received_at", problems)
+        order_issued_at = self._time(self._text(fields, "order_issued_at", problems),
+                                     "order_issued_at", problems)  # fmt: skip
+        extras = parse_extras(
+            self._text(fields, "sha256", problems),
+            self._text(fields, "order_deadline", problems),
+            self._text(fields, "origin_ip", problems),
+            problems,
+        )
         if reference is not None:
             first = self._references.setdefault(reference, line)
             if first != line:
                 problems.append(f"duplicate reference {reference!r} (first on line {first})")
         if problems or normalized is None or notified_at is None:
             return RowError(line, "; ".join(problems))
-        return ReportIn(normalized, notified_at, received_at, reference)
+        return ReportIn(
+            normalized, notified_at, received_at, reference,
+            sha256=extras[0], order_issued_at=order_issued_at,
+            order_deadline=extras[1], origin_ip=extras[2],
+        )  # fmt: skip
 
     @staticmethod
     def _text(fields: Mapping[str, object], name: str, problems: list[str]) -> str | None:

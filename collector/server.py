@@ -17,8 +17,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from collector.attribution import PrefixTable
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
+from collector.schedule import Planner
 from collector.service import AgentHub, AgentLinkService, IntakeService
-from collector.store import Store, Writer
+from collector.store import Store, StoreError, Writer
 from collector.verdict import Policy
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
@@ -33,7 +34,8 @@ class CollectorConfig:
     listen: str = "127.0.0.1:7443"
     metrics_listen: str = "127.0.0.1:9464"
     prefixes: Path | None = None
-    probe_interval: float = 300.0
+    planner: Planner = field(default_factory=Planner)
+    replan_every: float = 60.0
     policy: Policy = field(default_factory=Policy)
     buckets: Sequence[float] = DEFAULT_BUCKETS
     deadlines: Sequence[float] = DEFAULT_DEADLINES
@@ -60,10 +62,10 @@ class Collector:
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._planning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.writer.start()
-        interval = lambda: self.config.probe_interval  # noqa: E731
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -75,10 +77,10 @@ class Collector:
             ]
         )
         pb_grpc.add_AgentLinkServicer_to_server(
-            AgentLinkService(self.writer, self.hub, self.config.db, interval, self.clock), server
+            AgentLinkService(self.writer, self.hub, self.config.db, self.clock), server
         )
         pb_grpc.add_IntakeServicer_to_server(
-            IntakeService(self.writer, self.hub, interval, self.clock), server
+            IntakeService(self.writer, self.hub, self.config.planner, self.clock), server
         )
         self.grpc_port = server.add_insecure_port(self.config.listen)
         if self.grpc_port == 0:
@@ -95,6 +97,8 @@ class Collector:
             )
         )
         await self._start_http()
+        await self.replan()
+        self._planning = asyncio.create_task(self._replan_forever(), name="replan")
         log.info(
             "collector_started grpc_port=%d metrics_port=%d db=%s",
             self.grpc_port,
@@ -122,8 +126,27 @@ class Collector:
         assert server is not None and isinstance(server, asyncio.Server)
         self.metrics_port = server.sockets[0].getsockname()[1]
 
+    async def replan(self) -> None:
+        """Recompute probe intervals from stored state and push the changes to the agents."""
+        now = self.clock()
+        changed, retired = await self.writer.run(lambda s: s.plan(now, self.config.planner))
+        self.hub.publish(changed, retired)
+        if changed or retired:
+            log.info("assignment_replanned changed=%d retired=%d", len(changed), len(retired))
+
+    async def _replan_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.replan_every)
+            try:
+                await self.replan()
+            except StoreError as exc:
+                log.error("replan_failed error=%s", exc)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work, let in-flight batches commit and ack, then close the database."""
+        if self._planning is not None:
+            self._planning.cancel()
+            self._planning = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

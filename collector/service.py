@@ -18,9 +18,11 @@ from pathlib import Path
 
 import grpc
 
-from collector.reports_file import InvalidURL, ReportIn, normalize_url
+from collector.reports_file import ReportIn
+from collector.schedule import Planner
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
 from collector.store.reads import active_targets, connect_readonly
+from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
@@ -99,11 +101,14 @@ class AgentHub:
         """agent id → (name, network) of every live stream."""
         return {s.agent_id: (s.name, s.network) for s in self._sessions.values()}
 
-    def publish(self, targets: Iterable[Target]) -> None:
+    def publish(self, targets: Iterable[Target], retired: Iterable[int] = ()) -> None:
+        """Push new or changed targets, and URLs no longer to be probed, to every agent."""
         upsert = [_target(t) for t in targets]
-        if not upsert:
+        remove = list(retired)
+        if not upsert and not remove:
             return
-        message = pb.CollectorMessage(assignment=pb.AssignmentUpdate(upsert=upsert))
+        update = pb.AssignmentUpdate(upsert=upsert, remove=remove)
+        message = pb.CollectorMessage(assignment=update)
         for session in self._sessions.values():
             session.push(message)
 
@@ -145,6 +150,7 @@ def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
         peer_ip=r.peer_ip,
         error=_ERROR_NAMES[r.error],
         redirects=r.redirects,
+        challenge=r.challenge,
     )
 
 
@@ -156,13 +162,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         writer: Writer,
         hub: AgentHub,
         db_path: Path,
-        interval: Callable[[], float],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.writer = writer
         self.hub = hub
         self.db_path = db_path
-        self.interval = interval
         self.clock = clock
 
     async def Connect(
@@ -228,12 +232,10 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             await self._ingest(session, message.batch)
 
     async def _send_assignment(self, session: AgentSession) -> None:
-        interval = self.interval()
-
         def read() -> list[Target]:
             conn = connect_readonly(self.db_path)
             try:
-                return list(active_targets(conn, interval))
+                return list(active_targets(conn))
             finally:
                 conn.close()
 
@@ -286,12 +288,12 @@ class IntakeService(pb_grpc.IntakeServicer):
         self,
         writer: Writer,
         hub: AgentHub,
-        interval: Callable[[], float],
+        planner: Planner,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.writer = writer
         self.hub = hub
-        self.interval = interval
+        self.planner = planner
         self.clock = clock
 
     async def Submit(
@@ -315,13 +317,12 @@ class IntakeService(pb_grpc.IntakeServicer):
                 outcomes.append(None)
                 valid.append(checked)
         try:
-            stored = await self.writer.run(lambda s: s.submit_reports(valid, now))
+            stored = await self.writer.run(lambda s: s.submit_reports(valid, now, self.planner))
         except StoreError as exc:
             log.error("reports_not_stored error=%s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"reports not stored: {exc}")
-        interval = self.interval()
         self.hub.publish(
-            Target(o.url_id, r.url, interval)
+            Target(o.url_id, r.url, o.interval)
             for o, r in zip(stored, valid, strict=True)
             if o.new_url
         )
@@ -354,8 +355,26 @@ def check_report(report: pb.Report, now: float) -> ReportIn | str:
     received = us_to_s(report.received_at_unix_us) if report.received_at_unix_us else None
     if received is not None and not EARLIEST <= received <= now + 86_400:
         return "received_at is outside the plausible range (2000-01-01 to tomorrow)"
+    order = us_to_s(report.order_issued_at_unix_us) if report.order_issued_at_unix_us else None
+    if order is not None and not EARLIEST <= order <= now + 86_400:
+        return "order_issued_at is outside the plausible range (2000-01-01 to tomorrow)"
+    if len(report.sha256) not in (0, 32):
+        return f"sha256 has {len(report.sha256)} bytes, expected 32"
+    origin = None
+    if report.origin_ip:
+        try:
+            origin = str(ipaddress.ip_address(report.origin_ip))
+        except ValueError:
+            return f"origin_ip {report.origin_ip[:64]!r} is not an IP address"
     if len(report.reference) > 200 or not report.reference.isprintable():
         return "reference must be at most 200 printable characters"
     return ReportIn(
-        url=url, notified_at=notified, received_at=received, reference=report.reference or None
+        url=url,
+        notified_at=notified,
+        received_at=received,
+        reference=report.reference or None,
+        sha256=report.sha256 or None,
+        order_issued_at=order,
+        order_deadline=float(report.order_deadline_seconds) or None,
+        origin_ip=origin,
     )

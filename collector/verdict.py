@@ -2,10 +2,13 @@
 
 Theory of operation
 -------------------
-Every probe is first *classified* on its own (`classify`): present, removed,
-inconclusive or dns_nxdomain. Inconclusive results (timeouts, 5xx, 429, TLS
-and network errors, refused by the agent's address policy) carry no evidence
-and are ignored: they neither extend nor break a run of removed results.
+Every probe is first *classified* (`classify`): present, removed,
+inconclusive or dns_nxdomain. A 2xx body is judged against the URL's content
+memory (content.py: baseline hash, replaced and dynamic pages). Inconclusive
+results (timeouts, 5xx, 429, bot challenges, TLS and network errors, refused
+by the agent's address policy, a changed body not yet understood) carry no
+evidence and are ignored: they neither extend nor break a run of removed
+results.
 
 Per URL, a `UrlVerdict` keeps one `AgentTrack` per vantage point: its last
 conclusive class, the length of its current run of removed results and when
@@ -41,6 +44,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from collector.content import ContentMemory, Verdict
+
 REMOVED_ERRORS = frozenset({"connect_refused"})
 NXDOMAIN_ERROR = "dns_nxdomain"
 
@@ -72,12 +77,16 @@ class Policy:
 
     confirmations: int = 2
     removed_statuses: frozenset[int] = frozenset({404, 410, 451})
+    forbidden_is_removal: bool = False
     nxdomain_is_removal: bool = True
     reach_window: float = 6 * 3600.0
+    dynamic_after: int = 3
 
     def __post_init__(self) -> None:
         if self.confirmations < 1:
             raise ValueError(f"confirmations must be at least 1, got {self.confirmations}")
+        if self.dynamic_after < 2:
+            raise ValueError(f"dynamic_after must be at least 2, got {self.dynamic_after}")
         if self.reach_window <= 0:
             raise ValueError(f"reach_window must be positive, got {self.reach_window}")
 
@@ -91,25 +100,43 @@ class Observation:
     status: int
     error: str
     sha256: bytes
+    final_url: str = ""
+    challenge: bool = False
 
 
-def classify(obs: Observation, baseline: bytes | None, policy: Policy) -> ProbeClass:
-    """Classify one probe against the URL's baseline hash (None: not yet known)."""
+_CONTENT_CLASS = {
+    Verdict.PRESENT: ProbeClass.PRESENT,
+    Verdict.REMOVED: ProbeClass.REMOVED,
+    Verdict.UNDECIDED: ProbeClass.INCONCLUSIVE,
+}
+
+
+def classify(
+    obs: Observation, memory: ContentMemory | None, policy: Policy
+) -> tuple[ProbeClass, float]:
+    """Classify one probe; return its class and the time its evidence dates from.
+
+    A 2xx body is judged by (and recorded in) `memory`; without one, any 2xx
+    body counts as present.
+    """
+    if obs.challenge:
+        return ProbeClass.INCONCLUSIVE, obs.at
     if obs.error and obs.error != "none":
         if obs.error == NXDOMAIN_ERROR:
-            return ProbeClass.NXDOMAIN
+            return ProbeClass.NXDOMAIN, obs.at
         if obs.error in REMOVED_ERRORS:
-            return ProbeClass.REMOVED
-        return ProbeClass.INCONCLUSIVE
-    if obs.status in policy.removed_statuses:
-        return ProbeClass.REMOVED
+            return ProbeClass.REMOVED, obs.at
+        return ProbeClass.INCONCLUSIVE, obs.at
+    if obs.status in policy.removed_statuses or (obs.status == 403 and policy.forbidden_is_removal):
+        return ProbeClass.REMOVED, obs.at
     if 200 <= obs.status < 300:
         if not obs.sha256:
-            return ProbeClass.INCONCLUSIVE
-        if baseline is None or obs.sha256 == baseline:
-            return ProbeClass.PRESENT
-        return ProbeClass.REMOVED
-    return ProbeClass.INCONCLUSIVE
+            return ProbeClass.INCONCLUSIVE, obs.at
+        if memory is None:
+            return ProbeClass.PRESENT, obs.at
+        verdict, since = memory.judge(obs.sha256, obs.final_url, obs.at, policy.dynamic_after)
+        return _CONTENT_CLASS[verdict], since
+    return ProbeClass.INCONCLUSIVE, obs.at
 
 
 @dataclass
@@ -121,6 +148,7 @@ class AgentTrack:
     removed_run: int = 0
     run_started_at: float | None = None
     last_present_at: float | None = None
+    removed_by_nxdomain: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +163,7 @@ class Removal:
     first_removed_at: float
     confirmed_at: float
     latency: float
+    nxdomain: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +191,8 @@ class UrlVerdict:
     notified_at: float
     state: UrlState = UrlState.PENDING
     episode_opened_at: float | None = None
-    baseline: bytes | None = None
+    content: ContentMemory = field(default_factory=ContentMemory)
+    last_class: ProbeClass | None = None
     episode: int = 1
     last_present_at: float | None = None
     first_removed_at: float | None = None
@@ -170,28 +200,34 @@ class UrlVerdict:
     first_removal: Removal | None = None
     reappearances: int = 0
     agents: dict[int, AgentTrack] = field(default_factory=dict)
+    _nxdomain: bool = field(default=False, repr=False)
 
     @property
     def opened_at(self) -> float:
         """When the current episode's clock started: the notice, or the reappearance."""
         return self.notified_at if self.episode_opened_at is None else self.episode_opened_at
 
+    @property
+    def baseline(self) -> bytes | None:
+        return self.content.baseline
+
     def observe(self, obs: Observation, policy: Policy) -> list[Event]:
-        """Fold one observation in; return what changed."""
-        cls = classify(obs, self.baseline, policy)
-        if cls is ProbeClass.NXDOMAIN:
+        """Fold one observation in; return what changed. `last_class` is its class."""
+        cls, since = classify(obs, self.content, policy)
+        self.last_class = cls
+        nxdomain = cls is ProbeClass.NXDOMAIN
+        if nxdomain:
             cls = ProbeClass.REMOVED if policy.nxdomain_is_removal else ProbeClass.INCONCLUSIVE
         if cls is ProbeClass.INCONCLUSIVE:
             return []
-        if cls is ProbeClass.PRESENT and self.baseline is None:
-            self.baseline = obs.sha256
         track = self.agents.setdefault(obs.agent_id, AgentTrack())
         track.last_class = cls
         track.last_conclusive_at = max(obs.at, track.last_conclusive_at or obs.at)
         if cls is ProbeClass.PRESENT:
             self._saw_present(track, obs.at)
         else:
-            self._saw_removed(track, obs.at)
+            track.removed_by_nxdomain = nxdomain
+            self._saw_removed(track, obs.at, min(since, obs.at))
         return self._decide(obs.at, policy)
 
     def _saw_present(self, track: AgentTrack, at: float) -> None:
@@ -203,10 +239,13 @@ class UrlVerdict:
         if self.first_removed_at is not None and self.first_removed_at <= at:
             self.first_removed_at = None
 
-    def _saw_removed(self, track: AgentTrack, at: float) -> None:
+    def _saw_removed(self, track: AgentTrack, at: float, since: float) -> None:
+        """A removed observation at `at` whose evidence dates from `since` (<= at)."""
         track.removed_run += 1
         if track.run_started_at is None:
             track.run_started_at = at
+        if self.last_present_at is None or since > self.last_present_at:
+            at = since
         after_present = self.last_present_at is None or at > self.last_present_at
         if after_present and (self.first_removed_at is None or at < self.first_removed_at):
             self.first_removed_at = at
@@ -221,6 +260,7 @@ class UrlVerdict:
 
     def _decide(self, now: float, policy: Policy) -> list[Event]:
         reaching = list(self._reaching(now, policy))
+        self._nxdomain = any(t.removed_by_nxdomain for t in reaching)
         present = any(t.last_class is ProbeClass.PRESENT for t in reaching)
         confirmed = [t.removed_run >= policy.confirmations for t in reaching]
         if present:
@@ -252,6 +292,7 @@ class UrlVerdict:
             first_removed_at=first_removed,
             confirmed_at=now,
             latency=max(0.0, first_removed - self.opened_at),
+            nxdomain=self._nxdomain,
         )
         self.removal = removal
         if self.first_removal is None:

@@ -7,6 +7,7 @@ import ipaddress
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
+from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.verdict import Policy
 from demo.hoster import Hoster
@@ -74,7 +76,7 @@ async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
         prefixes=prefixes,
-        probe_interval=1.0,
+        planner=replace(Planner.fixed(1.0), deadlines=(3600.0, 86400.0)),
         policy=Policy(confirmations=2),
         deadlines=(3600.0, 86400.0),
     )

@@ -291,7 +291,9 @@ class TestServeOptions:
     def test_defaults_without_env_or_toml(self) -> None:
         """With nothing given, the documented defaults apply."""
         args = serve_parser().parse_args([])
-        assert args.probe_interval == 300.0
+        assert args.probe_interval is None
+        assert [str(p) for p in args.schedule] == ["5m<2h", "15m<48h", "1h"]
+        assert args.watch_period == 30 * 86400
         assert args.listen == "127.0.0.1:7443"
         assert args.nxdomain_is_removal is True
 

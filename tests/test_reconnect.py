@@ -15,6 +15,7 @@ import pytest
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from collector.importer import import_file
+from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.store.reads import connect_readonly, results_count
 from demo.hoster import Hoster
@@ -48,7 +49,7 @@ async def test_agent_reconnects_and_state_survives_restart(
         listen=f"127.0.0.1:{free_port()}",
         metrics_listen="127.0.0.1:0",
         prefixes=prefixes,
-        probe_interval=1.0,
+        planner=Planner.fixed(1.0),
     )
     first = Collector(config)
     await first.start()

@@ -19,15 +19,14 @@ from hypothesis import strategies as st
 from collector.reports_file import (
     MAX_KEPT_ERRORS,
     InvalidTime,
-    InvalidURL,
     ReportFileError,
     ReportIn,
     RowError,
-    normalize_url,
     parse_time,
     read_reports,
     validate_file,
 )
+from collector.urls import InvalidURL, normalize_url
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 T0 = "2026-11-28T10:00:00+01:00"

@@ -11,12 +11,14 @@ import pytest
 
 from collector.attribution import PrefixTable
 from collector.reports_file import ReportIn
+from collector.schedule import Planner
 from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from collector.verdict import Policy
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()
+PLANNER = Planner()
 
 
 def report(url: str, reference: str | None = None) -> ReportIn:
@@ -56,7 +58,7 @@ class TestStore:
         """State folded before a restart continues after it: one more removed result confirms."""
         db = tmp_path / "c.db"
         store = open_store(db, table)
-        url_id = store.submit_reports([report("http://x.example/a", "R")], NOW)[0].url_id
+        url_id = store.submit_reports([report("http://x.example/a", "R")], NOW, PLANNER)[0].url_id
         agent = store.register_agent("a1", "net", "t", NOW)
         store.ingest(agent, [res(url_id, 1), res(url_id, 2, 404)], NOW)
         store.close()
@@ -76,7 +78,7 @@ class TestStore:
         """A batch redelivered after a collector restart is recognised as duplicate."""
         db = tmp_path / "c.db"
         store = open_store(db, table)
-        url_id = store.submit_reports([report("http://x.example/a")], NOW)[0].url_id
+        url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
         agent = store.register_agent("a1", "net", "t", NOW)
         first = store.ingest(agent, [res(url_id, s) for s in range(10)], NOW)
         store.close()
@@ -94,7 +96,7 @@ class TestStore:
         """A second report of the same URL is a new report on the same monitored URL."""
         store = open_store(tmp_path / "c.db", table)
         a, b = store.submit_reports(
-            [report("http://x.example/a", "R1"), report("http://x.example/a", "R2")], NOW
+            [report("http://x.example/a", "R1"), report("http://x.example/a", "R2")], NOW, PLANNER
         )
         store.close()
         assert a.status is b.status is Submitted.ACCEPTED
@@ -107,7 +109,7 @@ class TestStore:
         """When the database cannot grow, the batch fails as StorageFull and earlier data stays."""
         db = tmp_path / "c.db"
         store = open_store(db, table)
-        url_id = store.submit_reports([report("http://x.example/a")], NOW)[0].url_id
+        url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
         agent = store.register_agent("a1", "net", "t", NOW)
         store.ingest(agent, [res(url_id, 1)], NOW)
         pages = store.conn.execute("PRAGMA page_count").fetchone()[0]

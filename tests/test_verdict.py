@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collector.content import ContentMemory
 from collector.verdict import (
     Observation,
     Policy,
@@ -18,6 +19,12 @@ from collector.verdict import (
     UrlVerdict,
     classify,
 )
+
+
+def cls_of(obs: Observation, baseline: bytes | None) -> ProbeClass:
+    memory = ContentMemory.with_reference(baseline) if baseline else None
+    return classify(obs, memory, POLICY)[0]
+
 
 CONTENT = hashlib.sha256(b"reported content").digest()
 OTHER = hashlib.sha256(b"a parked page").digest()
@@ -47,40 +54,54 @@ class TestClassify:
     @pytest.mark.parametrize("status", [404, 410, 451])
     def test_gone_statuses_are_removed(self, status: int) -> None:
         """404, 410 and 451 say the content was removed."""
-        assert classify(gone(1, 0, status), CONTENT, POLICY) is ProbeClass.REMOVED
+        assert cls_of(gone(1, 0, status), CONTENT) is ProbeClass.REMOVED
 
     @pytest.mark.parametrize("status", [500, 502, 503, 429, 403, 401, 301, 0])
     def test_errors_and_throttling_are_inconclusive(self, status: int) -> None:
         """Server errors, throttling and unexpected statuses say nothing about removal."""
-        assert classify(gone(1, 0, status), CONTENT, POLICY) is ProbeClass.INCONCLUSIVE
+        assert cls_of(gone(1, 0, status), CONTENT) is ProbeClass.INCONCLUSIVE
 
     def test_same_hash_is_present(self) -> None:
         """A 2xx with the baseline hash is the reported content."""
-        assert classify(present(1, 0), CONTENT, POLICY) is ProbeClass.PRESENT
+        assert cls_of(present(1, 0), CONTENT) is ProbeClass.PRESENT
 
     def test_first_2xx_is_present_without_baseline(self) -> None:
         """With no baseline yet, a 2xx body is taken as the reported content."""
-        assert classify(present(1, 0), None, POLICY) is ProbeClass.PRESENT
+        assert cls_of(present(1, 0), None) is ProbeClass.PRESENT
 
-    def test_replaced_content_is_removed(self) -> None:
-        """A 2xx whose hash differs from the baseline is a replaced or parked page."""
-        obs = Observation(1, 0, 200, "none", OTHER)
-        assert classify(obs, CONTENT, POLICY) is ProbeClass.REMOVED
+    def test_replaced_content_is_removed_once_stable(self) -> None:
+        """A different body is undecided the first time and removed when it repeats."""
+        memory = ContentMemory.with_reference(CONTENT)
+        first = classify(Observation(1, 5, 200, "none", OTHER), memory, POLICY)
+        again = classify(Observation(1, 9, 200, "none", OTHER), memory, POLICY)
+        assert first == (ProbeClass.INCONCLUSIVE, 5)
+        assert again == (ProbeClass.REMOVED, 5)
+
+    def test_challenge_is_inconclusive(self) -> None:
+        """A bot challenge says nothing about the content, whatever its status."""
+        obs = Observation(1, 0, 200, "none", CONTENT, challenge=True)
+        assert cls_of(obs, CONTENT) is ProbeClass.INCONCLUSIVE
+
+    def test_forbidden_is_configurable(self) -> None:
+        """403 is inconclusive by default and removal when the policy says so."""
+        strict = Policy(forbidden_is_removal=True)
+        assert cls_of(gone(1, 0, 403), CONTENT) is ProbeClass.INCONCLUSIVE
+        assert classify(gone(1, 0, 403), None, strict)[0] is ProbeClass.REMOVED
 
     def test_connection_refused_is_removed(self) -> None:
         """A refused connection means nothing serves the content any more."""
-        assert classify(failed(1, 0, "connect_refused"), CONTENT, POLICY) is ProbeClass.REMOVED
+        assert cls_of(failed(1, 0, "connect_refused"), CONTENT) is ProbeClass.REMOVED
 
     @pytest.mark.parametrize(
         "error", ["read_timeout", "connect_timeout", "tls_error", "dns_error", "connection_reset"]
     )
     def test_network_errors_are_inconclusive(self, error: str) -> None:
         """Timeouts, TLS and transient network errors never count as removal."""
-        assert classify(failed(1, 0, error), CONTENT, POLICY) is ProbeClass.INCONCLUSIVE
+        assert cls_of(failed(1, 0, error), CONTENT) is ProbeClass.INCONCLUSIVE
 
     def test_nxdomain_is_its_own_class(self) -> None:
         """NXDOMAIN is kept apart: the content may still be on the server."""
-        assert classify(failed(1, 0, "dns_nxdomain"), CONTENT, POLICY) is ProbeClass.NXDOMAIN
+        assert cls_of(failed(1, 0, "dns_nxdomain"), CONTENT) is ProbeClass.NXDOMAIN
 
 
 class TestUrlVerdict:
@@ -139,13 +160,13 @@ class TestUrlVerdict:
         assert v.removal.latency == 10
         assert v.first_removal is not None and v.first_removal.latency == 10
 
-    def test_replaced_page_is_removal(self) -> None:
-        """A page whose hash changes from the baseline is measured as removed."""
+    def test_replaced_page_is_removal_dated_to_first_sight(self) -> None:
+        """A stable replacement page confirms removal, dated when it was first seen."""
         v = UrlVerdict(notified_at=0)
-        parked = Observation(1, 5, 200, "none", OTHER)
-        feed(v, present(1, 1), parked, Observation(1, 6, 200, "none", OTHER))
+        feed(v, present(1, 1), *(Observation(1, t, 200, "none", OTHER) for t in (5, 6, 7)))
         assert v.state is UrlState.REMOVED
         assert v.baseline == CONTENT
+        assert v.first_removal is not None and v.first_removal.first_removed_at == 5
 
     def test_nxdomain_policy_switch(self) -> None:
         """NXDOMAIN counts as removal by default and can be turned off."""
@@ -166,7 +187,7 @@ class TestUrlVerdict:
 # Property tests: random per-agent sequences with a known truth.
 
 AGENTS = st.integers(min_value=1, max_value=3)
-KIND = st.sampled_from(["present", "gone", "503", "timeout", "refused", "nx"])
+KIND = st.sampled_from(["present", "gone", "503", "timeout", "refused", "nx", "replaced"])
 
 
 def make(kind: str, agent: int, at: float) -> Observation:
@@ -177,10 +198,24 @@ def make(kind: str, agent: int, at: float) -> Observation:
         "timeout": failed(agent, at),
         "refused": failed(agent, at, "connect_refused"),
         "nx": failed(agent, at, "dns_nxdomain"),
+        "replaced": Observation(agent, at, 200, "none", OTHER),
     }[kind]
 
 
 sequences = st.lists(st.tuples(AGENTS, KIND), min_size=1, max_size=60)
+SIMPLE_KIND = st.sampled_from(["present", "gone", "503", "timeout", "refused", "nx"])
+
+
+def relative(seq: list[tuple[int, str]]) -> list[str]:
+    """Each step as the verdict must see it: the first 2xx body is the baseline."""
+    baseline = next((k for _, k in seq if k in ("present", "replaced")), None)
+    out = []
+    for _, kind in seq:
+        if kind in ("present", "replaced"):
+            out.append("present" if kind == baseline else "changed")
+        else:
+            out.append(kind)
+    return out
 
 
 class TestVerdictProperties:
@@ -193,6 +228,8 @@ class TestVerdictProperties:
             before = (v.state, v.first_removal, v.episode)
             v.observe(make(kind, agent, float(i)), POLICY)
             if kind in ("503", "timeout"):
+                assert (v.state, v.first_removal, v.episode) == before
+            if v.last_class is ProbeClass.INCONCLUSIVE:
                 assert (v.state, v.first_removal, v.episode) == before
 
     @given(sequences)
@@ -214,7 +251,7 @@ class TestVerdictProperties:
         v = UrlVerdict(notified_at=0)
         removed_times: list[float] = []
         present_times: list[float] = []
-        for i, (agent, kind) in enumerate(seq):
+        for i, ((agent, kind), seen) in enumerate(zip(seq, relative(seq), strict=True)):
             at = float(i)
             for event in v.observe(make(kind, agent, at), POLICY):
                 if isinstance(event, Removal):
@@ -224,9 +261,9 @@ class TestVerdictProperties:
                         assert event.last_present_at == max(earlier_present)
                         assert event.last_present_at < event.first_removed_at
                     assert event.first_removed_at <= event.confirmed_at
-            if kind == "present":
+            if seen == "present":
                 present_times.append(at)
-            elif kind in ("gone", "refused", "nx"):
+            elif seen in ("gone", "refused", "nx", "changed"):
                 removed_times.append(at)
 
     @given(sequences)
@@ -234,17 +271,17 @@ class TestVerdictProperties:
     def test_every_reappearance_opens_a_new_episode(self, seq: list[tuple[int, str]]) -> None:
         """Present after removed always increments the episode, and only then."""
         v = UrlVerdict(notified_at=0)
-        for i, (agent, kind) in enumerate(seq):
+        for i, ((agent, kind), seen) in enumerate(zip(seq, relative(seq), strict=True)):
             was_removed = v.state is UrlState.REMOVED
             episode = v.episode
             events = v.observe(make(kind, agent, float(i)), POLICY)
-            if was_removed and kind == "present":
+            if was_removed and seen == "present":
                 assert v.episode == episode + 1
                 assert any(isinstance(e, Reappearance) for e in events)
             else:
                 assert v.episode == episode
 
-    @given(st.lists(KIND, min_size=1, max_size=40))
+    @given(st.lists(SIMPLE_KIND, min_size=1, max_size=40))
     def test_single_agent_confirms_after_k_consecutive(self, kinds: list[str]) -> None:
         """With one agent, removal happens once k removed results follow the last present."""
         v = UrlVerdict(notified_at=0)

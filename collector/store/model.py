@@ -34,6 +34,7 @@ class ResultIn:
     peer_ip: str
     error: str
     redirects: int
+    challenge: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class SubmitOutcome:
     report_id: int
     url_id: int
     new_url: bool
+    interval: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,11 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def active_targets(conn: sqlite3.Connection, interval: float) -> Iterator[Target]:
-    """Every URL agents should probe, in id order."""
-    for url_id, url in conn.execute("SELECT id, url FROM urls WHERE active = 1 ORDER BY id"):
+def active_targets(conn: sqlite3.Connection) -> Iterator[Target]:
+    """Every URL agents should probe, with its current interval, in id order."""
+    for url_id, url, interval in conn.execute(
+        "SELECT id, url, interval FROM urls WHERE active = 1 ORDER BY id"
+    ):
         yield Target(url_id, url, interval)
 
 

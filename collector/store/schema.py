@@ -39,7 +39,8 @@ def m001_initial(db: Any) -> None:
             id INTEGER PRIMARY KEY,
             url TEXT NOT NULL UNIQUE,
             created_at REAL NOT NULL,
-            active INTEGER NOT NULL DEFAULT 1
+            active INTEGER NOT NULL DEFAULT 1,
+            interval REAL
         );
         CREATE TABLE reports (
             id INTEGER PRIMARY KEY,
@@ -47,26 +48,35 @@ def m001_initial(db: Any) -> None:
             reference TEXT UNIQUE,
             notified_at REAL NOT NULL,
             received_at REAL,
-            submitted_at REAL NOT NULL
+            submitted_at REAL NOT NULL,
+            sha256 BLOB,
+            order_issued_at REAL,
+            order_deadline REAL,
+            origin_ip TEXT
         );
         CREATE INDEX reports_url ON reports(url_id, notified_at);
         CREATE TABLE url_state (
             url_id INTEGER PRIMARY KEY REFERENCES urls(id),
             state TEXT NOT NULL,
             notified_at REAL NOT NULL,
+            order_issued_at REAL,
+            order_deadline REAL,
+            origin_ip TEXT,
             baseline BLOB,
             provider TEXT NOT NULL DEFAULT 'unattributed',
             asn INTEGER,
+            cdn INTEGER NOT NULL DEFAULT 0,
+            dynamic INTEGER NOT NULL DEFAULT 0,
             episode INTEGER NOT NULL DEFAULT 1,
-            episode_opened_at REAL,
             last_present_at REAL,
-            first_removed_at REAL,
             removal_last_present_at REAL,
             removal_first_removed_at REAL,
             removal_confirmed_at REAL,
             removal_latency REAL,
+            removal_nxdomain INTEGER NOT NULL DEFAULT 0,
+            removed_at REAL,
             reappearances INTEGER NOT NULL DEFAULT 0,
-            agents TEXT NOT NULL DEFAULT '{}',
+            memory TEXT NOT NULL DEFAULT '{}',
             updated_at REAL NOT NULL
         );
         CREATE INDEX url_state_provider ON url_state(provider, state);
@@ -78,9 +88,17 @@ def m001_initial(db: Any) -> None:
             first_removed_at REAL,
             confirmed_at REAL,
             latency REAL,
+            nxdomain INTEGER NOT NULL DEFAULT 0,
             provider TEXT,
             PRIMARY KEY (url_id, episode)
         ) WITHOUT ROWID;
+        CREATE TABLE url_events (
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX url_events_url ON url_events(url_id, at);
         CREATE TABLE results (
             agent_id INTEGER NOT NULL REFERENCES agents(id),
             seq INTEGER NOT NULL,
@@ -95,6 +113,7 @@ def m001_initial(db: Any) -> None:
             peer_ip TEXT NOT NULL,
             error TEXT NOT NULL,
             redirects INTEGER NOT NULL,
+            challenge INTEGER NOT NULL DEFAULT 0,
             class TEXT NOT NULL,
             provider TEXT NOT NULL,
             asn INTEGER,

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
-from collector.attribution import PrefixTable
+from collector.attribution import UNATTRIBUTED, Attribution
+from collector.content import ContentMemory
 from collector.reports_file import ReportIn
+from collector.schedule import Planner
+from collector.store.codec import dump_memory, load_memory
 from collector.store.model import (
     CorruptDatabase,
     Ingested,
@@ -26,18 +30,19 @@ from collector.store.model import (
     StoreError,
     SubmitOutcome,
     Submitted,
+    Target,
 )
 from collector.store.schema import migrations
 from collector.verdict import (
-    AgentTrack,
+    Event,
     Observation,
     Policy,
     ProbeClass,
     Reappearance,
     Removal,
+    StateChange,
     UrlState,
     UrlVerdict,
-    classify,
 )
 
 _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
@@ -71,45 +76,59 @@ def open_database(path: Path) -> sqlite_utils.Database:
         raise translate(exc, path) from exc
 
 
-def _dump_agents(tracks: dict[int, AgentTrack]) -> str:
-    return json.dumps(
-        {
-            str(agent): [
-                t.last_class.value if t.last_class else None,
-                t.last_conclusive_at,
-                t.removed_run,
-                t.run_started_at,
-                t.last_present_at,
-            ]
-            for agent, t in tracks.items()
-        },
-        separators=(",", ":"),
+class Attributor(Protocol):
+    def lookup(self, ip: str) -> Attribution: ...
+
+
+@dataclass
+class UrlEntry:
+    """A URL's verdict and what the store keeps beside it."""
+
+    verdict: UrlVerdict
+    provider: str
+    asn: int | None
+    cdn: bool
+    origin_ip: str | None
+    removed_at: float | None
+
+
+_STATE_COLUMNS = (
+    "url_id, state, notified_at, baseline, episode, last_present_at, removal_last_present_at,"
+    " removal_first_removed_at, removal_confirmed_at, removal_latency, removal_nxdomain,"
+    " reappearances, memory, provider, asn, cdn, origin_ip, removed_at, dynamic"
+)
+
+
+def _entry(row: Sequence[Any]) -> tuple[int, UrlEntry]:
+    (url_id, state, notified_at, baseline, episode, last_present, r_present, r_removed,
+     r_confirmed, r_latency, r_nx, reappearances, memory, provider, asn, cdn, origin_ip,
+     removed_at, dynamic) = row  # fmt: skip
+    first = None
+    if r_removed is not None:
+        first = Removal(1, r_present, r_removed, r_confirmed, r_latency, bool(r_nx))
+    v = UrlVerdict(
+        notified_at=notified_at,
+        state=UrlState(state),
+        episode=episode,
+        last_present_at=last_present,
+        first_removal=first,
+        removal=first if state == UrlState.REMOVED and episode == 1 else None,
+        reappearances=reappearances,
     )
-
-
-def _load_agents(text: str) -> dict[int, AgentTrack]:
-    return {
-        int(agent): AgentTrack(
-            last_class=ProbeClass(cls) if cls else None,
-            last_conclusive_at=at,
-            removed_run=run,
-            run_started_at=started,
-            last_present_at=present,
-        )
-        for agent, (cls, at, run, started, present) in json.loads(text).items()
-    }
+    load_memory(v, memory, baseline, bool(dynamic))
+    return url_id, UrlEntry(v, provider, asn, bool(cdn), origin_ip, removed_at)
 
 
 class Store:
     """Writes reports, agents and results, and keeps each URL's verdict up to date."""
 
-    def __init__(self, path: Path, attribution: PrefixTable, policy: Policy) -> None:
+    def __init__(self, path: Path, attribution: Attributor, policy: Policy) -> None:
         self.path = path
         self.db = open_database(path)
         self.conn: sqlite3.Connection = self.db.conn
         self.attribution = attribution
         self.policy = policy
-        self._verdicts: dict[int, tuple[UrlVerdict, str, int | None]] = {}
+        self._entries: dict[int, UrlEntry] = {}
 
     def close(self) -> None:
         self.conn.close()
@@ -133,15 +152,18 @@ class Store:
             raise translate(exc, self.path) from exc
         return int(row[0])
 
-    def submit_reports(self, reports: Sequence[ReportIn], now: float) -> list[SubmitOutcome]:
+    def submit_reports(
+        self, reports: Sequence[ReportIn], now: float, planner: Planner
+    ) -> list[SubmitOutcome]:
         """Store reports once: a known reference, or the same URL and notice, is not duplicated."""
         try:
             with self._transaction():
-                return [self._submit_one(r, now) for r in reports]
+                return [self._submit_one(r, now, planner) for r in reports]
         except sqlite3.Error as exc:
+            self._entries.clear()
             raise translate(exc, self.path) from exc
 
-    def _submit_one(self, report: ReportIn, now: float) -> SubmitOutcome:
+    def _submit_one(self, report: ReportIn, now: float, planner: Planner) -> SubmitOutcome:
         c = self.conn
         if report.reference:
             known = c.execute(
@@ -157,15 +179,24 @@ class Store:
             return SubmitOutcome(Submitted.ALREADY_KNOWN, known[0], known[1], new_url=False)
         row = c.execute("SELECT id FROM urls WHERE url = ?", (report.url,)).fetchone()
         new_url = row is None
+        due = planner.order_due(report.order_issued_at, report.order_deadline)
+        interval = planner.interval(now, UrlState.PENDING, report.notified_at, due) or 0.0
         if new_url:
             url_id = c.execute(
-                "INSERT INTO urls (url, created_at) VALUES (?, ?)", (report.url, now)
+                "INSERT INTO urls (url, created_at, interval) VALUES (?, ?, ?)",
+                (report.url, now, interval),
             ).lastrowid
+            memory = "{}"
+            if report.sha256:
+                reference = ContentMemory.with_reference(report.sha256)
+                memory = dump_memory(UrlVerdict(report.notified_at, content=reference))
             c.execute(
-                "INSERT INTO url_state (url_id, state, notified_at, updated_at)"
-                " VALUES (?, ?, ?, ?)",
-                (url_id, UrlState.PENDING.value, report.notified_at, now),
-            )
+                "INSERT INTO url_state (url_id, state, notified_at, order_issued_at,"
+                " order_deadline, origin_ip, baseline, memory, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (url_id, UrlState.PENDING.value, report.notified_at, report.order_issued_at,
+                 report.order_deadline, report.origin_ip, report.sha256, memory, now),
+            )  # fmt: skip
             c.execute(
                 "INSERT INTO episodes (url_id, episode, opened_at) VALUES (?, 1, ?)",
                 (url_id, report.notified_at),
@@ -173,157 +204,218 @@ class Store:
         else:
             url_id = row[0]
             c.execute(
-                "UPDATE url_state SET notified_at = MIN(notified_at, ?) WHERE url_id = ?",
-                (report.notified_at, url_id),
-            )
-            self._verdicts.pop(url_id, None)
+                "UPDATE url_state SET notified_at = MIN(notified_at, ?),"
+                " order_issued_at = COALESCE(MIN(order_issued_at, ?), order_issued_at, ?),"
+                " order_deadline = COALESCE(order_deadline, ?),"
+                " origin_ip = COALESCE(origin_ip, ?) WHERE url_id = ?",
+                (report.notified_at, report.order_issued_at, report.order_issued_at,
+                 report.order_deadline, report.origin_ip, url_id),
+            )  # fmt: skip
+            c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
+            self._entries.pop(url_id, None)
         report_id = c.execute(
-            "INSERT INTO reports (url_id, reference, notified_at, received_at, submitted_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (url_id, report.reference, report.notified_at, report.received_at, now),
-        ).lastrowid
+            "INSERT INTO reports (url_id, reference, notified_at, received_at, submitted_at,"
+            " sha256, order_issued_at, order_deadline, origin_ip)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (url_id, report.reference, report.notified_at, report.received_at, now,
+             report.sha256, report.order_issued_at, report.order_deadline, report.origin_ip),
+        ).lastrowid  # fmt: skip
         assert report_id is not None and url_id is not None
-        return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, new_url=new_url)
+        return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, new_url, interval)
 
     def ingest(self, agent_id: int, results: Sequence[ResultIn], now: float) -> Ingested:
         """Store a batch once, fold new results into the verdicts, commit all together."""
         try:
             with self._transaction():
-                outcome = self._ingest(agent_id, results, now)
+                return self._ingest(agent_id, results, now)
         except sqlite3.Error as exc:
             for url_id in {r.url_id for r in results}:
-                self._verdicts.pop(url_id, None)
+                self._entries.pop(url_id, None)
             raise translate(exc, self.path) from exc
-        return outcome
 
-    def _ingest(self, agent_id: int, results: Sequence[ResultIn], now: float) -> Ingested:
-        c = self.conn
-        seqs = [r.seq for r in results]
+    def _known_seqs(self, agent_id: int, seqs: list[int]) -> set[int]:
         known: set[int] = set()
         for i in range(0, len(seqs), 500):
             chunk = seqs[i : i + 500]
             marks = ",".join("?" * len(chunk))
             known.update(
                 s
-                for (s,) in c.execute(
+                for (s,) in self.conn.execute(
                     f"SELECT seq FROM results WHERE agent_id = ? AND seq IN ({marks})",
                     [agent_id, *chunk],
                 )
             )
-        fresh: list[ResultIn] = []
-        seen: set[int] = set()
+        return known
+
+    def _ingest(self, agent_id: int, results: Sequence[ResultIn], now: float) -> Ingested:
+        known = self._known_seqs(agent_id, [r.seq for r in results])
+        fresh: dict[int, ResultIn] = {}
         for r in results:
-            if r.seq not in known and r.seq not in seen:
-                seen.add(r.seq)
-                fresh.append(r)
-        duplicates = len(results) - len(fresh)
-        verdicts = self._load_verdicts({r.url_id for r in fresh})
-        accepted = [r for r in fresh if r.url_id in verdicts]
-        rejected = len(fresh) - len(accepted)
-        accepted.sort(key=lambda r: r.started_at)
+            if r.seq not in known:
+                fresh.setdefault(r.seq, r)
+        entries = self._load({r.url_id for r in fresh.values()})
+        accepted = sorted(
+            (r for r in fresh.values() if r.url_id in entries), key=lambda r: r.started_at
+        )
         rows = []
         counts: dict[str, int] = {}
-        touched: set[int] = set()
         for r in accepted:
-            verdict, provider, asn = verdicts[r.url_id]
-            obs = Observation(agent_id, r.started_at, r.status, r.error, r.sha256)
-            cls = classify(obs, verdict.baseline, self.policy)
-            where = self.attribution.lookup(r.peer_ip) if r.peer_ip else None
-            if where is not None and (cls is ProbeClass.PRESENT or verdict.baseline is None):
-                provider, asn = where.provider, where.asn
-            for event in verdict.observe(obs, self.policy):
-                self._record_event(r.url_id, event, provider)
-            verdicts[r.url_id] = (verdict, provider, asn)
-            self._verdicts[r.url_id] = verdicts[r.url_id]
-            touched.add(r.url_id)
+            entry = entries[r.url_id]
+            obs = Observation(agent_id, r.started_at, r.status, r.error, r.sha256,
+                              r.final_url, r.challenge)  # fmt: skip
+            events = entry.verdict.observe(obs, self.policy)
+            cls = entry.verdict.last_class or ProbeClass.INCONCLUSIVE
+            where = self._attribute(r.peer_ip, entry.origin_ip)
+            if where is not None:
+                self._maybe_move(r.url_id, entry, where, cls, r.started_at)
+            for event in events:
+                self._record(r.url_id, entry, event)
             counts[cls.value] = counts.get(cls.value, 0) + 1
             rows.append(
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
                  r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error,
-                 r.redirects, cls.value,
+                 r.redirects, int(r.challenge), cls.value,
                  where.provider if where else "", where.asn if where else None, now)
             )  # fmt: skip
-        c.executemany(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+        self.conn.executemany(
+            "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
+            " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, class,"
+            " provider, asn, stored_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
-        c.executemany(
+        self.conn.executemany(
             "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
             [(agent_id, cls, n) for cls, n in counts.items()],
         )
-        for url_id in touched:
-            self._save_verdict(url_id, now)
+        for url_id in {r.url_id for r in accepted}:
+            self._save(url_id, entries[url_id], now)
         if accepted:
-            c.execute(
+            self.conn.execute(
                 "UPDATE agents SET last_result_at = MAX(COALESCE(last_result_at, 0), ?),"
                 " last_seen = ? WHERE id = ?",
-                (max(r.started_at for r in accepted), now, agent_id),
+                (accepted[-1].started_at, now, agent_id),
             )
-        return Ingested(stored=len(accepted), duplicates=duplicates, rejected=rejected)
+        return Ingested(
+            stored=len(accepted),
+            duplicates=len(results) - len(fresh),
+            rejected=len(fresh) - len(accepted),
+        )
 
-    def _record_event(self, url_id: int, event: object, provider: str) -> None:
+    def _attribute(self, peer_ip: str, origin_ip: str | None) -> Attribution | None:
+        """The peer's attribution; behind a CDN, the hotline-supplied origin's instead."""
+        if not peer_ip:
+            return None
+        where = self.attribution.lookup(peer_ip)
+        if where.cdn and origin_ip:
+            return self.attribution.lookup(origin_ip)
+        return where
+
+    def _maybe_move(
+        self, url_id: int, entry: UrlEntry, where: Attribution, cls: ProbeClass, at: float
+    ) -> None:
+        """Attribute the URL to whoever serves the content (or anyone, until someone has)."""
+        unknown = entry.provider == UNATTRIBUTED.provider
+        if cls is not ProbeClass.PRESENT and not unknown:
+            return
+        if where.provider != entry.provider and not unknown:
+            self._event(url_id, at, "provider", {"from": entry.provider, "to": where.provider})
+        entry.provider, entry.asn, entry.cdn = where.provider, where.asn, where.cdn
+
+    def _event(self, url_id: int, at: float, kind: str, detail: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO url_events (url_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+            (url_id, at, kind, json.dumps(detail, separators=(",", ":"))),
+        )
+
+    def _record(self, url_id: int, entry: UrlEntry, event: Event) -> None:
         if isinstance(event, Removal):
+            entry.removed_at = event.confirmed_at
             self.conn.execute(
                 "UPDATE episodes SET last_present_at = ?, first_removed_at = ?, confirmed_at = ?,"
-                " latency = ?, provider = ? WHERE url_id = ? AND episode = ?",
+                " latency = ?, nxdomain = ?, provider = ? WHERE url_id = ? AND episode = ?",
                 (event.last_present_at, event.first_removed_at, event.confirmed_at,
-                 event.latency, provider, url_id, event.episode),
+                 event.latency, int(event.nxdomain), entry.provider, url_id, event.episode),
             )  # fmt: skip
+            self._event(url_id, event.confirmed_at, "removal", {
+                "episode": event.episode, "last_present_at": event.last_present_at,
+                "first_removed_at": event.first_removed_at, "latency": event.latency,
+                "nxdomain": event.nxdomain})  # fmt: skip
         elif isinstance(event, Reappearance):
+            entry.removed_at = None
             self.conn.execute(
                 "INSERT INTO episodes (url_id, episode, opened_at, provider) VALUES (?, ?, ?, ?)",
-                (url_id, event.episode, event.at, provider),
+                (url_id, event.episode, event.at, entry.provider),
             )
+            self._event(url_id, event.at, "reappearance", {"episode": event.episode})
+        elif isinstance(event, StateChange):
+            self._event(url_id, event.at, "state", {"from": event.old.value, "to": event.new.value})
 
-    def _load_verdicts(self, url_ids: set[int]) -> dict[int, tuple[UrlVerdict, str, int | None]]:
-        out = {u: self._verdicts[u] for u in url_ids if u in self._verdicts}
+    def _load(self, url_ids: set[int]) -> dict[int, UrlEntry]:
+        out = {u: self._entries[u] for u in url_ids if u in self._entries}
         missing = [u for u in url_ids if u not in out]
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.conn.execute(
-                "SELECT url_id, state, notified_at, baseline, episode, episode_opened_at,"
-                " last_present_at, first_removed_at, removal_last_present_at,"
-                " removal_first_removed_at, removal_confirmed_at, removal_latency,"
-                f" reappearances, agents, provider, asn FROM url_state WHERE url_id IN ({marks})",
-                chunk,
+                f"SELECT {_STATE_COLUMNS} FROM url_state WHERE url_id IN ({marks})", chunk
             ):
-                out[row[0]] = (self._row_to_verdict(row), row[14], row[15])
-        self._verdicts.update(out)
+                url_id, entry = _entry(row)
+                out[url_id] = entry
+        self._entries.update(out)
         return out
 
-    @staticmethod
-    def _row_to_verdict(row: sqlite3.Row | tuple[Any, ...]) -> UrlVerdict:
-        (_, state, notified_at, baseline, episode, opened_at, last_present, first_removed,
-         r_present, r_removed, r_confirmed, r_latency, reappearances, agents, *_) = row  # fmt: skip
-        first = None
-        if r_removed is not None:
-            first = Removal(1, r_present, r_removed, r_confirmed, r_latency)
-        return UrlVerdict(
-            notified_at=notified_at,
-            state=UrlState(state),
-            episode_opened_at=opened_at,
-            baseline=baseline,
-            episode=episode,
-            last_present_at=last_present,
-            first_removed_at=first_removed,
-            removal=first if state == UrlState.REMOVED and episode == 1 else None,
-            first_removal=first,
-            reappearances=reappearances,
-            agents=_load_agents(agents),
-        )
-
-    def _save_verdict(self, url_id: int, now: float) -> None:
-        v, provider, asn = self._verdicts[url_id]
+    def _save(self, url_id: int, entry: UrlEntry, now: float) -> None:
+        v = entry.verdict
         first = v.first_removal
         self.conn.execute(
-            "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, episode = ?,"
-            " episode_opened_at = ?, last_present_at = ?, first_removed_at = ?,"
-            " removal_last_present_at = ?, removal_first_removed_at = ?, removal_confirmed_at = ?,"
-            " removal_latency = ?, reappearances = ?, agents = ?, updated_at = ? WHERE url_id = ?",
-            (v.state.value, v.baseline, provider, asn, v.episode, v.episode_opened_at,
-             v.last_present_at, v.first_removed_at,
+            "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, cdn = ?,"
+            " dynamic = ?, episode = ?, last_present_at = ?, removal_last_present_at = ?,"
+            " removal_first_removed_at = ?, removal_confirmed_at = ?, removal_latency = ?,"
+            " removal_nxdomain = ?, removed_at = ?, reappearances = ?, memory = ?,"
+            " updated_at = ? WHERE url_id = ?",
+            (v.state.value, v.baseline, entry.provider, entry.asn, int(entry.cdn),
+             int(v.content.dynamic), v.episode, v.last_present_at,
              first.last_present_at if first else None, first.first_removed_at if first else None,
              first.confirmed_at if first else None, first.latency if first else None,
-             v.reappearances, _dump_agents(v.agents), now, url_id),
+             int(first.nxdomain) if first else 0, entry.removed_at, v.reappearances,
+             dump_memory(v), now, url_id),
         )  # fmt: skip
+
+    def plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
+        """Recompute every active URL's probe interval; return the changes to push to agents."""
+        try:
+            with self._transaction():
+                return self._plan(now, planner)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
+
+    def _plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
+        rows = self.conn.execute(
+            "SELECT u.id, u.url, u.interval, s.state, s.notified_at, s.order_issued_at,"
+            " s.order_deadline, s.removed_at FROM urls u JOIN url_state s ON s.url_id = u.id"
+            " WHERE u.active = 1"
+        ).fetchall()
+        wanted: dict[int, float] = {}
+        stop: list[int] = []
+        for url_id, _, _, state, notified, order_at, order_deadline, removed_at in rows:
+            interval = planner.interval(
+                now, UrlState(state), notified, planner.order_due(order_at, order_deadline),
+                removed_at,
+            )  # fmt: skip
+            if interval is None:
+                stop.append(url_id)
+            else:
+                wanted[url_id] = interval
+        wanted = planner.within_budget(wanted)
+        changed = [
+            Target(url_id, url, wanted[url_id])
+            for url_id, url, current, *_ in rows
+            if url_id in wanted and current != wanted[url_id]
+        ]
+        self.conn.executemany(
+            "UPDATE urls SET interval = ? WHERE id = ?", [(t.interval, t.url_id) for t in changed]
+        )
+        self.conn.executemany("UPDATE urls SET active = 0 WHERE id = ?", [(u,) for u in stop])
+        return changed, stop

@@ -293,6 +293,7 @@ class ProbeResult(_message.Message):
     PEER_IP_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REDIRECTS_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
     url_id: _builtins.int
     seq: _builtins.int
     """unique and increasing per agent"""
@@ -310,6 +311,8 @@ class ProbeResult(_message.Message):
     """address actually connected to for the final hop"""
     error: Global___ErrorClass.ValueType
     redirects: _builtins.int
+    challenge: _builtins.bool
+    """response headers show a bot challenge (not the content)"""
     def __init__(
         self,
         *,
@@ -325,10 +328,11 @@ class ProbeResult(_message.Message):
         peer_ip: _builtins.str = ...,
         error: Global___ErrorClass.ValueType = ...,
         redirects: _builtins.int = ...,
+        challenge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "truncated", b"truncated", "url_id", b"url_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "challenge", b"challenge", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "truncated", b"truncated", "url_id", b"url_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,11 +379,23 @@ class Report(_message.Message):
     REFERENCE_FIELD_NUMBER: _builtins.int
     NOTIFIED_AT_UNIX_US_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_UNIX_US_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ORDER_ISSUED_AT_UNIX_US_FIELD_NUMBER: _builtins.int
+    ORDER_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    ORIGIN_IP_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     reference: _builtins.str
     """hotline case id; empty if none"""
     notified_at_unix_us: _builtins.int
     received_at_unix_us: _builtins.int
+    sha256: _builtins.bytes
+    """reference hash of the reported content, if the hotline has one"""
+    order_issued_at_unix_us: _builtins.int
+    """a binding removal order, if one was issued"""
+    order_deadline_seconds: _builtins.int
+    """that order's deadline; 0 = the collector's default"""
+    origin_ip: _builtins.str
+    """the origin behind a CDN, if the hotline knows it"""
     def __init__(
         self,
         *,
@@ -387,10 +403,14 @@ class Report(_message.Message):
         reference: _builtins.str = ...,
         notified_at_unix_us: _builtins.int = ...,
         received_at_unix_us: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        order_issued_at_unix_us: _builtins.int = ...,
+        order_deadline_seconds: _builtins.int = ...,
+        origin_ip: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["notified_at_unix_us", b"notified_at_unix_us", "received_at_unix_us", b"received_at_unix_us", "reference", b"reference", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notified_at_unix_us", b"notified_at_unix_us", "order_deadline_seconds", b"order_deadline_seconds", "order_issued_at_unix_us", b"order_issued_at_unix_us", "origin_ip", b"origin_ip", "received_at_unix_us", b"received_at_unix_us", "reference", b"reference", "sha256", b"sha256", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
