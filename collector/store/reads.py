@@ -114,19 +114,48 @@ class UrlOutcome:
     asn: int | None
     state: str
     notified_at: float
-    removal_latency: float | None
+    removal_latency: float | None  # first episode: notice -> first removed observation
     reports: int
+    url_id: int = 0
+    cdn: bool = False
+    dynamic: bool = False
+    removal_last_present_at: float | None = None  # the lower end of the removal interval
+    removal_first_removed_at: float | None = None
+    removal_nxdomain: bool = False  # the confirmed removal rested on NXDOMAIN
+    reappearances: int = 0
+    order_issued_at: float | None = None
+    order_deadline: float | None = None  # None: the collector's default order deadline
 
 
-def url_outcomes(conn: sqlite3.Connection) -> list[UrlOutcome]:
-    return [
-        UrlOutcome(*row)
-        for row in conn.execute(
-            "SELECT s.provider, s.asn, s.state, s.notified_at, s.removal_latency,"
-            " (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id)"
-            " FROM url_state s"
+def url_outcomes(
+    conn: sqlite3.Connection, since: float | None = None, until: float | None = None
+) -> list[UrlOutcome]:
+    """Every URL's outcome, optionally only those first notified in [since, until)."""
+    sql = (
+        "SELECT s.provider, s.asn, s.state, s.notified_at, s.removal_latency,"
+        " (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id), s.url_id, s.cdn,"
+        " s.dynamic, s.removal_last_present_at, s.removal_first_removed_at, s.removal_nxdomain,"
+        " s.reappearances, s.order_issued_at, s.order_deadline FROM url_state s WHERE 1 = 1"
+    )
+    params: list[float] = []
+    if since is not None:
+        sql += " AND s.notified_at >= ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND s.notified_at < ?"
+        params.append(until)
+    out = []
+    for row in conn.execute(sql, params):
+        (provider, asn, state, notified, latency, reports, url_id, cdn, dynamic, last_present,
+         first_removed, nxdomain, reappearances, order_at, order_deadline) = row  # fmt: skip
+        out.append(
+            UrlOutcome(
+                provider, asn, state, notified, latency, reports, url_id, bool(cdn),
+                bool(dynamic), last_present, first_removed, bool(nxdomain), reappearances,
+                order_at, order_deadline,
+            )  # fmt: skip
         )
-    ]
+    return out
 
 
 @dataclass(frozen=True)
