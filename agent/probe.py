@@ -54,7 +54,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace, TracebackType
 from typing import Self
@@ -108,6 +108,18 @@ class Phase(enum.Enum):
     CONNECTED = enum.auto()
 
 
+def is_challenge(headers: Mapping[str, str]) -> bool:
+    """True when response headers show a bot challenge or WAF block page instead of the content.
+
+    Only headers are used: the body is never inspected. Cloudflare marks
+    challenges with `cf-mitigated: challenge`, AWS WAF with `x-amzn-waf-action`,
+    Sucuri with `x-sucuri-block`, DataDome with `x-datadome`.
+    """
+    if headers.get("cf-mitigated", "").lower() == "challenge":
+        return True
+    return any(name in headers for name in ("x-amzn-waf-action", "x-sucuri-block", "x-datadome"))
+
+
 class _Progress:
     """Mutable record of one probe in progress; holds no body bytes."""
 
@@ -120,6 +132,7 @@ class _Progress:
         self.body_bytes = 0
         self.body_sha256 = b""
         self.truncated = False
+        self.challenge = False
 
 
 # The probe running in this task. aiohttp resolves, connects and starts the
@@ -337,6 +350,7 @@ class Prober:
             peer_ip=progress.peer_ip,
             error=error,
             redirects=progress.redirects,
+            challenge=progress.challenge,
         )
 
     async def _follow(self, progress: _Progress) -> ErrorClass:
@@ -354,6 +368,7 @@ class Prober:
                 progress.phase = Phase.CONNECTED
                 self._policy.check(progress.peer_ip)
                 progress.status = resp.status
+                progress.challenge = is_challenge(resp.headers)
                 location = resp.headers.get("Location")
                 if resp.status not in _REDIRECT_STATUSES or location is None:
                     await self._hash_body(resp, progress)

@@ -47,6 +47,10 @@ def _message(r: ReportIn) -> pb.Report:
         reference=r.reference or "",
         notified_at_unix_us=round(r.notified_at * 1_000_000),
         received_at_unix_us=round(r.received_at * 1_000_000) if r.received_at else 0,
+        sha256=r.sha256 or b"",
+        order_issued_at_unix_us=round(r.order_issued_at * 1_000_000) if r.order_issued_at else 0,
+        order_deadline_seconds=round(r.order_deadline) if r.order_deadline else 0,
+        origin_ip=r.origin_ip or "",
     )
 
 

@@ -46,7 +46,9 @@ class StateCollector(Collector):
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         deadlines: Sequence[float] = DEFAULT_DEADLINES,
         clock: Callable[[], float] = time.time,
+        order_deadline: float = 12 * 3600.0,
     ) -> None:
+        self.order_deadline = order_deadline
         self.db_path = db_path
         self.connected = connected
         self.buckets = sorted(buckets)
@@ -80,13 +82,15 @@ class StateCollector(Collector):
         yield urls
         overdue = GaugeMetricFamily(
             "takedown_overdue_urls",
-            "URLs still online after notice + deadline",
+            "URLs still online after notice + deadline; deadline=order: past a binding order",
             labels=["provider", "deadline"],
         )
         found = {(p, d): n for p, d, n in reads.overdue_counts(conn, self.deadlines, self.clock())}
+        ordered = dict(reads.order_overdue_counts(conn, self.order_deadline, self.clock()))
         for provider in providers:
             for d in self.deadlines:
                 overdue.add_metric([provider, deadline_label(d)], found.get((provider, d), 0))
+            overdue.add_metric([provider, "order"], ordered.get(provider, 0))
         yield overdue
         reappeared = CounterMetricFamily(
             "takedown_reappearances",

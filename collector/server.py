@@ -94,6 +94,7 @@ class Collector:
                 self.config.buckets,
                 self.config.deadlines,
                 self.clock,
+                self.config.planner.order_deadline,
             )
         )
         await self._start_http()

@@ -29,6 +29,8 @@ class Fate(enum.Enum):
     REPLACED = "replaced"
     REDIRECT = "redirect"
     UNAVAILABLE_503 = "503"
+    DYNAMIC = "dynamic"  # online, but the body changes on every load
+    CHALLENGE = "challenge"  # a bot-challenge page in front of the content
 
 
 @dataclass
@@ -85,6 +87,12 @@ class Hoster:
             return web.Response(text=f"Account suspended. {self.marker}", content_type="text/html")
         if page.fate is Fate.REDIRECT:
             raise web.HTTPFound("/parked")
+        if page.fate is Fate.DYNAMIC:
+            nonce = uuid.uuid4().hex
+            body = self.body(page.path) + nonce.encode()
+            return web.Response(body=body, content_type="text/html")
+        if page.fate is Fate.CHALLENGE:
+            raise web.HTTPForbidden(text="Just a moment...", headers={"cf-mitigated": "challenge"})
         raise web.HTTPServiceUnavailable()
 
     async def start(self, addresses: Iterable[str], port: int = 0) -> int:

@@ -537,3 +537,16 @@ class TestClassify:
     def test_unknown_error_is_other(self) -> None:
         """An exception outside the table is OTHER."""
         assert classify(RuntimeError("?")) == ErrorClass.OTHER
+
+
+class TestChallenge:
+    def test_challenge_headers_are_recognised(self) -> None:
+        """Known WAF/challenge headers mark a response as a challenge; ordinary ones do not."""
+        from multidict import CIMultiDict
+
+        from agent.probe import is_challenge
+
+        assert is_challenge(CIMultiDict({"CF-Mitigated": "challenge"}))
+        assert is_challenge(CIMultiDict({"x-amzn-waf-action": "captcha"}))
+        assert not is_challenge(CIMultiDict({"Server": "cloudflare", "cf-ray": "abc"}))
+        assert not is_challenge(CIMultiDict({"cf-mitigated": "none"}))

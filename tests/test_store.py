@@ -103,6 +103,21 @@ class TestStore:
         assert a.url_id == b.url_id and a.report_id != b.report_id
         assert a.new_url and not b.new_url
 
+    def test_reference_hash_is_the_baseline(self, tmp_path: Path, table: PrefixTable) -> None:
+        """With a hotline hash, a body with that hash is present and a stable other body is not."""
+        db = tmp_path / "c.db"
+        store = open_store(db, table)
+        ref = ReportIn("http://x.example/a", NOW - 60, None, "R", sha256=CONTENT)
+        other = ReportIn("http://x.example/b", NOW - 60, None, "S", sha256=bytes(32))
+        a, b = (o.url_id for o in store.submit_reports([ref, other], NOW, PLANNER))
+        agent = store.register_agent("a1", "net", "t", NOW)
+        store.ingest(agent, [res(a, 1), res(b, 2), res(b, 3), res(b, 4)], NOW)
+        store.close()
+        conn = connect_readonly(db)
+        states = {s.url_id: s.state for s in url_statuses(conn)}
+        conn.close()
+        assert states == {a: "available", b: "removed"}
+
     def test_full_disk_commits_nothing_and_says_so(
         self, tmp_path: Path, table: PrefixTable
     ) -> None:

@@ -59,6 +59,19 @@ def overdue_counts(
     return out
 
 
+def order_overdue_counts(
+    conn: sqlite3.Connection, default_deadline: float, now: float
+) -> list[tuple[str, int]]:
+    """(provider, URLs still online past their binding order's deadline)."""
+    states = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
+    return conn.execute(
+        "SELECT provider, COUNT(*) FROM url_state WHERE state IN"
+        f" ({states}) AND order_issued_at IS NOT NULL"
+        " AND order_issued_at + COALESCE(order_deadline, ?) < ? GROUP BY provider",
+        (default_deadline, now),
+    ).fetchall()
+
+
 def latency_histograms(
     conn: sqlite3.Connection, buckets: Sequence[float]
 ) -> dict[str, tuple[list[int], int, float]]:
@@ -148,13 +161,12 @@ def url_outcomes(
     for row in conn.execute(sql, params):
         (provider, asn, state, notified, latency, reports, url_id, cdn, dynamic, last_present,
          first_removed, nxdomain, reappearances, order_at, order_deadline) = row  # fmt: skip
-        out.append(
-            UrlOutcome(
-                provider, asn, state, notified, latency, reports, url_id, bool(cdn),
-                bool(dynamic), last_present, first_removed, bool(nxdomain), reappearances,
-                order_at, order_deadline,
-            )  # fmt: skip
-        )
+        outcome = UrlOutcome(
+            provider, asn, state, notified, latency, reports, url_id, bool(cdn),
+            bool(dynamic), last_present, first_removed, bool(nxdomain), reappearances,
+            order_at, order_deadline,
+        )  # fmt: skip
+        out.append(outcome)
     return out
 
 
