@@ -114,6 +114,11 @@ def build_parser() -> configargparse.ArgParser:
         help="seconds over which the first probes of new URLs are spread",
     )
     p.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9465",
+        help="HOST:PORT for the agent's /metrics and /healthz; empty to disable",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -146,6 +151,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         max_inflight=args.max_inflight,
         jitter=args.jitter,
         first_spread=args.first_spread,
+        metrics_listen=args.metrics_listen or None,
     )
 
 

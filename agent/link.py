@@ -129,6 +129,7 @@ class Link:
         self.clock = clock
         self.connected = False
         self.reconnects = 0
+        self.sent = 0
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
         self._draining = False
@@ -247,6 +248,7 @@ class Link:
                 batch = self.outbox.take(self.batch_size)
                 if batch is not None:
                     await call.write(encode(batch))
+                    self.sent += len(batch.results)
                     last_send = self.clock()
                     continue
             self._wake.clear()

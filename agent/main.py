@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractResolver
 from agent import __version__
 from agent.guard import AddressPolicy
 from agent.link import AssignmentChange, Identity, Link
+from agent.metrics import serve_metrics
 from agent.outbox import Outbox
 from agent.probe import ProbeConfig, Prober
 from agent.schedule import Schedule
@@ -44,6 +45,7 @@ class AgentConfig:
     first_spread: float = 60.0
     outbox_limit: int = 1_000_000
     drain_timeout: float = 10.0
+    metrics_listen: str | None = None  # HOST:PORT for /metrics and /healthz
 
 
 class Agent:
@@ -76,6 +78,8 @@ class Agent:
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
         self.probed = 0
+        self.probes_by_error: dict[str, int] = {}
+        self.metrics_port = 0
 
     def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()
@@ -100,6 +104,17 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         policy = AddressPolicy(list(self.config.allow_private))
+        runner = None
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            runner, self.metrics_port = await serve_metrics(self, host.strip("[]"), int(port))
+        try:
+            await self._run(policy, stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+
+    async def _run(self, policy: AddressPolicy, stop: asyncio.Event) -> None:
         async with Prober(self.config.probe, policy, resolver=self.resolver) as prober:
             link = asyncio.create_task(self.link.run(), name="link")
             stopping = asyncio.create_task(stop.wait())
@@ -141,6 +156,9 @@ class Agent:
         result = await prober.probe(url_id, url)
         self.outbox.add(result)
         self.probed += 1
+        self.probes_by_error[result.error.value] = (
+            self.probes_by_error.get(result.error.value, 0) + 1
+        )
         self.link.notify()
 
     async def _finish(self, link: asyncio.Task[None]) -> None:

@@ -41,6 +41,7 @@ class Outbox:
         self._resend: deque[Batch] = deque()
         self.dropped = 0
         self.acked = 0
+        self.redelivered = 0
 
     def add(self, result: ProbeResult) -> ProbeResult:
         """Number a new result and queue it; drop the oldest pending one if full."""
@@ -77,6 +78,7 @@ class Outbox:
         """After a lost stream: every unacknowledged batch is sent again, oldest first."""
         for batch_id in sorted(self._inflight):
             self._resend.append(self._inflight[batch_id])
+            self.redelivered += len(self._inflight[batch_id].results)
         self._inflight.clear()
 
     @property
@@ -86,6 +88,11 @@ class Outbox:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def bytes(self) -> int:
+        """Approximate memory held by queued results (no file: this outbox is in memory)."""
+        return len(self) * 200
 
     def __len__(self) -> int:
         return self.pending + sum(len(b.results) for b in self._inflight.values())

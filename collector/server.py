@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import _async as health_aio  # public as health.aio; the stubs lack it
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -63,6 +65,7 @@ class Collector:
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._planning: asyncio.Task[None] | None = None
+        self.health: health_aio.HealthServicer | None = None
 
     async def start(self) -> None:
         await self.writer.start()
@@ -82,6 +85,8 @@ class Collector:
         pb_grpc.add_IntakeServicer_to_server(
             IntakeService(self.writer, self.hub, self.config.planner, self.clock), server
         )
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.grpc_port = server.add_insecure_port(self.config.listen)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {self.config.listen}")
@@ -100,6 +105,8 @@ class Collector:
         await self._start_http()
         await self.replan()
         self._planning = asyncio.create_task(self._replan_forever(), name="replan")
+        for service in ("", "takedown.v1.AgentLink", "takedown.v1.Intake"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "collector_started grpc_port=%d metrics_port=%d db=%s",
             self.grpc_port,
@@ -148,6 +155,8 @@ class Collector:
         if self._planning is not None:
             self._planning.cancel()
             self._planning = None
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

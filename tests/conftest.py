@@ -113,6 +113,7 @@ async def agents(collector: Collector) -> AsyncIterator[Callable[[str, str, str]
             allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
             flush_interval=0.2,
             first_spread=0.5,
+            metrics_listen="127.0.0.1:0",
         )
         agent = Agent(config, rng=random.Random(name))
         stop = asyncio.Event()

@@ -77,7 +77,7 @@ async def test_removals_are_measured_per_provider(
     assert await import_file(csv_file, target, out=out) == 0
     assert "accepted 8, already known 0, rejected 0" in out.getvalue()
 
-    agents("agent-1", "net-one", "127.0.0.2")
+    first = agents("agent-1", "net-one", "127.0.0.2")
     agents("agent-2", "net-two", AGENT_2_SOURCE)
     db = collector.config.db
 
@@ -158,6 +158,16 @@ async def test_removals_are_measured_per_provider(
     for family in metrics.values():
         for sample in family:
             assert not any("127.0.0" in v or "/a-" in v for v in sample.labels.values())
+
+    own = await scrape(first.metrics_port)
+    assert own["takedown_agent_stream_up"][0].value == 1
+    assert own["takedown_agent_results_acked_total"][0].value > 0
+    assert own["takedown_agent_assigned_urls"][0].value == 8
+    assert own["takedown_agent_info"][0].labels["network"] == "net-one"
+    assert {s.labels["error"] for s in own["takedown_agent_probes_total"]} >= {"none"}
+    for family in own.values():
+        for sample in family:
+            assert not any("127.0.0.1" in v or "/a-" in v for v in sample.labels.values())
 
     conn = connect_readonly(db)
     try:

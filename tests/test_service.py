@@ -203,3 +203,17 @@ class TestAgentStream:
             while True:
                 await call.read()
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TestHealth:
+    async def test_health_service_reports_serving(self, channel: grpc.aio.Channel) -> None:
+        """The standard gRPC health service answers SERVING for the server and each service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "takedown.v1.AgentLink", "takedown.v1.Intake"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
