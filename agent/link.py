@@ -76,9 +76,14 @@ class AssignmentChange:
     complete: bool = False
 
 
-def encode(batch: Batch) -> pb.AgentMessage:
+def encode(batch: Batch, sent_at: float | None = None) -> pb.AgentMessage:
+    sent = time.time() if sent_at is None else sent_at
     return pb.AgentMessage(
-        batch=pb.ResultBatch(batch_id=batch.batch_id, results=[_result(r) for r in batch.results])
+        batch=pb.ResultBatch(
+            batch_id=batch.batch_id,
+            results=[_result(r) for r in batch.results],
+            sent_at_unix_us=round(sent * 1_000_000),
+        )
     )
 
 

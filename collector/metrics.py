@@ -132,8 +132,17 @@ class StateCollector(Collector):
             up.add_metric([a.name, a.network], 1 if a.id in live else 0)
             if a.last_result_at is not None:
                 last.add_metric([a.name], a.last_result_at)
+        offset = GaugeMetricFamily(
+            "takedown_agent_clock_offset_seconds",
+            "Estimated agent clock minus collector clock (from message times)",
+            labels=["agent"],
+        )
+        for a in agents:
+            if a.clock_offset is not None:
+                offset.add_metric([a.name], a.clock_offset)
         yield up
         yield last
+        yield offset
         results = CounterMetricFamily(
             "takedown_probe_results",
             "Probe results stored, by agent and class",

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,16 @@ class AgentSession:
     outbox: asyncio.Queue[pb.CollectorMessage] = field(default_factory=asyncio.Queue)
     ready: bool = False
     held: list[pb.CollectorMessage] = field(default_factory=list)
+    skews: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+
+    def clock_offset(self, sent_at: float, received_at: float) -> float:
+        """Agent clock minus collector clock, estimated from one-way message times.
+
+        sent - received = offset - network delay, and the delay is never negative,
+        so the largest of the recent samples is the best estimate.
+        """
+        self.skews.append(sent_at - received_at)
+        return max(self.skews)
 
     def push(self, message: pb.CollectorMessage) -> None:
         if self.ready:
@@ -189,6 +200,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             lambda s: s.register_agent(hello.agent, hello.network, hello.version[:MAX_NAME], now)
         )
         session = AgentSession(agent_id, hello.agent, hello.network)
+        if hello.sent_at_unix_us:
+            session.clock_offset(us_to_s(hello.sent_at_unix_us), now)
         if self.hub.join(session) is not None:
             log.info("agent_replaced_stream agent=%s", hello.agent)
         log.info("agent_connected agent=%s network=%s", hello.agent, hello.network)
@@ -252,6 +265,9 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
         now = self.clock()
+        offset = None
+        if batch.sent_at_unix_us:
+            offset = session.clock_offset(us_to_s(batch.sent_at_unix_us), now)
         results: list[ResultIn] = []
         invalid = 0
         for r in batch.results:
@@ -262,7 +278,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             else:
                 results.append(value)
         try:
-            done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now))
+            done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now, offset))
         except StoreError as exc:
             log.error("batch_not_stored agent=%s error=%s", session.name, exc)
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"results not stored: {exc}") from exc

@@ -81,6 +81,7 @@ class Policy:
     nxdomain_is_removal: bool = True
     reach_window: float = 6 * 3600.0
     dynamic_after: int = 3
+    max_clock_offset: float = 10.0
 
     def __post_init__(self) -> None:
         if self.confirmations < 1:

@@ -217,3 +217,32 @@ class TestHealth:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class TestClockOffset:
+    async def test_skewed_agent_clock_is_estimated_and_flagged(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """An agent two minutes ahead shows an offset near +120 s and its results are flagged."""
+        import sqlite3
+
+        from tests.conftest import scrape
+
+        stub = pb_grpc.IntakeStub(channel)
+        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "K1")]))
+        call = await open_stream(channel, name="skewed")
+        ahead = int((time.time() + 120) * 1_000_000)
+        batch = pb.ResultBatch(batch_id=1, results=[result(sub.outcomes[0].url_id, 1)])
+        batch.sent_at_unix_us = ahead
+        await call.write(pb.AgentMessage(batch=batch))
+        await next_of(call, "ack")
+        metrics = await scrape(collector.metrics_port)
+        offsets = {
+            s.labels["agent"]: s.value for s in metrics["takedown_agent_clock_offset_seconds"]
+        }
+        assert 115 < offsets["skewed"] <= 120.5
+        conn = sqlite3.connect(collector.config.db)
+        (flag,) = conn.execute("SELECT clock_suspect FROM results").fetchone()
+        conn.close()
+        assert flag == 1
+        call.cancel()

@@ -101,13 +101,15 @@ class AgentRow:
     version: str
     last_seen: float
     last_result_at: float | None
+    clock_offset: float | None
 
 
 def agents(conn: sqlite3.Connection) -> list[AgentRow]:
     return [
         AgentRow(*row)
         for row in conn.execute(
-            "SELECT id, name, network, version, last_seen, last_result_at FROM agents ORDER BY name"
+            "SELECT id, name, network, version, last_seen, last_result_at, clock_offset"
+            " FROM agents ORDER BY name"
         )
     ]
 

@@ -33,7 +33,8 @@ def m001_initial(db: Any) -> None:
             version TEXT NOT NULL,
             first_seen REAL NOT NULL,
             last_seen REAL NOT NULL,
-            last_result_at REAL
+            last_result_at REAL,
+            clock_offset REAL
         );
         CREATE TABLE urls (
             id INTEGER PRIMARY KEY,
@@ -114,6 +115,7 @@ def m001_initial(db: Any) -> None:
             error TEXT NOT NULL,
             redirects INTEGER NOT NULL,
             challenge INTEGER NOT NULL DEFAULT 0,
+            clock_suspect INTEGER NOT NULL DEFAULT 0,
             class TEXT NOT NULL,
             provider TEXT NOT NULL,
             asn INTEGER,

@@ -223,11 +223,21 @@ class Store:
         assert report_id is not None and url_id is not None
         return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, new_url, interval)
 
-    def ingest(self, agent_id: int, results: Sequence[ResultIn], now: float) -> Ingested:
-        """Store a batch once, fold new results into the verdicts, commit all together."""
+    def ingest(
+        self,
+        agent_id: int,
+        results: Sequence[ResultIn],
+        now: float,
+        clock_offset: float | None = None,
+    ) -> Ingested:
+        """Store a batch once, fold new results into the verdicts, commit all together.
+
+        `clock_offset` is the collector's estimate of the agent's clock minus its own;
+        results from an agent off by more than the policy allows are flagged.
+        """
         try:
             with self._transaction():
-                return self._ingest(agent_id, results, now)
+                return self._ingest(agent_id, results, now, clock_offset)
         except sqlite3.Error as exc:
             for url_id in {r.url_id for r in results}:
                 self._entries.pop(url_id, None)
@@ -247,7 +257,10 @@ class Store:
             )
         return known
 
-    def _ingest(self, agent_id: int, results: Sequence[ResultIn], now: float) -> Ingested:
+    def _ingest(
+        self, agent_id: int, results: Sequence[ResultIn], now: float, offset: float | None
+    ) -> Ingested:
+        suspect = int(offset is not None and abs(offset) > self.policy.max_clock_offset)
         known = self._known_seqs(agent_id, [r.seq for r in results])
         fresh: dict[int, ResultIn] = {}
         for r in results:
@@ -274,14 +287,14 @@ class Store:
             rows.append(
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
                  r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error,
-                 r.redirects, int(r.challenge), cls.value,
+                 r.redirects, int(r.challenge), suspect, cls.value,
                  where.provider if where else "", where.asn if where else None, now)
             )  # fmt: skip
         self.conn.executemany(
             "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
-            " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, class,"
-            " provider, asn, stored_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
+            " class, provider, asn, stored_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         self.conn.executemany(
@@ -297,6 +310,8 @@ class Store:
                 " last_seen = ? WHERE id = ?",
                 (accepted[-1].started_at, now, agent_id),
             )
+        if offset is not None:
+            self.conn.execute("UPDATE agents SET clock_offset = ? WHERE id = ?", (offset, agent_id))
         return Ingested(
             stored=len(accepted),
             duplicates=len(results) - len(fresh),

@@ -257,8 +257,11 @@ class ResultBatch(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    SENT_AT_UNIX_US_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """unique per agent stream, echoed in BatchAck"""
+    sent_at_unix_us: _builtins.int
+    """agent clock when sent; the collector estimates clock offset"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
     def __init__(
@@ -266,10 +269,11 @@ class ResultBatch(_message.Message):
         *,
         batch_id: _builtins.int = ...,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
+        sent_at_unix_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results", "sent_at_unix_us", b"sent_at_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
