@@ -24,6 +24,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from agent.assignment import AssignmentChange
 from agent.outbox import Batch, Outbox
 from agent.result import ErrorClass, ProbeResult
 from protos.takedown.v1 import takedown_pb2 as pb
@@ -66,16 +67,6 @@ class Identity:
     version: str
 
 
-@dataclass(frozen=True)
-class AssignmentChange:
-    """Plain form of an AssignmentUpdate: (url_id, url, interval seconds) to add or change."""
-
-    reset: bool
-    upsert: tuple[tuple[int, str, float], ...]
-    remove: tuple[int, ...]
-    complete: bool = False
-
-
 def encode(batch: Batch, sent_at: float | None = None) -> pb.AgentMessage:
     sent = time.time() if sent_at is None else sent_at
     return pb.AgentMessage(
@@ -115,6 +106,7 @@ class Link:
         outbox: Outbox,
         on_assignment: Callable[[AssignmentChange], None],
         *,
+        digests: Callable[[], list[int]] = list,
         batch_size: int = 500,
         flush_interval: float = 1.0,
         max_inflight: int = 8,
@@ -126,6 +118,7 @@ class Link:
         self.identity = identity
         self.outbox = outbox
         self.on_assignment = on_assignment
+        self.digests = digests
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_inflight = max_inflight
@@ -178,6 +171,7 @@ class Link:
                             network=self.identity.network,
                             version=self.identity.version,
                             sent_at_unix_us=time.time_ns() // 1000,
+                            assignment_digests=self.digests(),
                         )
                     )
                 )
@@ -227,12 +221,10 @@ class Link:
                 a = message.assignment
                 self.on_assignment(
                     AssignmentChange(
-                        reset=a.reset,
-                        upsert=tuple(
-                            (t.url_id, t.url, float(t.interval_seconds)) for t in a.upsert
-                        ),
+                        upsert=tuple((t.url_id, t.url, t.interval_ms / 1000) for t in a.upsert),
                         remove=tuple(a.remove),
-                        complete=a.complete,
+                        replace_buckets=tuple(a.replace_buckets),
+                        in_sync=a.in_sync,
                     )
                 )
         raise StreamLost("the collector closed the stream")

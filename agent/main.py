@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from aiohttp.abc import AbstractResolver
 
 from agent import __version__
+from agent.assignment import Assignment, AssignmentChange
 from agent.guard import AddressPolicy
-from agent.link import AssignmentChange, Identity, Link
+from agent.link import Identity, Link
 from agent.metrics import serve_metrics
 from agent.outbox import Outbox
 from agent.probe import ProbeConfig, Prober
@@ -63,14 +64,14 @@ class Agent:
         self.clock = clock
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
-        self.urls: dict[int, str] = {}
-        self._listed: set[int] | None = None  # ids named so far by a full assignment
+        self.assignment = Assignment()
         self.outbox = Outbox(limit=config.outbox_limit)
         self.link = Link(
             config.collector,
             Identity(config.name, config.network, __version__),
             self.outbox,
             self._assign,
+            digests=self.assignment.digest_list,
             batch_size=config.batch_size,
             flush_interval=config.flush_interval,
             max_inflight=config.max_inflight,
@@ -83,23 +84,16 @@ class Agent:
 
     def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()
-        if change.reset:
-            self._listed = set()
-        if self._listed is not None:
-            self._listed.update(url_id for url_id, _, _ in change.upsert)
-        for url_id in change.remove:
-            self.urls.pop(url_id, None)
+        applied = self.assignment.apply(change)
+        for url_id in applied.stop:
             self.schedule.remove(url_id)
-        for url_id, url, interval in change.upsert:
-            self.urls[url_id] = url
-            if self.schedule.interval(url_id) != interval:
-                self.schedule.set(url_id, interval, now)
-        if change.complete and self._listed is not None:
-            for url_id in [u for u in self.urls if u not in self._listed]:
-                self.urls.pop(url_id)
-                self.schedule.remove(url_id)
-            self._listed = None
-        log.info("assignment_changed urls=%d", len(self.urls))
+        for url_id, interval in applied.schedule:
+            self.schedule.set(url_id, interval, now)
+        if applied.stop or applied.schedule or change.in_sync:
+            log.info(
+                "assignment_changed urls=%d scheduled=%d stopped=%d in_sync=%s",
+                len(self.assignment), len(applied.schedule), len(applied.stop), change.in_sync,
+            )  # fmt: skip
         self._changed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -135,7 +129,7 @@ class Agent:
             now = self.clock()
             if free > 0:
                 for url_id in self.schedule.pop_due(now, free):
-                    url = self.urls.get(url_id)
+                    url = self.assignment.url(url_id)
                     if url is not None:
                         task = asyncio.create_task(self._probe(prober, url_id, url))
                         self._probes.add(task)

@@ -62,7 +62,9 @@ class AgentCollector(Collector):
             value=1 if a.link.connected else 0,
         )
         yield GaugeMetricFamily(
-            "takedown_agent_assigned_urls", "URLs in the current assignment", value=len(a.urls)
+            "takedown_agent_assigned_urls",
+            "URLs in the current assignment",
+            value=len(a.assignment),
         )
         probes = CounterMetricFamily(
             "takedown_agent_probes", "Probes made, by error class", labels=["error"]

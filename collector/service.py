@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from collector.store.reads import active_targets, connect_readonly
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+from protos.takedown.v1.assignment import BUCKETS, Digests, bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,32 @@ class AgentHub:
             session.push(message)
 
 
+def _interval_ms(t: Target) -> int:
+    return max(1, round(t.interval * 1000))
+
+
 def _target(t: Target) -> pb.Target:
-    return pb.Target(url_id=t.url_id, url=t.url, interval_seconds=max(1, round(t.interval)))
+    return pb.Target(url_id=t.url_id, url=t.url, interval_ms=_interval_ms(t))
+
+
+def reconcile(targets: list[Target], theirs: Sequence[int]) -> Iterator[pb.AssignmentUpdate]:
+    """The updates that bring an agent holding digests `theirs` to `targets`, bucket by bucket."""
+    ours = Digests()
+    by_bucket: dict[int, list[Target]] = {}
+    for t in targets:
+        ours.toggle(t.url_id, _interval_ms(t))
+        by_bucket.setdefault(bucket_of(t.url_id), []).append(t)
+    known = list(theirs) if len(theirs) == BUCKETS else [0] * BUCKETS
+    differ = [b for b in range(BUCKETS) if ours.values[b] != known[b]]
+    update = pb.AssignmentUpdate()
+    for b in differ:
+        update.replace_buckets.append(b)
+        update.upsert.extend(_target(t) for t in by_bucket.get(b, ()))
+        if len(update.upsert) >= ASSIGNMENT_CHUNK:
+            yield update
+            update = pb.AssignmentUpdate()
+    update.in_sync = True
+    yield update
 
 
 def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
@@ -211,7 +236,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         receiver = asyncio.create_task(self._receive(session, request_iterator))
         get: asyncio.Task[pb.CollectorMessage] | None = None
         try:
-            await self._send_assignment(session)
+            await self._send_assignment(session, hello.assignment_digests)
             while True:
                 get = asyncio.create_task(session.outbox.get())
                 await asyncio.wait({get, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -244,7 +269,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 )
             await self._ingest(session, message.batch)
 
-    async def _send_assignment(self, session: AgentSession) -> None:
+    async def _send_assignment(self, session: AgentSession, theirs: Sequence[int]) -> None:
         def read() -> list[Target]:
             conn = connect_readonly(self.db_path)
             try:
@@ -253,14 +278,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 conn.close()
 
         targets = await asyncio.to_thread(read)
-        for i in range(0, max(1, len(targets)), ASSIGNMENT_CHUNK):
-            chunk = targets[i : i + ASSIGNMENT_CHUNK]
-            update = pb.AssignmentUpdate(
-                reset=(i == 0),
-                complete=(i + ASSIGNMENT_CHUNK >= len(targets)),
-                upsert=[_target(t) for t in chunk],
-            )
+        sent = 0
+        for update in reconcile(targets, theirs):
+            sent += len(update.upsert)
             session.outbox.put_nowait(pb.CollectorMessage(assignment=update))
+        log.info("assignment_reconciled agent=%s sent=%d of=%d", session.name, sent, len(targets))
         session.release()
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:

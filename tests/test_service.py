@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from agent.assignment import Assignment, AssignmentChange
 from collector.server import Collector
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+from protos.takedown.v1.assignment import bucket_of
 
 pytestmark = pytest.mark.integration
 
@@ -122,19 +124,47 @@ class TestAgentStream:
     async def test_assignment_is_pushed_on_connect_and_on_import(
         self, channel: grpc.aio.Channel
     ) -> None:
-        """The full assignment comes first (reset), later imports arrive as additions."""
+        """A new agent gets every bucket it lacks, then in_sync; later imports come as additions."""
         stub = pb_grpc.IntakeStub(channel)
-        await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "A1")]))
+        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "A1")]))
         call = await open_stream(channel)
         full = await next_of(call, "assignment")
-        assert full.assignment.reset
+        assert full.assignment.in_sync
+        assert list(full.assignment.replace_buckets) == [bucket_of(sub.outcomes[0].url_id)]
         assert [t.url for t in full.assignment.upsert] == ["http://a.example/1"]
         await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/2", "A2")]))
         delta = await next_of(call, "assignment")
-        assert not delta.assignment.reset
+        assert not delta.assignment.replace_buckets
         assert [t.url for t in delta.assignment.upsert] == ["http://a.example/2"]
-        assert delta.assignment.upsert[0].interval_seconds == 1
+        assert delta.assignment.upsert[0].interval_ms == 1000
         call.cancel()
+
+    async def test_reconnect_with_same_assignment_sends_nothing(
+        self, channel: grpc.aio.Channel
+    ) -> None:
+        """An agent whose digests match the collector's gets no targets again, only in_sync."""
+        stub = pb_grpc.IntakeStub(channel)
+        reports = [report(f"http://a.example/{i}", f"S{i}") for i in range(50)]
+        await stub.Submit(pb.SubmitRequest(reports=reports))
+        held = Assignment()
+        first = await open_stream(channel)
+        update = (await next_of(first, "assignment")).assignment
+        held.apply(
+            AssignmentChange(
+                upsert=tuple((t.url_id, t.url, t.interval_ms / 1000) for t in update.upsert),
+                replace_buckets=tuple(update.replace_buckets),
+            )
+        )
+        first.cancel()
+        again = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+        hello = pb.Hello(agent="test-agent", network="net", version="t")
+        hello.assignment_digests.extend(held.digest_list())
+        await again.write(pb.AgentMessage(hello=hello))
+        assert (await again.read()).HasField("welcome")
+        sync = (await next_of(again, "assignment")).assignment
+        assert len(held) == 50
+        assert sync.in_sync and not sync.upsert and not sync.replace_buckets
+        again.cancel()
 
     async def test_redelivered_batch_is_stored_once(
         self, channel: grpc.aio.Channel, collector: Collector

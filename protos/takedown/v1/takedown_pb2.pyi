@@ -115,6 +115,7 @@ class Hello(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SENT_AT_UNIX_US_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_DIGESTS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """unique agent name"""
     network: _builtins.str
@@ -122,6 +123,12 @@ class Hello(_message.Message):
     version: _builtins.str
     """agent software version"""
     sent_at_unix_us: _builtins.int
+    @_builtins.property
+    def assignment_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Digests of the assignment the agent holds, one per bucket (see
+        protos/takedown/v1/assignment.py); empty when it holds none.
+        """
+
     def __init__(
         self,
         *,
@@ -129,10 +136,11 @@ class Hello(_message.Message):
         network: _builtins.str = ...,
         version: _builtins.str = ...,
         sent_at_unix_us: _builtins.int = ...,
+        assignment_digests: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "network", b"network", "sent_at_unix_us", b"sent_at_unix_us", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "assignment_digests", b"assignment_digests", "network", b"network", "sent_at_unix_us", b"sent_at_unix_us", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,35 +200,37 @@ Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
 class AssignmentUpdate(_message.Message):
-    """A change to the set of URLs the agent probes. A full assignment may span
-    several messages: the first has reset=true, the last complete=true (one
-    message may have both); when it is complete the agent drops every URL the
-    full assignment did not name.
+    """A change to the set of URLs the agent probes. For every bucket listed in
+    replace_buckets, this message holds the bucket's whole content: the agent
+    drops its URLs in those buckets that are not upserted here. Right after
+    Welcome the collector sends the buckets whose digests differ from the
+    agent's Hello, then in_sync=true (possibly in the same message).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESET_FIELD_NUMBER: _builtins.int
     UPSERT_FIELD_NUMBER: _builtins.int
     REMOVE_FIELD_NUMBER: _builtins.int
-    COMPLETE_FIELD_NUMBER: _builtins.int
-    reset: _builtins.bool
-    complete: _builtins.bool
+    REPLACE_BUCKETS_FIELD_NUMBER: _builtins.int
+    IN_SYNC_FIELD_NUMBER: _builtins.int
+    in_sync: _builtins.bool
     @_builtins.property
     def upsert(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]: ...
     @_builtins.property
     def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def replace_buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
-        reset: _builtins.bool = ...,
         upsert: _abc.Iterable[Global___Target] | None = ...,
         remove: _abc.Iterable[_builtins.int] | None = ...,
-        complete: _builtins.bool = ...,
+        replace_buckets: _abc.Iterable[_builtins.int] | None = ...,
+        in_sync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "remove", b"remove", "reset", b"reset", "upsert", b"upsert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_sync", b"in_sync", "remove", b"remove", "replace_buckets", b"replace_buckets", "upsert", b"upsert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,20 +242,20 @@ class Target(_message.Message):
 
     URL_ID_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
-    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
     url_id: _builtins.int
     url: _builtins.str
-    interval_seconds: _builtins.int
+    interval_ms: _builtins.int
     def __init__(
         self,
         *,
         url_id: _builtins.int = ...,
         url: _builtins.str = ...,
-        interval_seconds: _builtins.int = ...,
+        interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "url", b"url", "url_id", b"url_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_ms", b"interval_ms", "url", b"url", "url_id", b"url_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
