@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from collector.attribution import PrefixTable
+from collector.attribution_sources import build_attributor
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.schedule import Planner
 from collector.service import AgentHub, AgentLinkService, IntakeService
@@ -36,6 +36,10 @@ class CollectorConfig:
     listen: str = "127.0.0.1:7443"
     metrics_listen: str = "127.0.0.1:9464"
     prefixes: Path | None = None
+    asn_mmdb: Path | None = None
+    ipasn: Path | None = None
+    as_names: Path | None = None
+    cdn_asns: frozenset[int] = frozenset()
     planner: Planner = field(default_factory=Planner)
     replan_every: float = 60.0
     policy: Policy = field(default_factory=Policy)
@@ -56,8 +60,10 @@ class Collector:
     def __init__(self, config: CollectorConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        table = PrefixTable.from_csv(config.prefixes) if config.prefixes else PrefixTable([])
-        self.writer = Writer(lambda: Store(config.db, table, config.policy))
+        self.attribution = build_attributor(
+            config.prefixes, config.asn_mmdb, config.ipasn, config.as_names, config.cdn_asns
+        )
+        self.writer = Writer(lambda: Store(config.db, self.attribution, config.policy))
         self.hub = AgentHub()
         self.registry = CollectorRegistry()
         self.grpc_port = 0
@@ -164,6 +170,7 @@ class Collector:
             await self._runner.cleanup()
             self._runner = None
         await self.writer.close()
+        self.attribution.close()
         log.info("collector_stopped")
 
 
