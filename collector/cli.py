@@ -1,4 +1,4 @@
-"""`takedown-collector serve | import | report`.
+"""`takedown-collector serve | import | report | url`.
 
 Every option can also come from the environment (TAKEDOWN_COLLECTOR_<OPTION>)
 or a TOML file given with --config (a [collector] table).
@@ -19,14 +19,20 @@ import configargparse
 
 from collector import __version__
 from collector.attribution import AttributionFileError
+from collector.attribution_sources import parse_asn_list
+from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
-from collector.report import provider_table, render
+from collector.plot import PlotUnavailable, plot_survival
+from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
+from collector.reports_file import parse_time
 from collector.schedule import DEFAULT_PHASES, Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
 from collector.store import StoreError
-from collector.store.reads import connect_readonly, url_outcomes
+from collector.store.history import url_history
+from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
+from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
 from collector.verdict import Policy
 
 
@@ -43,6 +49,27 @@ def _phases(text: str) -> tuple[Phase, ...]:
         return parse_phases(text)
     except ValueError as exc:
         raise configargparse.ArgumentTypeError(str(exc)) from exc
+
+
+def asns(text: str) -> frozenset[int]:
+    try:
+        return parse_asn_list(text)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(str(exc)) from exc
+
+
+def instant(text: str) -> float:
+    """Unix time from ISO 8601 with an offset, or a duration meaning that long ago ('30d')."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_time(text, "time")
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(
+            f"{exc} (give ISO 8601 with an offset, or a duration such as 30d)"
+        ) from exc
 
 
 def positive_int(text: str) -> int:
@@ -85,7 +112,30 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--prefixes",
         type=Path,
-        help="CSV prefix,asn,provider[,country,cdn] mapping peer addresses to providers",
+        help="CSV prefix,asn,provider[,country,cdn] mapping peer addresses to providers;"
+        " overrides every other source",
+    )
+    p.add_argument(
+        "--asn-mmdb",
+        type=Path,
+        help="MaxMind-format ASN database (GeoLite2-ASN.mmdb or compatible), after --prefixes",
+    )
+    p.add_argument(
+        "--ipasn",
+        type=Path,
+        help="pyasn ipasn data file (prefix<TAB>asn, optionally .gz), after --asn-mmdb",
+    )
+    p.add_argument(
+        "--as-names",
+        type=Path,
+        help="AS names for --ipasn: pyasn JSON {asn: name} or CSV asn,name",
+    )
+    p.add_argument(
+        "--cdn-asns",
+        type=asns,
+        default=frozenset(),
+        help="AS numbers that are CDNs, e.g. '13335,20940'; their addresses are flagged and a"
+        " report's origin_ip is used instead",
     )
     p.add_argument(
         "--schedule",
@@ -203,14 +253,76 @@ def import_parser() -> configargparse.ArgParser:
     return p
 
 
+def _table_options(p: configargparse.ArgParser) -> None:
+    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument(
+        "--deadline",
+        type=duration,
+        action="append",
+        help="deadline regime(s) from the notice; the report's overdue column uses the first"
+        " (default 24h); the url timeline shows each (default 1h, 12h, 24h)",
+    )
+    p.add_argument(
+        "--order-deadline",
+        type=duration,
+        default=DEFAULT_ORDER_DEADLINE,
+        help="deadline of a binding removal order when the report gives none",
+    )
+
+
 def report_parser() -> configargparse.ArgParser:
     p = _parser("report", "Print the per-provider removal table from the collector database.")
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output")
+    _table_options(p)
+    p.add_argument("--format", choices=FORMATS, default="table", help="output")
+    p.add_argument(
+        "--since",
+        type=instant,
+        help="only URLs first notified at or after this time: ISO 8601 with offset, or '30d'",
+    )
+    p.add_argument("--until", type=instant, help="only URLs first notified before this time")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare the --since/--until window with the previous window of equal length",
+    )
+    p.add_argument(
+        "--min-reports",
+        type=positive_int,
+        default=10,
+        help="providers with fewer reports are listed but not ranked",
+    )
+    p.add_argument(
+        "--latency-end",
+        choices=LATENCY_ENDS,
+        default="first_removed",
+        help="which end of the removal interval is the latency: the first probe that saw it"
+        " removed (an upper bound, the default) or the last that saw it present (a lower bound)",
+    )
+    p.add_argument(
+        "--plot", type=Path, help="also draw survival curves per provider into this PNG file"
+    )
+    p.add_argument(
+        "--plot-top", type=positive_int, default=8, help="providers drawn by --plot, most reports"
+    )
     return p
 
 
-COMMANDS = {"serve": serve_parser, "import": import_parser, "report": report_parser}
+def url_parser() -> configargparse.ArgParser:
+    p = _parser(
+        "url", "Print one URL's timeline: reports, probes per agent, episodes, deadline clock."
+    )
+    p.add_argument("key", help="URL id (a number) or the exact reported URL")
+    _table_options(p)
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output")
+    return p
+
+
+COMMANDS = {
+    "serve": serve_parser,
+    "import": import_parser,
+    "report": report_parser,
+    "url": url_parser,
+}
 
 
 def _usage() -> str:
@@ -258,8 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     attempts=args.attempts,
                 )
             )
+        if command == "url":
+            return _url(args)
         return _report(args)
-    except (StoreError, AttributionFileError, OSError) as exc:
+    except (StoreError, AttributionFileError, PlotUnavailable, OSError, ValueError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
         return 1
 
@@ -291,6 +405,10 @@ def _serve(args: configargparse.Namespace) -> int:
         listen=args.listen,
         metrics_listen=args.metrics_listen,
         prefixes=args.prefixes,
+        asn_mmdb=args.asn_mmdb,
+        ipasn=args.ipasn,
+        as_names=args.as_names,
+        cdn_asns=args.cdn_asns,
         planner=planner,
         replan_every=args.replan_every,
         policy=Policy(
@@ -308,12 +426,58 @@ def _serve(args: configargparse.Namespace) -> int:
 
 
 def _report(args: configargparse.Namespace) -> int:
+    now = time.time()
+    options = {
+        "min_reports": args.min_reports,
+        "deadline": (args.deadline or [DEFAULT_DEADLINES[-1]])[0],
+        "order_deadline": args.order_deadline,
+        "latency_end": args.latency_end,
+    }
     conn = connect_readonly(args.db)
     try:
-        rows = provider_table(url_outcomes(conn), time.time())
+        if args.compare:
+            current, previous = windows(args.since, args.until, now)
+            rows = compare_windows(
+                url_outcomes(conn, *current), url_outcomes(conn, *previous), now, **options
+            )
+            sys.stdout.write(render_comparison(rows, args.format, current, previous))
+            outcomes = url_outcomes(conn, *current)
+        else:
+            outcomes = url_outcomes(conn, args.since, args.until)
+            table = provider_table(outcomes, now, **options)
+            sys.stdout.write(render(table, args.format, min_reports=args.min_reports))
     finally:
         conn.close()
-    sys.stdout.write(render(rows, args.format))
+    if args.plot:
+        by_provider: dict[str, list[UrlOutcome]] = {}
+        for o in outcomes:
+            by_provider.setdefault(o.provider, []).append(o)
+        drawn = plot_survival(
+            by_provider,
+            args.plot,
+            now,
+            top=args.plot_top,
+            latency_end=args.latency_end,
+            deadline=options["deadline"],
+        )
+        print(f"survival curves of {len(drawn)} providers written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _url(args: configargparse.Namespace) -> int:
+    key: int | str = int(args.key) if args.key.isdigit() else args.key
+    conn = connect_readonly(args.db)
+    try:
+        history = url_history(conn, key)
+    finally:
+        conn.close()
+    if history is None:
+        print(f"takedown-collector url: no URL {args.key!r} in {args.db}", file=sys.stderr)
+        return 1
+    regimes = tuple(args.deadline or DEFAULT_DEADLINES)
+    sys.stdout.write(
+        render_timeline(history, time.time(), args.format, regimes, args.order_deadline)
+    )
     return 0
 
 

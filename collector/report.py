@@ -1,8 +1,23 @@
 """The per-provider table: how many URLs each provider was notified of, how fast it removed them.
 
-Latency statistics come from a Kaplan–Meier estimate in which URLs still
-online (or not yet measured) are censored at their current age, so a
+Theory of operation
+-------------------
+Each URL contributes one observation from its first episode: a removal at its
+latency (notice → first removed observation by default, or notice → last
+present observation with ``latency_end="last_present"``, the two ends of the
+interval in which the content went), or, if it is still online or not yet
+measured, a censored observation at its current age. Median, p90 and the share
+removed within 24h come from a Kaplan–Meier estimate over these, so a
 provider that never removes does not look fast because its few removals were.
+
+The latency bands (≤1h, 1–12h, 12–24h, 24–48h, >48h) are disjoint and count
+URLs with a first-episode removal, so they add up to ``removed``; a URL removed
+and then back online is counted in its band *and* as online and reappeared.
+
+Providers with fewer than ``min_reports`` reports are listed but not ranked:
+a handful of cases says little about a company. Ranked providers are ordered
+by KM median (never reaching 50% is worst), then by the share removed within
+24h (higher first), then by name.
 """
 
 from __future__ import annotations
@@ -10,70 +25,183 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
 
 from collector.store.reads import UrlOutcome
-from collector.survival import kaplan_meier
+from collector.survival import SurvivalCurve, kaplan_meier
 from collector.verdict import ONLINE_STATES, UrlState
 
+HOUR = 3600.0
 DAY = 86400.0
+LatencyEnd = Literal["first_removed", "last_present"]
+LATENCY_ENDS: tuple[str, ...] = ("first_removed", "last_present")
+FORMATS: tuple[str, ...] = ("table", "csv", "json", "markdown")
+BANDS: tuple[tuple[str, float], ...] = (
+    ("removed_1h", HOUR),
+    ("removed_1h_12h", 12 * HOUR),
+    ("removed_12h_24h", DAY),
+    ("removed_24h_48h", 2 * DAY),
+    ("removed_over_48h", math.inf),
+)
+"""Field name and (inclusive) upper bound of each disjoint latency band."""
 
 
 @dataclass(frozen=True)
 class ProviderRow:
+    """One provider's line of the public table; durations in seconds, shares in 0..1."""
+
     provider: str
     asn: str
     reports: int
     urls: int
     removed: int
     online: int
+    asns: tuple[str, ...]
+    report_share: float
+    removed_1h: int
+    removed_1h_12h: int
+    removed_12h_24h: int
+    removed_24h_48h: int
+    removed_over_48h: int
+    overdue: int
     geoblocked: int
+    reappeared: int
+    nxdomain: int
     pending: int
     median_latency_seconds: float | None
+    p90_latency_seconds: float | None
     removed_within_24h: float | None
+    rank: int | None
 
 
-def provider_table(outcomes: Sequence[UrlOutcome], now: float) -> list[ProviderRow]:
-    """One row per provider, most-reported first."""
+def latency(o: UrlOutcome, latency_end: str = "first_removed") -> float | None:
+    """First-episode latency at the chosen end of the removal interval; None if not removed."""
+    if o.removal_latency is None:
+        return None
+    if latency_end == "first_removed":
+        return max(0.0, o.removal_latency)
+    if latency_end == "last_present":
+        last_present = o.removal_last_present_at
+        if last_present is None:
+            return 0.0
+        return max(0.0, last_present - o.notified_at)
+    raise ValueError(f"unknown latency end {latency_end!r}: use {' or '.join(LATENCY_ENDS)}")
+
+
+def survival_data(
+    outcomes: Sequence[UrlOutcome], now: float, latency_end: str = "first_removed"
+) -> tuple[list[float], list[bool]]:
+    """Kaplan–Meier input: removals at their latency, the rest censored at their current age."""
+    durations: list[float] = []
+    removed: list[bool] = []
+    for o in outcomes:
+        value = latency(o, latency_end)
+        durations.append(max(0.0, now - o.notified_at) if value is None else value)
+        removed.append(value is not None)
+    return durations, removed
+
+
+def survival_curve(
+    outcomes: Sequence[UrlOutcome], now: float, latency_end: str = "first_removed"
+) -> SurvivalCurve:
+    """The Kaplan–Meier curve of one group of URLs."""
+    return kaplan_meier(*survival_data(outcomes, now, latency_end))
+
+
+def is_overdue(o: UrlOutcome, now: float, deadline: float, order_deadline: float) -> bool:
+    """Still online past notice + deadline, or past its binding order's due time."""
+    if o.state not in ONLINE_STATES:
+        return False
+    if now > o.notified_at + deadline:
+        return True
+    if o.order_issued_at is None:
+        return False
+    return now > o.order_issued_at + (o.order_deadline or order_deadline)
+
+
+def _row(
+    provider: str,
+    items: Sequence[UrlOutcome],
+    now: float,
+    total_reports: int,
+    deadline: float,
+    order_deadline: float,
+    latency_end: str,
+) -> ProviderRow:
+    durations, removed = survival_data(items, now, latency_end)
+    curve = kaplan_meier(durations, removed)
+    bands = [0] * len(BANDS)
+    for d, r in zip(durations, removed, strict=True):
+        if r:
+            bands[next(i for i, (_, bound) in enumerate(BANDS) if d <= bound)] += 1
+    asns = Counter(o.asn for o in items if o.asn is not None)
+    judged = any(r or d >= DAY for d, r in zip(durations, removed, strict=True))
+    reports = sum(o.reports for o in items)
+    return ProviderRow(
+        provider=provider,
+        asn=f"AS{asns.most_common(1)[0][0]}" if asns else "AS?",
+        reports=reports,
+        urls=len(items),
+        removed=sum(removed),
+        online=sum(1 for o in items if o.state in ONLINE_STATES),
+        asns=tuple(f"AS{a}" for a in sorted(asns)) or ("AS?",),
+        report_share=reports / total_reports if total_reports else 0.0,
+        removed_1h=bands[0],
+        removed_1h_12h=bands[1],
+        removed_12h_24h=bands[2],
+        removed_24h_48h=bands[3],
+        removed_over_48h=bands[4],
+        overdue=sum(1 for o in items if is_overdue(o, now, deadline, order_deadline)),
+        geoblocked=sum(1 for o in items if o.state == UrlState.GEOBLOCKED),
+        reappeared=sum(1 for o in items if o.reappearances > 0),
+        nxdomain=sum(1 for o in items if o.removal_latency is not None and o.removal_nxdomain),
+        pending=sum(1 for o in items if o.state == UrlState.PENDING),
+        median_latency_seconds=curve.median(),
+        p90_latency_seconds=curve.quantile(0.9),
+        removed_within_24h=curve.removed_share_by(DAY) if judged else None,
+        rank=None,
+    )
+
+
+def _rank_key(row: ProviderRow) -> tuple[float, float, str]:
+    median = math.inf if row.median_latency_seconds is None else row.median_latency_seconds
+    share = -1.0 if row.removed_within_24h is None else row.removed_within_24h
+    return (median, -share, row.provider)
+
+
+def provider_table(
+    outcomes: Sequence[UrlOutcome],
+    now: float,
+    *,
+    min_reports: int = 10,
+    deadline: float = DAY,
+    order_deadline: float = 12 * HOUR,
+    latency_end: str = "first_removed",
+) -> list[ProviderRow]:
+    """One row per provider: ranked ones by rank, then the unranked by reports, most first."""
+    if latency_end not in LATENCY_ENDS:
+        raise ValueError(f"unknown latency end {latency_end!r}: use {' or '.join(LATENCY_ENDS)}")
     by_provider: dict[str, list[UrlOutcome]] = {}
     for o in outcomes:
         by_provider.setdefault(o.provider, []).append(o)
-    rows = []
-    for provider, items in by_provider.items():
-        durations: list[float] = []
-        removed: list[bool] = []
-        for o in items:
-            if o.removal_latency is not None:
-                durations.append(o.removal_latency)
-                removed.append(True)
-            else:
-                durations.append(max(0.0, now - o.notified_at))
-                removed.append(False)
-        curve = kaplan_meier(durations, removed)
-        asns = Counter(o.asn for o in items if o.asn is not None)
-        judged = any(r or d >= DAY for d, r in zip(durations, removed, strict=True))
-        within = curve.removed_share_by(DAY) if judged else None
-        rows.append(
-            ProviderRow(
-                provider=provider,
-                asn=f"AS{asns.most_common(1)[0][0]}" if asns else "AS?",
-                reports=sum(o.reports for o in items),
-                urls=len(items),
-                removed=sum(removed),
-                online=sum(1 for o in items if o.state in ONLINE_STATES),
-                geoblocked=sum(1 for o in items if o.state == UrlState.GEOBLOCKED),
-                pending=sum(1 for o in items if o.state == UrlState.PENDING),
-                median_latency_seconds=curve.median(),
-                removed_within_24h=within,
-            )
-        )
-    rows.sort(key=lambda r: (-r.reports, r.provider))
-    return rows
+    total = sum(o.reports for o in outcomes)
+    rows = [
+        _row(p, items, now, total, deadline, order_deadline, latency_end)
+        for p, items in by_provider.items()
+    ]
+    ranked = sorted((r for r in rows if r.reports >= min_reports), key=_rank_key)
+    rank_of = {r.provider: i for i, r in enumerate(ranked, start=1)}
+    out = [replace(r, rank=rank_of.get(r.provider)) for r in rows]
+    out.sort(key=lambda r: (r.rank is None, r.rank or 0, -r.reports, r.provider))
+    return out
 
 
 def human_duration(seconds: float | None) -> str:
+    """90s, 15m, 5.5h, 3.2d; "-" for None (never reached)."""
     if seconds is None:
         return "-"
     if seconds < 120:
@@ -85,37 +213,102 @@ def human_duration(seconds: float | None) -> str:
     return f"{seconds / DAY:.1f}d"
 
 
-def render(rows: Sequence[ProviderRow], fmt: str) -> str:
-    """The table as text ("table"), "json" or "csv"."""
-    if fmt == "json":
-        return json.dumps([asdict(r) for r in rows], indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(ProviderRow.__dataclass_fields__)
-        for r in rows:
-            writer.writerow(asdict(r).values())
-        return out.getvalue()
-    if fmt != "table":
-        raise ValueError(f"unknown format {fmt!r}: use table, json or csv")
-    header = ["provider", "asn", "reports", "urls", "removed", "online", "geoblocked",
-              "median latency", "removed ≤24h"]  # fmt: skip
-    lines = [
-        [r.provider, r.asn, str(r.reports), str(r.urls), str(r.removed), str(r.online),
-         str(r.geoblocked), human_duration(r.median_latency_seconds),
-         "-" if r.removed_within_24h is None else f"{100 * r.removed_within_24h:.0f}%"]
-        for r in rows
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def record(row: ProviderRow) -> dict[str, Any]:
+    """A row as plain JSON values: seconds, fractions, the ASN list as a list."""
+    out = asdict(row)
+    out["asns"] = list(row.asns)
+    return out
+
+
+def _flat(row: ProviderRow) -> dict[str, Any]:
+    out = record(row)
+    out["asns"] = " ".join(row.asns)
+    return out
+
+
+TABLE_HEADER = (
+    "provider", "asn", "reports", "urls", "removed", "online", "share", "≤1h", "1-12h",
+    "12-24h", "24-48h", ">48h", "overdue", "geoblocked", "reappeared", "nxdomain", "pending",
+    "median", "p90", "≤24h", "rank",
+)  # fmt: skip
+_LEFT = 2
+
+
+def _cells(row: ProviderRow) -> list[str]:
+    asn = row.asn if len(row.asns) < 2 else f"{row.asn}+{len(row.asns) - 1}"
+    return [
+        row.provider, asn, str(row.reports), str(row.urls), str(row.removed), str(row.online),
+        percent(row.report_share), str(row.removed_1h), str(row.removed_1h_12h),
+        str(row.removed_12h_24h), str(row.removed_24h_48h), str(row.removed_over_48h),
+        str(row.overdue), str(row.geoblocked), str(row.reappeared),
+        f"{row.nxdomain}!" if row.nxdomain else "0", str(row.pending),
+        human_duration(row.median_latency_seconds), human_duration(row.p90_latency_seconds),
+        percent(row.removed_within_24h), "-" if row.rank is None else str(row.rank),
     ]  # fmt: skip
+
+
+def aligned(header: Sequence[str], lines: Sequence[Sequence[str]], left: int = _LEFT) -> list[str]:
+    """Text columns: the first `left` left-aligned, the rest right-aligned, a rule below."""
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def fmt_row(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    text = [fmt_row(header), fmt_row(["-" * w for w in widths])]
-    text.extend(fmt_row(line) for line in lines)
+    return [fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)]
+
+
+def markdown(header: Sequence[str], lines: Sequence[Sequence[str]], left: int = _LEFT) -> str:
+    """A GitHub table; `|` in a cell is escaped."""
+
+    def fmt_row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = ["---" if i < left else "---:" for i in range(len(header))]
+    return "\n".join([fmt_row(header), fmt_row(rule), *map(fmt_row, lines)]) + "\n"
+
+
+def csv_text(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
+    return out.getvalue()
+
+
+def _notes(rows: Sequence[ProviderRow], min_reports: int | None) -> list[str]:
+    notes = ["median, p90 and ≤24h: Kaplan–Meier, URLs still online censored at their age"]
+    if any(r.rank is None for r in rows):
+        few = f"fewer than {min_reports}" if min_reports is not None else "too few"
+        notes.append(f"rank '-': not ranked, {few} reports")
+    if any(r.nxdomain for r in rows):
+        notes.append("nxdomain '!': removals that rest on DNS NXDOMAIN (content may remain)")
+    return notes
+
+
+def render(rows: Sequence[ProviderRow], fmt: str, *, min_reports: int | None = None) -> str:
+    """The table as "table" (aligned text), "csv", "json" or "markdown"."""
+    if fmt == "json":
+        return json.dumps([record(r) for r in rows], indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        return csv_text([_flat(r) for r in rows], [f.name for f in fields(ProviderRow)])
+    lines = [_cells(r) for r in rows]
+    notes = _notes(rows, min_reports)
+    if fmt == "markdown":
+        if not lines:
+            return markdown(TABLE_HEADER, lines) + "\n(no reports yet)\n"
+        return markdown(TABLE_HEADER, lines) + "".join(f"\n{n}\n" for n in notes)
+    if fmt != "table":
+        raise ValueError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    text = aligned(TABLE_HEADER, lines)
     if not lines:
         text.append("(no reports yet)")
+    else:
+        text.extend(["", *notes])
     return "\n".join(text) + "\n"

@@ -19,7 +19,7 @@ import configargparse
 import pytest
 
 from agent.cli import build_parser
-from collector.cli import duration, import_parser, report_parser, serve_parser
+from collector.cli import duration, import_parser, report_parser, serve_parser, url_parser
 from collector.importer import import_file
 from collector.server import Collector
 from collector.store.reads import connect_readonly, url_statuses
@@ -126,7 +126,12 @@ class TestHelp:
 
     @pytest.mark.parametrize(
         ("command", "build"),
-        [("serve", serve_parser), ("import", import_parser), ("report", report_parser)],
+        [
+            ("serve", serve_parser),
+            ("import", import_parser),
+            ("report", report_parser),
+            ("url", url_parser),
+        ],
     )
     def test_collector_command_help_lists_every_option(
         self, command: str, build: Callable[[], configargparse.ArgParser]
@@ -488,6 +493,73 @@ class TestReport:
         header = out.splitlines()[0].split()
         assert header[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
         assert "median" in header
+
+    async def test_markdown_window(self, db: Path) -> None:
+        """--format markdown within a window that holds the reports; an empty window says so."""
+        rc, out, err, _ = await run_async(
+            COLLECTOR, "report", "--db", str(db), "--format", "markdown",
+            "--since", "2026-01-05T00:00:00+00:00", "--until", "2026-01-06T00:00:00Z",
+        )  # fmt: skip
+        assert rc == 0, err
+        assert out.startswith("| provider")
+        assert "not ranked" in out
+        rc, out, err, _ = await run_async(
+            COLLECTOR, "report", "--db", str(db), "--format", "markdown", "--since", "1h"
+        )
+        assert rc == 0, err
+        assert "(no reports yet)" in out
+
+    async def test_compare_json(self, db: Path) -> None:
+        """--compare names both windows and counts this window's reports against the previous."""
+        rc, out, err, _ = await run_async(
+            COLLECTOR, "report", "--db", str(db), "--format", "json", "--compare",
+            "--since", "2026-01-05T00:00:00+00:00", "--until", "2026-01-06T00:00:00+00:00",
+        )  # fmt: skip
+        assert rc == 0, err
+        doc = json.loads(out)
+        assert doc["previous_window"]["until"].startswith("2026-01-05T00:00:00")
+        assert sum(r["reports"] for r in doc["providers"]) == 3
+        assert sum(r["reports_previous"] for r in doc["providers"]) == 0
+
+    async def test_compare_needs_since(self, db: Path) -> None:
+        """--compare without a window start exits 1 naming --since."""
+        rc, _, err, _ = await run_async(COLLECTOR, "report", "--db", str(db), "--compare")
+        assert rc == 1
+        assert "--since" in err
+        assert "Traceback" not in err
+
+    def test_naive_since_is_usage_error(self, tmp_path: Path) -> None:
+        """A --since without a UTC offset exits 2 naming the value."""
+        done = run(COLLECTOR, "report", "--db", str(tmp_path / "x.db"), "--since", "2026-01-05")
+        assert done.returncode == 2
+        assert "'2026-01-05'" in done.stderr
+        assert "no UTC offset" in done.stderr
+
+    async def test_plot(self, db: Path, tmp_path: Path) -> None:
+        """--plot writes a PNG of the survival curves."""
+        png = tmp_path / "curves.png"
+        rc, _, err, _ = await run_async(COLLECTOR, "report", "--db", str(db), "--plot", str(png))
+        assert rc == 0, err
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    async def test_url_timeline(self, db: Path) -> None:
+        """`url` by id and by exact URL prints the same URL's timeline, text or JSON."""
+        rc, out, err, _ = await run_async(
+            COLLECTOR, "url", GOOD_URLS[0], "--db", str(db), "--format", "json"
+        )
+        assert rc == 0, err
+        doc = json.loads(out)
+        assert doc["url"] == GOOD_URLS[0]
+        rc, out, err, _ = await run_async(COLLECTOR, "url", str(doc["url_id"]), "--db", str(db))
+        assert rc == 0, err
+        assert "notice sent (report R1)" in out
+
+    async def test_url_unknown(self, db: Path) -> None:
+        """An unknown URL exits 1 naming it, without a traceback."""
+        rc, _, err, _ = await run_async(COLLECTOR, "url", "http://nope.example/", "--db", str(db))
+        assert rc == 1
+        assert "no URL 'http://nope.example/'" in err
+        assert "Traceback" not in err
 
     def test_missing_database(self, tmp_path: Path) -> None:
         """A missing database file exits 1 with a message naming it and no traceback."""

@@ -13,7 +13,7 @@ from collector.attribution import PrefixTable
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
-from collector.store.reads import connect_readonly, results_count, url_statuses
+from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
 from collector.verdict import Policy
 
 NOW = time.time()
@@ -45,7 +45,9 @@ def res(url_id: int, seq: int, status: int = 200, peer: str = "192.0.2.1") -> Re
 @pytest.fixture
 def table(tmp_path: Path) -> PrefixTable:
     path = tmp_path / "prefixes.csv"
-    path.write_text("prefix,asn,provider\n192.0.2.0/24,64500,Example\n")
+    path.write_text(
+        "prefix,asn,provider\n192.0.2.0/24,64500,Example\n198.51.100.0/24,64501,Elsewhere\n"
+    )
     return PrefixTable.from_csv(path)
 
 
@@ -71,6 +73,25 @@ class TestStore:
         assert status.state == "removed"
         assert status.provider == "Example" and status.asn == 64500
         assert status.removal_first_removed_at == NOW + 2
+
+    def test_first_removal_stays_with_the_provider_that_removed_it(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """Content that reappears at another provider moves the URL, not the first latency."""
+        db = tmp_path / "c.db"
+        store = open_store(db, table)
+        url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
+        agent = store.register_agent("a1", "net", "t", NOW)
+        removed = [res(url_id, 1), res(url_id, 2, 404), res(url_id, 3, 404)]
+        back = [res(url_id, 4, peer="198.51.100.9")]
+        store.ingest(agent, [*removed, *back], NOW)
+        store.close()
+        conn = connect_readonly(db)
+        (status,), (outcome,) = url_statuses(conn), url_outcomes(conn)
+        conn.close()
+        assert status.provider == "Elsewhere" and status.state == "available"
+        assert outcome.provider == "Example"
+        assert outcome.removal_first_removed_at == NOW + 2
 
     def test_same_seq_is_stored_once_across_restarts(
         self, tmp_path: Path, table: PrefixTable

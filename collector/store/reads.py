@@ -147,7 +147,10 @@ def url_outcomes(
 ) -> list[UrlOutcome]:
     """Every URL's outcome, optionally only those first notified in [since, until)."""
     sql = (
-        "SELECT s.provider, s.asn, s.state, s.notified_at, s.removal_latency,"
+        # The first episode's removal belongs to whoever hosted it then, even if the content
+        # later reappeared elsewhere and url_state now names the new provider.
+        "SELECT COALESCE((SELECT e.provider FROM episodes e WHERE e.url_id = s.url_id"
+        " AND e.episode = 1), s.provider), s.asn, s.state, s.notified_at, s.removal_latency,"
         " (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id), s.url_id, s.cdn,"
         " s.dynamic, s.removal_last_present_at, s.removal_first_removed_at, s.removal_nxdomain,"
         " s.reappearances, s.order_issued_at, s.order_deadline FROM url_state s WHERE 1 = 1"
