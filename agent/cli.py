@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import configargparse
 
@@ -16,6 +17,7 @@ from agent import __version__
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
+from agent.spool import SpoolError
 
 log = logging.getLogger("agent")
 
@@ -94,6 +96,28 @@ def build_parser() -> configargparse.ArgParser:
         default=10,
         help="redirect hops followed",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="directory for spool.db: results are kept there until the collector acknowledges"
+        " them, with the assignment, so a restart resumes both (default: memory only)",
+    )
+    p.add_argument(
+        "--spool-limit",
+        type=_positive(int),
+        default=1_000_000,
+        help="results the spool holds; when full, repeats are dropped first, changes never",
+    )
+    p.add_argument(
+        "--spool-max-bytes",
+        type=_positive(int),
+        help="bytes the spool holds at most (estimated), on top of --spool-limit",
+    )
+    p.add_argument(
+        "--journal",
+        action="store_true",
+        help="also keep every spooled result's sequence number in spool.db (for audits; grows)",
+    )
     p.add_argument("--batch-size", type=_positive(int), default=500, help="results per message")
     p.add_argument(
         "--flush-interval", type=_positive(float), default=1.0, help="max seconds a result waits"
@@ -152,6 +176,10 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         jitter=args.jitter,
         first_spread=args.first_spread,
         metrics_listen=args.metrics_listen or None,
+        state_dir=args.state_dir,
+        outbox_limit=args.spool_limit,
+        spool_max_bytes=args.spool_max_bytes,
+        journal=args.journal,
     )
 
 
@@ -180,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CollectorRefused as exc:
         print(f"takedown-agent: {exc}", file=sys.stderr)
         return 2
+    except SpoolError as exc:
+        print(f"takedown-agent: {exc}", file=sys.stderr)
+        return 1
     log.info("agent_stopped")
     return 0
 

@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from agent.assignment import AssignmentChange
-from agent.outbox import Batch, Outbox
+from agent.outbox import Batch, ResultQueue
 from agent.result import ErrorClass, ProbeResult
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -103,7 +103,7 @@ class Link:
         self,
         target: str,
         identity: Identity,
-        outbox: Outbox,
+        outbox: ResultQueue,
         on_assignment: Callable[[AssignmentChange], None],
         *,
         digests: Callable[[], list[int]] = list,

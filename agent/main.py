@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp.abc import AbstractResolver
 
@@ -23,9 +24,10 @@ from agent.assignment import Assignment, AssignmentChange
 from agent.guard import AddressPolicy
 from agent.link import Identity, Link
 from agent.metrics import serve_metrics
-from agent.outbox import Outbox
+from agent.outbox import Outbox, ResultQueue
 from agent.probe import ProbeConfig, Prober
 from agent.schedule import Schedule
+from agent.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class AgentConfig:
     outbox_limit: int = 1_000_000
     drain_timeout: float = 10.0
     metrics_listen: str | None = None  # HOST:PORT for /metrics and /healthz
+    state_dir: Path | None = None  # spool.db: results until acked, and the assignment
+    spool_max_bytes: int | None = None
+    journal: bool = False  # keep every spooled seq in the spool's journal table (audits, tests)
 
 
 class Agent:
@@ -65,7 +70,20 @@ class Agent:
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
         self.assignment = Assignment()
-        self.outbox = Outbox(limit=config.outbox_limit)
+        self.outbox: ResultQueue
+        self.spool: Spool | None = None
+        if config.state_dir is not None:
+            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.spool = Spool(
+                config.state_dir / "spool.db",
+                limit=config.outbox_limit,
+                max_bytes=config.spool_max_bytes,
+                clock=clock,
+                journal=config.journal,
+            )
+            self.outbox = self.spool
+        else:
+            self.outbox = Outbox(limit=config.outbox_limit)
         self.link = Link(
             config.collector,
             Identity(config.name, config.network, __version__),
@@ -81,14 +99,27 @@ class Agent:
         self.probed = 0
         self.probes_by_error: dict[str, int] = {}
         self.metrics_port = 0
+        self._fatal: SpoolError | None = None
+        if self.spool is not None:
+            resumed = self.spool.assignment()
+            if resumed:
+                self._assign(AssignmentChange(upsert=tuple(resumed)), record=False)
+                log.info("assignment_resumed urls=%d", len(resumed))
 
-    def _assign(self, change: AssignmentChange) -> None:
+    def _assign(self, change: AssignmentChange, record: bool = True) -> None:
         now = self.clock()
         applied = self.assignment.apply(change)
         for url_id in applied.stop:
             self.schedule.remove(url_id)
         for url_id, interval in applied.schedule:
             self.schedule.set(url_id, interval, now)
+        if record and self.spool is not None and (applied.stop or applied.schedule):
+            urls = self.assignment.urls
+            upsert = [(u, urls[u][0], interval) for u, interval in applied.schedule]
+            try:
+                self.spool.record_assignment(upsert, applied.stop)
+            except SpoolError as exc:
+                self._fail(exc)
         if applied.stop or applied.schedule or change.in_sync:
             log.info(
                 "assignment_changed urls=%d scheduled=%d stopped=%d in_sync=%s",
@@ -122,11 +153,21 @@ class Agent:
         self, prober: Prober, link: asyncio.Task[None], stopping: asyncio.Task[bool]
     ) -> None:
         limit = self.config.probe.concurrency
+        flushed = self.clock()
         while not stopping.done():
             if link.done():
                 link.result()
-            free = limit - len(self._probes)
+            if self._fatal is not None:
+                raise self._fatal
             now = self.clock()
+            if now - flushed >= self.config.flush_interval:
+                flushed = now
+                try:
+                    self.outbox.flush()  # commits acks, and results while probing is quiet
+                except SpoolError as exc:
+                    self._fail(exc)
+                    raise
+            free = limit - len(self._probes)
             if free > 0:
                 for url_id in self.schedule.pop_due(now, free):
                     url = self.assignment.url(url_id)
@@ -146,9 +187,20 @@ class Agent:
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
 
+    def _fail(self, exc: SpoolError) -> None:
+        """The spool cannot be written: stop probing (nothing unacknowledged is lost)."""
+        if self._fatal is None:
+            log.error("spool_failed error=%s", exc)
+            self._fatal = exc
+        self._changed.set()
+
     async def _probe(self, prober: Prober, url_id: int, url: str) -> None:
         result = await prober.probe(url_id, url)
-        self.outbox.add(result)
+        try:
+            self.outbox.add(result)
+        except SpoolError as exc:
+            self._fail(exc)
+            return
         self.probed += 1
         self.probes_by_error[result.error.value] = (
             self.probes_by_error.get(result.error.value, 0) + 1
@@ -166,3 +218,7 @@ class Agent:
         link.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await link
+        try:
+            self.outbox.close()
+        except SpoolError as exc:
+            log.error("spool_close_failed error=%s", exc)

@@ -53,6 +53,19 @@ class AgentCollector(Collector):
             ("dropped", a.outbox.dropped, "Results dropped because the spool was full"),
         ):
             yield CounterMetricFamily(f"takedown_agent_results_{name}", text, value=value)
+        drops = CounterMetricFamily(
+            "takedown_agent_spool_drops",
+            "Results the full spool dropped, by policy step (repeats first, changes never)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(getattr(a.outbox, "drops_by_reason", {}).items()):
+            drops.add_metric([reason], n)
+        yield drops
+        yield GaugeMetricFamily(
+            "takedown_agent_spool_over_limit",
+            "Results kept beyond the spool's bound because dropping them would lose a change",
+            value=getattr(a.outbox, "over_limit", 0),
+        )
         yield CounterMetricFamily(
             "takedown_agent_reconnects", "Reconnects to the collector", value=a.link.reconnects
         )

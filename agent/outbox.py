@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from agent.result import ProbeResult
 
@@ -27,6 +28,28 @@ from agent.result import ProbeResult
 class Batch:
     batch_id: int
     results: tuple[ProbeResult, ...]
+
+
+class ResultQueue(Protocol):
+    """What the link and the agent need of an outbox: `Outbox` in memory, `Spool` on disk."""
+
+    acked: int
+    redelivered: int
+    dropped: int
+
+    def add(self, result: ProbeResult) -> ProbeResult: ...
+    def take(self, max_results: int) -> Batch | None: ...
+    def ack(self, batch_id: int) -> int: ...
+    def requeue(self) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
 
 
 class Outbox:
@@ -52,6 +75,12 @@ class Outbox:
             self.dropped += 1
         self._pending.append(numbered)
         return numbered
+
+    def flush(self) -> None:
+        """Nothing to make durable: this outbox lives and dies with the process."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def take(self, max_results: int) -> Batch | None:
         """The next batch to send: a batch to resend first, else up to max_results new results."""

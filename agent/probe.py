@@ -98,6 +98,9 @@ class ProbeConfig:
     source_address: str | None = None
     user_agent: str = "takedown-monitor-agent/0.1"
     verify_tls: bool = True
+    # Reuse connections between probes. Off in agents: a new connection per probe resolves
+    # afresh and observes where the name points now. On only to measure the HTTP cost (bench/).
+    keep_alive: bool = False
 
 
 class Phase(enum.Enum):
@@ -282,7 +285,7 @@ class Prober:
             limit_per_host=cfg.per_host,
             local_addr=(cfg.source_address, 0) if cfg.source_address else None,
             use_dns_cache=False,
-            force_close=True,
+            force_close=not cfg.keep_alive,
             resolver=self._resolver,
             ssl=self._ssl,
         )
