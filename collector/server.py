@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from collector.attribution_sources import build_attributor
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.schedule import Planner
+from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
 from collector.store import Store, StoreError, Writer
 from collector.verdict import Policy
@@ -66,6 +67,7 @@ class Collector:
         self.writer = Writer(lambda: Store(config.db, self.attribution, config.policy))
         self.hub = AgentHub()
         self.registry = CollectorRegistry()
+        self.self_metrics = SelfMetrics(self.registry)
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -86,10 +88,14 @@ class Collector:
             ]
         )
         pb_grpc.add_AgentLinkServicer_to_server(
-            AgentLinkService(self.writer, self.hub, self.config.db, self.clock), server
+            AgentLinkService(self.writer, self.hub, self.config.db, self.clock, self.self_metrics),
+            server,
         )
         pb_grpc.add_IntakeServicer_to_server(
-            IntakeService(self.writer, self.hub, self.config.planner, self.clock), server
+            IntakeService(
+                self.writer, self.hub, self.config.planner, self.clock, self.self_metrics
+            ),
+            server,
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
+from collector.selfmetrics import SelfMetrics
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
 from collector.store.reads import active_targets, connect_readonly
 from collector.urls import InvalidURL, normalize_url
@@ -199,11 +201,13 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         hub: AgentHub,
         db_path: Path,
         clock: Callable[[], float] = time.time,
+        metrics: SelfMetrics | None = None,
     ) -> None:
         self.writer = writer
         self.hub = hub
         self.db_path = db_path
         self.clock = clock
+        self.metrics = metrics or SelfMetrics(CollectorRegistry())
 
     async def Connect(
         self,
@@ -230,6 +234,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         if self.hub.join(session) is not None:
             log.info("agent_replaced_stream agent=%s", hello.agent)
         log.info("agent_connected agent=%s network=%s", hello.agent, hello.network)
+        self.metrics.streams_opened.inc()
+        self.metrics.streams.inc()
         yield pb.CollectorMessage(
             welcome=pb.Welcome(agent_id=agent_id, received_hello_at_unix_us=s_to_us(now))
         )
@@ -248,6 +254,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     yield session.outbox.get_nowait()
                 refusal = receiver.exception()
                 if isinstance(refusal, Refused):
+                    self.metrics.streams_refused.inc()
                     await context.abort(refusal.code, refusal.details)
                 if refusal is not None:
                     raise refusal
@@ -257,6 +264,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             receiver.cancel()
             if get is not None:
                 get.cancel()
+            self.metrics.streams_closed.inc()
+            self.metrics.streams.dec()
             log.info("agent_disconnected agent=%s", hello.agent)
 
     async def _receive(
@@ -282,10 +291,12 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         for update in reconcile(targets, theirs):
             sent += len(update.upsert)
             session.outbox.put_nowait(pb.CollectorMessage(assignment=update))
+        self.metrics.assignment_sent.inc(sent)
         log.info("assignment_reconciled agent=%s sent=%d of=%d", session.name, sent, len(targets))
         session.release()
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
+        arrived = time.monotonic()
         now = self.clock()
         offset = None
         if batch.sent_at_unix_us:
@@ -302,6 +313,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         try:
             done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now, offset))
         except StoreError as exc:
+            self.metrics.batches_failed.inc()
+            self.metrics.store_errors.inc()
             log.error("batch_not_stored agent=%s error=%s", session.name, exc)
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"results not stored: {exc}") from exc
         if done.rejected:
@@ -317,6 +330,13 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 )
             )
         )
+        m = self.metrics
+        m.batches_acked.inc()
+        m.stored.inc(done.stored)
+        m.duplicates.inc(done.duplicates)
+        m.rejected.inc(done.rejected)
+        m.invalid.inc(invalid)
+        m.ack_seconds.observe(time.monotonic() - arrived)
 
 
 class IntakeService(pb_grpc.IntakeServicer):
@@ -328,11 +348,13 @@ class IntakeService(pb_grpc.IntakeServicer):
         hub: AgentHub,
         planner: Planner,
         clock: Callable[[], float] = time.time,
+        metrics: SelfMetrics | None = None,
     ) -> None:
         self.writer = writer
         self.hub = hub
         self.planner = planner
         self.clock = clock
+        self.metrics = metrics or SelfMetrics(CollectorRegistry())
 
     async def Submit(
         self,
@@ -357,6 +379,7 @@ class IntakeService(pb_grpc.IntakeServicer):
         try:
             stored = await self.writer.run(lambda s: s.submit_reports(valid, now, self.planner))
         except StoreError as exc:
+            self.metrics.store_errors.inc()
             log.error("reports_not_stored error=%s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"reports not stored: {exc}")
         self.hub.publish(
@@ -375,6 +398,10 @@ class IntakeService(pb_grpc.IntakeServicer):
                     else pb.SUBMIT_STATUS_ALREADY_KNOWN
                 )
                 slot = pb.SubmitOutcome(status=status, report_id=o.report_id, url_id=o.url_id)
+            {
+                pb.SUBMIT_STATUS_ACCEPTED: self.metrics.reports_accepted,
+                pb.SUBMIT_STATUS_ALREADY_KNOWN: self.metrics.reports_known,
+            }.get(slot.status, self.metrics.reports_rejected).inc()
             response.outcomes.append(slot)
         return response
 

@@ -155,6 +155,19 @@ async def test_removals_are_measured_per_provider(
         for s in metrics["takedown_overdue_urls"]
     }
     assert overdue[("Hoster A", "1h")] == 0
+    own_results = {
+        s.labels["outcome"]: s.value for s in metrics["takedown_collector_results_total"]
+    }
+    # Agents still run: the counters are read before the database in the same scrape.
+    stored_in_db = sum(s.value for s in metrics["takedown_probe_results_total"])
+    assert 0 < own_results["stored"] <= stored_in_db
+    assert own_results["invalid"] == 0
+    batches = {s.labels["outcome"]: s.value for s in metrics["takedown_collector_batches_total"]}
+    assert batches["acked"] > 0 and batches["not_stored"] == 0
+    assert metrics["takedown_collector_ack_seconds_count"][0].value >= batches["acked"]
+    assert metrics["takedown_collector_agent_streams_open"][0].value == 2
+    assert metrics["takedown_collector_reports_total"][0].labels["outcome"] == "accepted"
+    assert metrics["takedown_collector_reports_total"][0].value == 8
     for family in metrics.values():
         for sample in family:
             assert not any("127.0.0" in v or "/a-" in v for v in sample.labels.values())
