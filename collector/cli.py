@@ -210,6 +210,13 @@ def serve_parser() -> configargparse.ArgParser:
         help="different never-repeating bodies after which a page counts as dynamic",
     )
     p.add_argument(
+        "--max-clock-offset",
+        type=duration,
+        default=10.0,
+        help="results from an agent whose clock is estimated further off are flagged"
+        " clock_suspect",
+    )
+    p.add_argument(
         "--deadline",
         type=duration,
         action="append",
@@ -417,6 +424,7 @@ def _serve(args: configargparse.Namespace) -> int:
             forbidden_is_removal=args.forbidden_is_removal,
             dynamic_after=args.dynamic_after,
             reach_window=args.reach_window,
+            max_clock_offset=args.max_clock_offset,
         ),
         buckets=args.buckets or DEFAULT_BUCKETS,
         deadlines=planner.deadlines,
