@@ -371,6 +371,8 @@ class TestSystemd:
         assert str(args.db).startswith(state + "/")
         args = parse_args("agent", agent[1:], files, tmp_path)
         assert args.network == "nl-ams"
+        agent_state = _unit(SYSTEMD / self.UNITS[1])["StateDirectory"][0].replace("%i", "nl-ams")
+        assert str(args.state_dir) == "/var/lib/" + agent_state
 
 
 def _mounts(service: dict[str, Any]) -> Iterator[tuple[str, Path | str]]:
