@@ -245,6 +245,10 @@ class UrlVerdict:
         track.removed_run += 1
         if track.run_started_at is None:
             track.run_started_at = at
+        if self.last_present_at is not None and track.run_started_at <= self.last_present_at:
+            # This agent has seen it removed since before another last saw it present (it is
+            # blocked for this network): its removed results say nothing about when it went.
+            return
         if self.last_present_at is None or since > self.last_present_at:
             at = since
         after_present = self.last_present_at is None or at > self.last_present_at

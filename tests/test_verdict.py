@@ -148,6 +148,16 @@ class TestUrlVerdict:
         feed(v, gone(1, 150), policy=policy)
         assert v.state is UrlState.REMOVED
 
+    def test_blocked_network_does_not_date_a_later_removal(self) -> None:
+        """Removed-for-one-network results before the real removal do not make it look early."""
+        v = UrlVerdict(notified_at=0)
+        feed(v, present(1, 0), gone(2, 5), gone(2, 6), present(1, 10), present(1, 20))
+        assert v.state is UrlState.GEOBLOCKED
+        feed(v, gone(2, 25), gone(1, 30), gone(2, 35), gone(1, 40))
+        assert v.state is UrlState.REMOVED
+        assert v.removal is not None
+        assert (v.removal.last_present_at, v.removal.first_removed_at) == (20, 30)
+
     def test_reappearance_opens_new_episode(self) -> None:
         """The content coming back after a confirmed removal opens episode 2."""
         v = UrlVerdict(notified_at=0)
