@@ -25,6 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from agent.assignment import AssignmentChange
+from agent.credentials import ClientTLS, call_metadata, open_channel
 from agent.outbox import Batch, ResultQueue
 from agent.result import ErrorClass, ProbeResult
 from protos.takedown.v1 import takedown_pb2 as pb
@@ -113,8 +114,12 @@ class Link:
         wait: wait_base | None = None,
         healthy_after: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls  # None: plaintext (--insecure)
+        self._metadata = call_metadata(token)
         self.identity = identity
         self.outbox = outbox
         self.on_assignment = on_assignment
@@ -161,8 +166,8 @@ class Link:
         ]
         started = self.clock()
         welcomed = False
-        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
-            call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+        async with open_channel(self.target, self.tls, options) as channel:
+            call = pb_grpc.AgentLinkStub(channel).Connect(metadata=self._metadata)  # type: ignore[call-arg]
             try:
                 await call.write(
                     pb.AgentMessage(
@@ -244,7 +249,12 @@ class Link:
             if self.outbox.inflight < self.max_inflight and (due or self._draining):
                 batch = self.outbox.take(self.batch_size)
                 if batch is not None:
-                    await call.write(encode(batch))
+                    try:
+                        await call.write(encode(batch))
+                    except asyncio.InvalidStateError:
+                        # The RPC ended before the reader saw it; its status says why.
+                        await reader
+                        raise StreamLost("the stream ended while sending") from None
                     self.sent += len(batch.results)
                     last_send = self.clock()
                     continue

@@ -21,6 +21,7 @@ from aiohttp.abc import AbstractResolver
 
 from agent import __version__
 from agent.assignment import Assignment, AssignmentChange
+from agent.credentials import ClientTLS
 from agent.guard import AddressPolicy
 from agent.link import Identity, Link
 from agent.metrics import serve_metrics
@@ -52,6 +53,8 @@ class AgentConfig:
     state_dir: Path | None = None  # spool.db: results until acked, and the assignment
     spool_max_bytes: int | None = None
     journal: bool = False  # keep every spooled seq in the spool's journal table (audits, tests)
+    tls: ClientTLS | None = None  # None: plaintext gRPC (only with --insecure)
+    token: str | None = field(default=None, repr=False)  # bearer token (never in a repr)
 
 
 class Agent:
@@ -93,6 +96,8 @@ class Agent:
             batch_size=config.batch_size,
             flush_interval=config.flush_interval,
             max_inflight=config.max_inflight,
+            tls=config.tls,
+            token=config.token,
         )
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
@@ -216,9 +221,11 @@ class Agent:
             if not delivered:
                 log.warning("shutdown_undelivered results=%d", len(self.outbox))
         link.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await link
         try:
-            self.outbox.close()
-        except SpoolError as exc:
-            log.error("spool_close_failed error=%s", exc)
+            with contextlib.suppress(asyncio.CancelledError):
+                await link  # re-raises what ended the link (a refusal), after the close below
+        finally:
+            try:
+                self.outbox.close()
+            except SpoolError as exc:
+                log.error("spool_close_failed error=%s", exc)

@@ -1,4 +1,4 @@
-"""`takedown-collector serve | import | report | url`.
+"""`takedown-collector serve | import | report | url | agents | intake-tokens | ca`.
 
 Every option can also come from the environment (TAKEDOWN_COLLECTOR_<OPTION>)
 or a TOML file given with --config (a [collector] table).
@@ -17,13 +17,17 @@ from pathlib import Path
 
 import configargparse
 
+from agent.credentials import ClientTLS, CredentialError, read_token
 from collector import __version__
+from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError
 from collector.attribution_sources import parse_asn_list
+from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
+from collector.pki import PKIError
 from collector.plot import PlotUnavailable, plot_survival
 from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
 from collector.reports_file import parse_time
@@ -33,7 +37,10 @@ from collector.store import StoreError
 from collector.store.history import url_history
 from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
 from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
+from collector.tokens import Role
 from collector.verdict import Policy
+
+log = logging.getLogger("collector")
 
 
 def duration(text: str) -> float:
@@ -79,6 +86,16 @@ def positive_int(text: str) -> int:
         raise configargparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
     if value < 1:
         raise configargparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if not value >= 0:
+        raise configargparse.ArgumentTypeError(f"{text!r} must be 0 (no limit) or more")
     return value
 
 
@@ -213,8 +230,7 @@ def serve_parser() -> configargparse.ArgParser:
         "--max-clock-offset",
         type=duration,
         default=10.0,
-        help="results from an agent whose clock is estimated further off are flagged"
-        " clock_suspect",
+        help="results from an agent whose clock is estimated further off are flagged clock_suspect",
     )
     p.add_argument(
         "--deadline",
@@ -233,7 +249,63 @@ def serve_parser() -> configargparse.ArgParser:
         type=lambda s: [duration(x) for x in s.split(",")],
         help="latency histogram bucket bounds, comma separated (default 1m .. 30d)",
     )
+    p.add_argument("--cert-file", type=Path, help="the collector's TLS certificate chain, PEM")
+    p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM (keep it 0600)")
+    p.add_argument(
+        "--client-ca-file",
+        type=Path,
+        help="mutual TLS: clients need a certificate from this CA, and an agent's certificate"
+        " must name it (common name or subject alternative name)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without TLS: only on a trusted network or for a loopback demo",
+    )
+    p.add_argument(
+        "--auth",
+        choices=["tokens", "none"],
+        default="tokens",
+        help="tokens: every agent and hotline presents its token ('agents add',"
+        " 'intake-tokens add'); none: anyone may connect (only with --insecure, for demos)",
+    )
+    p.add_argument(
+        "--max-results-per-second",
+        type=rate,
+        default=20_000.0,
+        help="results each agent may send per second (token bucket); a batch over it is not"
+        " acknowledged and the stream ends with RESOURCE_EXHAUSTED; 0 for no limit",
+    )
+    p.add_argument(
+        "--results-burst",
+        type=rate,
+        help="results an agent may send at once above the rate (default: one second's worth)",
+    )
     return p
+
+
+def _client_security_options(p: configargparse.ArgParser, what: str) -> None:
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        help="CA certificate(s) that sign the collector's certificate, PEM"
+        " (default: the system's trusted roots)",
+    )
+    p.add_argument("--cert-file", type=Path, help="client certificate, PEM (mutual TLS)")
+    p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM")
+    p.add_argument(
+        "--token-file", type=Path, help=f"file holding the {what} token; preferred over --token"
+    )
+    p.add_argument(
+        "--token",
+        help=f"the {what} token; prefer --token-file or the environment, since a command line"
+        " is visible to other users",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without TLS (only for a collector run with --insecure)",
+    )
 
 
 def import_parser() -> configargparse.ArgParser:
@@ -256,6 +328,68 @@ def import_parser() -> configargparse.ArgParser:
         type=positive_int,
         default=5,
         help="tries per request while the collector is unavailable (backoff up to 10 s)",
+    )
+    _client_security_options(p, "hotline's intake ('takedown-collector intake-tokens add NAME')")
+    return p
+
+
+def agents_parser() -> configargparse.ArgParser:
+    p = _parser(
+        "agents",
+        "Create, list or revoke agent tokens (one per agent name) in the collector database.",
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"], help="what to do")
+    p.add_argument("name", nargs="?", help="the agent's --name (add, revoke)")
+    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--network", help="add: the agent must also say this --network (default: any)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="add: revoke the name's live token in the same step (rotation)",
+    )
+    return p
+
+
+def intake_tokens_parser() -> configargparse.ArgParser:
+    p = _parser(
+        "intake-tokens",
+        "Create, list or revoke hotline tokens for `import` (Intake) in the collector database.",
+    )
+    p.add_argument("action", choices=["add", "list", "revoke"], help="what to do")
+    p.add_argument("name", nargs="?", help="the hotline's name (add, revoke)")
+    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="add: revoke the name's live token in the same step (rotation)",
+    )
+    return p
+
+
+def ca_parser() -> configargparse.ArgParser:
+    p = _parser(
+        "ca",
+        "A small private CA: 'init DIR' makes DIR/ca.pem and ca.key; 'issue DIR --name N'"
+        " makes DIR/N.pem and N.key for an agent (or with --server, the collector).",
+    )
+    p.add_argument("action", choices=["init", "issue"], help="what to do")
+    p.add_argument("dir", type=Path, help="directory holding ca.pem and ca.key (made 0700)")
+    p.add_argument(
+        "--name", help="issue: the agent's --name (its certificate's common name), or a file"
+        " name for --server"
+    )  # fmt: skip
+    p.add_argument("--server", action="store_true", help="issue: a collector certificate")
+    p.add_argument(
+        "--dns", action="append", default=[], help="issue --server: a DNS name clients use"
+    )
+    p.add_argument(
+        "--ip", action="append", default=[], help="issue --server: an IP address clients use"
+    )
+    p.add_argument(
+        "--common-name", default="Takedown Monitor CA", help="init: the CA's common name"
+    )
+    p.add_argument(
+        "--days", type=positive_int, help="validity (default: CA 3650, certificates 825)"
     )
     return p
 
@@ -329,6 +463,9 @@ COMMANDS = {
     "import": import_parser,
     "report": report_parser,
     "url": url_parser,
+    "agents": agents_parser,
+    "intake-tokens": intake_tokens_parser,
+    "ca": ca_parser,
 }
 
 
@@ -339,7 +476,7 @@ def _usage() -> str:
         "Takedown Monitor collector. Commands:",
     ]
     for name, build in COMMANDS.items():
-        lines.append(f"  {name:8} {build().description}")
+        lines.append(f"  {name:13} {build().description}")
     lines.append("\nRun 'takedown-collector COMMAND --help' for a command's options.")
     return "\n".join(lines)
 
@@ -359,27 +496,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"takedown-collector: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    args = COMMANDS[command]().parse_args(rest)
+    parser = COMMANDS[command]()
+    args = parser.parse_args(rest)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     try:
         if command == "serve":
-            return _serve(args)
+            return _serve(parser, args)
         if command == "import":
-            return asyncio.run(
-                import_file(
-                    args.file,
-                    args.collector,
-                    fmt=args.format,
-                    skip_invalid=args.skip_invalid,
-                    batch_size=args.batch_size,
-                    attempts=args.attempts,
-                )
-            )
+            return _import(parser, args)
         if command == "url":
             return _url(args)
+        if command == "agents":
+            return credentials_command(args, Role.AGENT)
+        if command == "intake-tokens":
+            return credentials_command(args, Role.INTAKE)
+        if command == "ca":
+            return ca_command(args)
         return _report(args)
+    except (CredentialError, PKIError) as exc:
+        print(f"takedown-collector {command}: {exc}", file=sys.stderr)
+        return 2
     except (StoreError, AttributionFileError, PlotUnavailable, OSError, ValueError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
         return 1
@@ -405,7 +543,71 @@ def planner_from(args: configargparse.Namespace) -> Planner:
     )
 
 
-def _serve(args: configargparse.Namespace) -> int:
+def server_security(
+    parser: configargparse.ArgParser, args: configargparse.Namespace
+) -> tuple[ServerTLS | None, bool]:
+    """TLS settings and whether tokens are required; a usage error if they do not fit."""
+    tls_files = (args.cert_file, args.key_file, args.client_ca_file)
+    if args.insecure:
+        if any(tls_files):
+            parser.error("--insecure excludes --cert-file, --key-file and --client-ca-file")
+        log.warning(
+            "insecure_transport plaintext gRPC on %s: anyone on the path can read URLs, results"
+            " and tokens (--insecure)",
+            args.listen,
+        )
+        if args.auth == "none":
+            log.warning("auth_disabled anyone who reaches %s may act as an agent or submit"
+                        " reports (--auth none)", args.listen)  # fmt: skip
+        return None, args.auth == "tokens"
+    if args.auth == "none":
+        parser.error("--auth none is allowed only together with --insecure (local demos)")
+    if not (args.cert_file and args.key_file):
+        parser.error(
+            "TLS needs --cert-file and --key-file ('takedown-collector ca' can make them),"
+            " or --insecure for plaintext on a trusted network"
+        )
+    return ServerTLS(args.cert_file, args.key_file, args.client_ca_file), True
+
+
+def client_security(
+    parser: configargparse.ArgParser, args: configargparse.Namespace
+) -> tuple[ClientTLS | None, str | None]:
+    """The import client's TLS settings and token (--token-file preferred)."""
+    token = read_token(args.token, args.token_file)
+    if args.insecure:
+        if args.ca_file or args.cert_file or args.key_file:
+            parser.error("--insecure excludes --ca-file, --cert-file and --key-file")
+        log.warning("insecure_transport plaintext gRPC to %s (--insecure)", args.collector)
+        return None, token
+    if token is None:
+        parser.error(
+            "a token is required: --token-file FILE (from 'takedown-collector intake-tokens add"
+            " NAME'), or --insecure for a collector run with --auth none"
+        )
+    tls = ClientTLS(args.ca_file, args.cert_file, args.key_file)
+    tls.credentials()  # reads the files now, so a missing one is reported before the import
+    return tls, token
+
+
+def _import(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
+    tls, token = client_security(parser, args)
+    return asyncio.run(
+        import_file(
+            args.file,
+            args.collector,
+            fmt=args.format,
+            skip_invalid=args.skip_invalid,
+            batch_size=args.batch_size,
+            attempts=args.attempts,
+            tls=tls,
+            token=token,
+        )
+    )
+
+
+def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
+    tls, require_tokens = server_security(parser, args)
     planner = planner_from(args)
     config = CollectorConfig(
         db=args.db,
@@ -428,6 +630,10 @@ def _serve(args: configargparse.Namespace) -> int:
         ),
         buckets=args.buckets or DEFAULT_BUCKETS,
         deadlines=planner.deadlines,
+        tls=tls,
+        require_tokens=require_tokens,
+        max_results_per_second=args.max_results_per_second or None,
+        results_burst=args.results_burst or None,
     )
     asyncio.run(serve(config))
     return 0

@@ -17,6 +17,7 @@ from typing import TextIO
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from agent.credentials import ClientTLS, call_metadata, open_channel
 from collector.reports_file import ReportFileError, ReportIn, RowError, read_reports, validate_file
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -63,8 +64,14 @@ async def import_file(
     batch_size: int = 1000,
     out: TextIO = sys.stderr,
     attempts: int = 5,
+    tls: ClientTLS | None = None,
+    token: str | None = None,
 ) -> int:
-    """Import a file; print progress and a summary to `out`; return the exit status."""
+    """Import a file; print progress and a summary to `out`; return the exit status.
+
+    `tls` None is plaintext (the CLI uses it only with --insecure); `token` is the
+    hotline's intake token, sent as `authorization: Bearer` metadata.
+    """
     try:
         check = validate_file(path, fmt)
     except ReportFileError as exc:
@@ -86,7 +93,7 @@ async def import_file(
     sent = 0
     last_progress = time.monotonic()
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target, tls) as channel:
             stub = pb_grpc.IntakeStub(channel)
             for chunk in _chunks(path, fmt, batch_size):
                 request = pb.SubmitRequest(reports=[_message(r) for r in chunk])
@@ -98,7 +105,9 @@ async def import_file(
                     reraise=True,
                 ):
                     with attempt:
-                        response = await stub.Submit(request, timeout=60)
+                        response = await stub.Submit(
+                            request, timeout=60, metadata=call_metadata(token)
+                        )
                 assert response is not None
                 for report, outcome in zip(chunk, response.outcomes, strict=True):
                     if outcome.status == pb.SUBMIT_STATUS_ACCEPTED:

@@ -15,12 +15,14 @@ class SelfMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         batches = Counter(
             "takedown_collector_batches",
-            "Result batches received from agents, by outcome (acked, or not stored: no ack)",
+            "Result batches received from agents, by outcome (acked, not stored, or over the"
+            " agent's result rate: no ack)",
             ["outcome"],
             registry=registry,
         )
         self.batches_acked = batches.labels("acked")
         self.batches_failed = batches.labels("not_stored")
+        self.batches_limited = batches.labels("rate_limited")
         results = Counter(
             "takedown_collector_results",
             "Results in received batches: stored, duplicate (redelivered, already stored),"
@@ -69,5 +71,13 @@ class SelfMetrics:
         self.streams = Gauge(
             "takedown_collector_agent_streams_open",
             "Agent streams open now",
+            registry=registry,
+        )
+        self.auth_refusals = Counter(
+            "takedown_collector_auth_refusals",
+            "Calls refused by authentication or authorisation, by reason (missing, malformed,"
+            " unknown, revoked, wrong_role, name_mismatch, network_mismatch, cert_mismatch,"
+            " no_rule)",
+            ["reason"],
             registry=registry,
         )

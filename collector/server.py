@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from collector.attribution_sources import build_attributor
+from collector.auth import Gate, ServerTLS, server_credentials
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
+from collector.ratelimit import RateLimiter
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
@@ -46,6 +48,17 @@ class CollectorConfig:
     policy: Policy = field(default_factory=Policy)
     buckets: Sequence[float] = DEFAULT_BUCKETS
     deadlines: Sequence[float] = DEFAULT_DEADLINES
+    # Security. The defaults (plaintext, no tokens, no rate limit) suit in-process tests; the
+    # `serve` command defaults to TLS and tokens and allows plaintext only with --insecure.
+    tls: ServerTLS | None = None
+    require_tokens: bool = False
+    max_results_per_second: float | None = None
+    results_burst: float | None = None  # default: one second's worth, at least 1,000
+    revalidate_every: float = 30.0  # how often open streams' tokens are checked for revocation
+
+
+def mutual_tls(config: CollectorConfig) -> bool:
+    return config.tls is not None and config.tls.client_ca_file is not None
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -73,11 +86,28 @@ class Collector:
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._planning: asyncio.Task[None] | None = None
+        self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
+        mutual = mutual_tls(config)
+        self.gate: Gate | None = None
+        if config.require_tokens or mutual:
+            self.gate = Gate(
+                config.db,
+                tokens=config.require_tokens,
+                mutual_tls=mutual,
+                metrics=self.self_metrics,
+            )
+        self.limiter: RateLimiter | None = None
+        if config.max_results_per_second:
+            rate = config.max_results_per_second
+            self.limiter = RateLimiter(rate, config.results_burst or max(rate, 1000.0))
 
     async def start(self) -> None:
+        tls = self.config.tls
+        credentials = server_credentials(tls) if tls is not None else None  # files read first
         await self.writer.start()
         server = grpc.aio.server(
+            interceptors=[self.gate] if self.gate is not None else None,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -85,10 +115,17 @@ class Collector:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         pb_grpc.add_AgentLinkServicer_to_server(
-            AgentLinkService(self.writer, self.hub, self.config.db, self.clock, self.self_metrics),
+            AgentLinkService(
+                self.writer,
+                self.hub,
+                self.config.db,
+                self.clock,
+                self.self_metrics,
+                limiter=self.limiter,
+            ),
             server,
         )
         pb_grpc.add_IntakeServicer_to_server(
@@ -99,7 +136,10 @@ class Collector:
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.grpc_port = server.add_insecure_port(self.config.listen)
+        if credentials is not None:
+            self.grpc_port = server.add_secure_port(self.config.listen, credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(self.config.listen)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {self.config.listen}")
         await server.start()
@@ -117,13 +157,19 @@ class Collector:
         await self._start_http()
         await self.replan()
         self._planning = asyncio.create_task(self._replan_forever(), name="replan")
+        if self.gate is not None and self.config.require_tokens:
+            self._revalidating = asyncio.create_task(
+                self.gate.revalidate_forever(self.config.revalidate_every), name="revalidate"
+            )
         for service in ("", "takedown.v1.AgentLink", "takedown.v1.Intake"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "collector_started grpc_port=%d metrics_port=%d db=%s",
+            "collector_started grpc_port=%d metrics_port=%d db=%s tls=%s tokens=%s",
             self.grpc_port,
             self.metrics_port,
             self.config.db,
+            "mutual" if mutual_tls(self.config) else "on" if self.config.tls else "off",
+            "required" if self.config.require_tokens else "off",
         )
 
     async def _start_http(self) -> None:
@@ -167,6 +213,9 @@ class Collector:
         if self._planning is not None:
             self._planning.cancel()
             self._planning = None
+        if self._revalidating is not None:
+            self._revalidating.cancel()
+            self._revalidating = None
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self._server is not None:

@@ -7,6 +7,12 @@ addresses that the prefix table maps to two providers. Four pages are removed
 a few seconds after the notice, one is blocked for one agent's network, one
 answers 503 for a while. The demo waits until the removals are measured, then
 prints the metrics and the provider table.
+
+It is secured as in production: a private CA (`takedown-collector ca`) signs
+the collector's certificate and one client certificate per agent (mutual
+TLS), each agent has its own token (`agents add`) and the import uses an
+intake token (`intake-tokens add`) and a certificate of its own; tokens are
+passed in 0600 files.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ PAGES = {
     "127.0.0.11": [("/files/a", Fate.GONE_410, 6), ("/files/b", Fate.REDIRECT, 10),
                    ("/files/c", Fate.UNAVAILABLE_503, 5), ("/files/d", None, 0)],
 }  # fmt: skip
+AGENT_NAMES = [name for name, _, _ in AGENTS]
+HOTLINE = "demo-hotline"
 BIN = Path(sys.executable).parent
 
 
@@ -44,6 +52,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def collector_command(*args: str) -> list[str]:
+    return [str(BIN / "takedown-collector"), *args]
+
+
+def write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+async def secure(state: Path, db: Path) -> Path:
+    """Make the CA, certificates and tokens the demo's processes use; return the CA directory."""
+
+    async def run(*args: str) -> str:
+        done = await asyncio.to_thread(
+            subprocess.run, collector_command(*args), check=True, capture_output=True, text=True
+        )
+        return done.stdout
+
+    ca = state / "ca"
+    tokens: dict[str, str] = {}
+
+    async def token(kind: str, name: str, *extra: str) -> None:
+        tokens[name] = await run(kind, "add", name, "--db", str(db), *extra)
+
+    # The first step creates the CA and the database; the rest run side by side.
+    await asyncio.gather(
+        run("ca", "init", str(ca)), token("agents", AGENTS[0][0], "--network", AGENTS[0][1])
+    )
+    await asyncio.gather(
+        run("ca", "issue", str(ca), "--name", "collector", "--server", "--ip", "127.0.0.1"),
+        *(run("ca", "issue", str(ca), "--name", name) for name in [*AGENT_NAMES, HOTLINE]),
+        *(token("agents", name, "--network", network) for name, network, _ in AGENTS[1:]),
+        token("intake-tokens", HOTLINE),
+    )
+    for name, text in tokens.items():
+        write_private(state / f"{name}.token", text)
+    return ca
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -82,12 +130,16 @@ async def run(state: Path, give_up_after: float) -> int:
     )
     grpc_port, metrics_port = free_port(), free_port()
     db = state / "collector.db"
+    print("== a private CA, certificates for the collector and each agent, one token each")
+    ca = await secure(state, db)
     procs = [
         spawn(
             [str(BIN / "takedown-collector"), "serve", "--db", str(db),
              "--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
              "--prefixes", str(prefixes), "--probe-interval", "1s", "--confirmations", "2",
-             "--deadline", "10s", "--deadline", "24h"],
+             "--deadline", "10s", "--deadline", "24h",
+             "--cert-file", str(ca / "collector.pem"), "--key-file", str(ca / "collector.key"),
+             "--client-ca-file", str(ca / "ca.pem")],
             state / "collector.log",
         )
     ]  # fmt: skip
@@ -99,7 +151,10 @@ async def run(state: Path, give_up_after: float) -> int:
                     [str(BIN / "takedown-agent"), "--collector", f"127.0.0.1:{grpc_port}",
                      "--name", name, "--network", network, "--source-address", source,
                      "--allow-private", "127.0.0.0/8", "--first-spread", "1",
-                     "--flush-interval", "0.5"],
+                     "--flush-interval", "0.5", "--metrics-listen", f"127.0.0.1:{free_port()}",
+                     "--ca-file", str(ca / "ca.pem"),
+                     "--cert-file", str(ca / f"{name}.pem"), "--key-file", str(ca / f"{name}.key"),
+                     "--token-file", str(state / f"{name}.token")],
                     state / f"{name}.log",
                 )
             )  # fmt: skip
@@ -117,7 +172,9 @@ async def run(state: Path, give_up_after: float) -> int:
         await asyncio.to_thread(
             subprocess.run,
             [str(BIN / "takedown-collector"), "import", str(reports),
-             "--collector", f"127.0.0.1:{grpc_port}"],
+             "--collector", f"127.0.0.1:{grpc_port}", "--ca-file", str(ca / "ca.pem"),
+             "--cert-file", str(ca / f"{HOTLINE}.pem"), "--key-file", str(ca / f"{HOTLINE}.key"),
+             "--token-file", str(state / f"{HOTLINE}.token")],
             check=True,
         )  # fmt: skip
         start = time.monotonic()

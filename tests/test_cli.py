@@ -381,11 +381,12 @@ class TestImport:
         """A valid CSV is accepted; importing it again reports every row as already known."""
         path = good_csv(tmp_path)
         target = f"127.0.0.1:{collector.grpc_port}"
-        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), "--collector", target)
+        plain = ("--collector", target, "--insecure")
+        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), *plain)
         assert rc == 0, err
         assert "accepted 3, already known 0, rejected 0" in err
         assert stored_urls(collector) == set(GOOD_URLS)
-        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), "--collector", target)
+        rc, _, err, _ = await run_async(COLLECTOR, "import", str(path), *plain)
         assert rc == 0, err
         assert "accepted 0, already known 3, rejected 0" in err
 
@@ -393,7 +394,12 @@ class TestImport:
         """A file with a naive timestamp on line 3 exits 1, names FILE:3, and stores nothing."""
         path = bad_csv(tmp_path)
         rc, _, err, _ = await run_async(
-            COLLECTOR, "import", str(path), "--collector", f"127.0.0.1:{collector.grpc_port}"
+            COLLECTOR,
+            "import",
+            str(path),
+            "--collector",
+            f"127.0.0.1:{collector.grpc_port}",
+            "--insecure",
         )
         assert rc == 1
         assert f"{path}:3:" in err
@@ -413,6 +419,7 @@ class TestImport:
             "--collector",
             f"127.0.0.1:{collector.grpc_port}",
             "--skip-invalid",
+            "--insecure",
         )
         assert rc == 0, err
         assert f"{path}:3:" in err
@@ -429,7 +436,12 @@ class TestImport:
             )
         )
         rc, _, err, _ = await run_async(
-            COLLECTOR, "import", str(path), "--collector", f"127.0.0.1:{collector.grpc_port}"
+            COLLECTOR,
+            "import",
+            str(path),
+            "--collector",
+            f"127.0.0.1:{collector.grpc_port}",
+            "--insecure",
         )
         assert rc == 0, err
         assert "accepted 3, already known 0, rejected 0" in err
@@ -447,6 +459,7 @@ class TestImport:
                 f"127.0.0.1:{port}",
                 "--attempts",
                 "2",
+                "--insecure",
                 within=60,
             )
         assert rc == 1
@@ -595,6 +608,7 @@ class TestAgentRefused:
             "x",
             "--allow-private",
             "127.0.0.0/8",
+            "--insecure",
             within=30,
         )
         assert rc == 2, err

@@ -249,7 +249,8 @@ async def test_geoblocked_for_one_network_is_not_removed(
         [str(BIN / "takedown-collector"), "serve", "--db", str(db),
          "--listen", f"{hub}:{GRPC_PORT}", "--metrics-listen", f"{hub}:{METRICS_PORT}",
          "--prefixes", str(prefixes), "--probe-interval", f"{INTERVAL}s",
-         "--confirmations", str(CONFIRMATIONS), "--deadline", "1h", "--deadline", "24h"],
+         "--confirmations", str(CONFIRMATIONS), "--deadline", "1h", "--deadline", "24h",
+         "--insecure", "--auth", "none"],
     )  # fmt: skip
 
     async def collector_up() -> bool:
@@ -276,6 +277,7 @@ async def test_geoblocked_for_one_network_is_not_removed(
             str(reports),
             "--collector",
             f"{hub}:{GRPC_PORT}",
+            "--insecure",
         ]
     )
     assert f"accepted {len(PAGES)}," in out + err, out + err
@@ -289,7 +291,7 @@ async def test_geoblocked_for_one_network_is_not_removed(
              "--name", f"agent-v{i}", "--network", f"vantage-{i}",
              "--allow-private", *allow, "--timeout", "5", "--connect-timeout", "2",
              "--read-timeout", "3", "--first-spread", "0.5", "--flush-interval", "0.2",
-             "--metrics-listen", ""],
+             "--metrics-listen", "", "--insecure"],
         )  # fmt: skip
 
     def states() -> dict[str, str]:

@@ -131,3 +131,25 @@ def m001_initial(db: Any) -> None:
         ) WITHOUT ROWID;
         """,
     )
+
+
+@migrations()
+def m002_credentials(db: Any) -> None:
+    """Bearer tokens of agents and hotlines (intake), stored as SHA-256 digests only."""
+    _run(
+        db,
+        """
+        CREATE TABLE credentials (
+            id INTEGER PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('agent', 'intake')),
+            name TEXT NOT NULL,
+            network TEXT,
+            token_id TEXT NOT NULL UNIQUE,
+            token_sha256 BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE UNIQUE INDEX credentials_live_name ON credentials(role, name)
+            WHERE revoked_at IS NULL;
+        """,
+    )
