@@ -21,14 +21,22 @@ Theory of operation. ``AddressPolicy.check`` decides in this order:
    tables below) or, for IPv6, outside global unicast ``2000::/3`` is
    refused; everything else is allowed.
 
+``check`` is pure. ``check_connect``, used right before connecting, adds one
+question for the kernel: an address of this host itself (its public address on
+a VPS, say) is refused unless an allowed range covers it, because a connection
+to it stays on the machine and reaches services a firewall keeps from the
+outside. The routing table answers it (see ``is_host_address``), so the
+operator need not list the host's addresses and a changed address is seen.
+
 The tables are explicit rather than ``ipaddress.is_global`` because that
 property changed between Python patch releases; a policy that decides what
 an agent may connect to should not change with the interpreter. Anycast
 service ranges inside ``192.0.0.0/24`` and ``2001::/23`` are refused whole:
 they host no content.
 
-``GuardedResolver`` applies the policy to name resolution. Literal IP hosts
-and the connected peer are checked by the prober (``agent/probe.py``).
+``GuardedResolver`` applies ``check_connect`` to name resolution. The prober
+(``agent/probe.py``) applies it again to every address it is about to connect
+to, literal IP hosts included, and checks the connected peer.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
-__all__ = ["AddressPolicy", "ForbiddenAddress", "GuardedResolver", "parse_ip"]
+__all__ = ["AddressPolicy", "ForbiddenAddress", "GuardedResolver", "is_host_address", "parse_ip"]
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -123,6 +131,26 @@ def _embedded_v4(ip: IPv6Address) -> tuple[str, tuple[IPv4Address, ...]] | None:
     return None
 
 
+def is_host_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` is an address of this host, so that a connection to it stays on the machine.
+
+    Asks the routing table without sending anything: a UDP socket connected to one of the host's
+    own addresses gets that address (or a loopback address) as its source. An address that is
+    not routable at all is not the host's (a TCP connection to it fails anyway).
+    """
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((str(ip), 9))
+            source = parse_ip(sock.getsockname()[0])
+    except (OSError, ValueError):
+        return False
+    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
+    target = ip.ipv4_mapped if isinstance(ip, IPv6Address) and ip.ipv4_mapped else ip
+    return source == target or source.is_loopback
+
+
 def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
     """The special-purpose range holding ``ip`` and its name, if any."""
     if isinstance(ip, IPv4Address):
@@ -140,7 +168,7 @@ def _special(ip: IPAddress) -> tuple[IPNetwork, str] | None:
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Globally routable addresses plus the operator's allowed ranges; pure, no I/O."""
+    """Globally routable addresses plus the operator's allowed ranges (``check`` does no I/O)."""
 
     allow: Sequence[IPNetwork] = ()
     own: frozenset[IPAddress] = frozenset()
@@ -169,6 +197,30 @@ class AddressPolicy:
         if refusal is not None:
             raise refusal
 
+    def check_connect(self, ip: str | IPAddress) -> None:
+        """``check``, then refuse an address of this host that no allowed range covers.
+
+        For IPv6 forms carrying IPv4 addresses, the carried addresses are asked about too, and
+        as in ``check`` the ranges allowing the carried addresses decide for the outer form.
+        Costs a routing-table lookup per address outside the allowed ranges.
+        """
+        self.check(ip)
+        addr = parse_ip(ip)
+        embedded = _embedded_v4(addr) if isinstance(addr, IPv6Address) else None
+        carried = embedded[1] if embedded else ()
+        for candidate in (addr, *carried):
+            judged_by = carried if candidate is addr and carried else (candidate,)
+            if all(self._in_allowed(a) for a in judged_by) or not is_host_address(candidate):
+                continue
+            raise ForbiddenAddress(
+                str(addr),
+                "an address of this host (a connection to it stays on the agent's machine)",
+                f"{candidate}/{candidate.max_prefixlen}",
+            )
+
+    def _in_allowed(self, ip: IPAddress) -> bool:
+        return any(ip.version == net.version and ip in net for net in self.allow)
+
     def is_allowed(self, ip: str | IPAddress) -> bool:
         """Whether a connection to ``ip`` is allowed."""
         try:
@@ -193,7 +245,7 @@ class AddressPolicy:
                             inner.allow_with,
                         )
                 return None
-        if any(ip.version == net.version and ip in net for net in self.allow):
+        if self._in_allowed(ip):
             return None
         special = _special(ip)
         if special is None:
@@ -224,7 +276,7 @@ class GuardedResolver(AbstractResolver):
         refusal: ForbiddenAddress | None = None
         for result in results:
             try:
-                self._policy.check(result["host"])
+                self._policy.check_connect(result["host"])
             except ForbiddenAddress as exc:
                 refusal = refusal or exc
             else:

@@ -1,8 +1,9 @@
 """One check of one URL: an HTTP GET whose body goes only into a hash.
 
 ``Prober.probe`` follows redirects itself, checks every hop against the
-address policy (literal IP hosts before connecting, names in
-``GuardedResolver``, and the connected peer before the body is read), streams
+address policy (every address right before a socket connects to it, literal IP
+hosts and resolved names alike; names also in ``GuardedResolver``; and the
+connected peer before the status is used), streams
 the decoded body into SHA-256 up to a byte cap and returns a ``ProbeResult``.
 It never raises for network or HTTP trouble; it classifies it. Every new
 connection resolves afresh (no DNS cache, no keep-alive), so each probe
@@ -14,8 +15,8 @@ Exceptions are translated here; the first matching row wins::
     ----------------------------------------------------  ------------------
     not an absolute http(s) URL (request or Location),
       aiohttp InvalidURL / NonHttpUrlClientError          INVALID_URL
-    ForbiddenAddress: literal host, peer, or resolver
-      (arrives as ClientConnectorDNSError.os_error)       FORBIDDEN_ADDRESS
+    ForbiddenAddress: peer, resolver or socket factory
+      (arrives as ClientConnector[DNS]Error.os_error)     FORBIDDEN_ADDRESS
     ClientConnectorDNSError, gaierror EAI_NONAME/NODATA   DNS_NXDOMAIN
     ClientConnectorDNSError, anything else                DNS_ERROR
     ssl.SSLError anywhere in the chain (includes
@@ -48,19 +49,20 @@ import asyncio
 import contextvars
 import enum
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace, TracebackType
-from typing import Self
+from types import TracebackType
+from typing import Any, Self
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import ContentLengthError
 from yarl import URL
@@ -80,8 +82,6 @@ _NXDOMAIN_ERRNOS = frozenset(
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 # aiohttp's ClientPayloadError message when the connection ends inside a body.
 _PAYLOAD_CUT_SHORT = "Response payload is not completed"
-
-_TraceHandler = Callable[[aiohttp.ClientSession, SimpleNamespace, object], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class _Progress:
         self.redirects = 0
         self.status = 0
         self.peer_ip = ""
+        self.peer_addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.phase = Phase.CONNECTING
         self.body_bytes = 0
         self.body_sha256 = b""
@@ -152,23 +153,32 @@ class _PeerResponse(aiohttp.ClientResponse):
     """
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        transport = connection.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
         progress = _CURRENT_PROBE.get(None)
-        if peer and progress is not None:
-            progress.peer_ip = _normalize_ip(str(peer[0]))
+        if progress is not None:
+            # The request is written: the connection is made (what aiohttp's
+            # on_connection_create_end trace marked, without tracing's per-request cost).
+            progress.phase = Phase.CONNECTED
+            transport = connection.transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            if peer:
+                progress.peer_ip, progress.peer_addr = _peer(str(peer[0]))
         return await super().start(connection)
 
 
-def _normalize_ip(ip: str) -> str:
-    """Show an IPv4-mapped IPv6 address as plain IPv4, as every peer_ip is."""
+@functools.lru_cache(maxsize=4096)
+def _peer(ip: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The peer address as every peer_ip is shown (IPv4-mapped IPv6 as plain IPv4), parsed.
+
+    Cached: parsing with ``ipaddress`` is a visible share of a probe's CPU, and agents
+    connect to the same hosting addresses again and again.
+    """
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return ip
+        return ip, None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+        return str(addr.ipv4_mapped), addr.ipv4_mapped
+    return str(addr), addr
 
 
 def _http_url(raw: str | URL) -> URL | None:
@@ -239,15 +249,30 @@ def classify(exc: BaseException, phase: Phase = Phase.CONNECTING) -> ErrorClass:
     return ErrorClass.OTHER
 
 
-def _enter(phase: Phase) -> _TraceHandler:
-    """A trace handler that marks the running probe as having reached ``phase``."""
+class _PhaseResolver(AbstractResolver):
+    """Marks the running probe RESOLVING while ``inner`` resolves, CONNECTING once it has.
 
-    async def handler(_session: aiohttp.ClientSession, _ctx: SimpleNamespace, _p: object) -> None:
+    aiohttp calls the resolver in the probe's task exactly where it would send the
+    dns_resolvehost_start and _end traces (not for IP literals); request tracing would
+    cost several awaits per request and per body chunk.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         progress = _CURRENT_PROBE.get(None)
         if progress is not None:
-            progress.phase = phase
+            progress.phase = Phase.RESOLVING
+        results = await self._inner.resolve(host, port, family)
+        if progress is not None:
+            progress.phase = Phase.CONNECTING
+        return results
 
-    return handler
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class Prober:
@@ -286,13 +311,10 @@ class Prober:
             local_addr=(cfg.source_address, 0) if cfg.source_address else None,
             use_dns_cache=False,
             force_close=not cfg.keep_alive,
-            resolver=self._resolver,
+            resolver=_PhaseResolver(self._resolver),
             ssl=self._ssl,
+            socket_factory=self._open_socket,
         )
-        trace = aiohttp.TraceConfig()
-        trace.on_dns_resolvehost_start.append(_enter(Phase.RESOLVING))
-        trace.on_dns_resolvehost_end.append(_enter(Phase.CONNECTING))
-        trace.on_connection_create_end.append(_enter(Phase.CONNECTED))
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
@@ -301,7 +323,6 @@ class Prober:
             headers={"User-Agent": cfg.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
             response_class=_PeerResponse,
-            trace_configs=[trace],
             auto_decompress=True,
             trust_env=False,
         )
@@ -366,10 +387,10 @@ class Prober:
         while True:
             progress.final_url = str(url)
             progress.status, progress.peer_ip, progress.phase = 0, "", Phase.CONNECTING
-            self._check_literal_host(url)
+            progress.peer_addr = None
             async with self._session.get(url, allow_redirects=False) as resp:
                 progress.phase = Phase.CONNECTED
-                self._policy.check(progress.peer_ip)
+                self._policy.check(progress.peer_addr or progress.peer_ip)
                 progress.status = resp.status
                 progress.challenge = is_challenge(resp.headers)
                 location = resp.headers.get("Location")
@@ -387,14 +408,16 @@ class Prober:
             url = next_url
             progress.redirects += 1
 
-    def _check_literal_host(self, url: URL) -> None:
-        """Refuse a forbidden IP literal before connecting: aiohttp skips the resolver."""
-        host = url.raw_host or ""
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return
-        self._policy.check(host)
+    def _open_socket(self, addr_info: tuple[int, int, int, str, tuple[Any, ...]]) -> socket.socket:
+        """The socket for one connection attempt, made only if the policy allows its address.
+
+        aiohttp calls this for every address it tries, right before connecting, also for IP
+        literal hosts (for which it skips the resolver); a refusal reaches ``classify`` as
+        ClientConnectorError.os_error. Nothing is sent to a refused address.
+        """
+        family, type_, proto, _, sockaddr = addr_info
+        self._policy.check_connect(str(sockaddr[0]))
+        return socket.socket(family, type_, proto)
 
     async def _hash_body(self, resp: aiohttp.ClientResponse, progress: _Progress) -> None:
         """Stream the decoded body into SHA-256, stopping at the byte cap."""

@@ -34,6 +34,11 @@ from collector.urls import InvalidURL, normalize_url
 MAX_LINE_BYTES = 1 << 20
 MAX_KEPT_ERRORS = 1000
 FUTURE_TOLERANCE_SECONDS = 86400.0
+# The intake (collector.service.check_report) refuses what these refuse; checking them here keeps
+# a file from being half-imported, with rows refused only after others were stored.
+EARLIEST_TIME = 946_684_800.0  # 2000-01-01T00:00:00Z
+MAX_REFERENCE_LENGTH = 200
+MAX_ORDER_DEADLINE_SECONDS = 2**32 - 1  # a uint32 on the wire
 REQUIRED_FIELDS = ("url", "notified_at")
 OPTIONAL_FIELDS = (
     "received_at",
@@ -250,6 +255,10 @@ def parse_extras(
             deadline = parse_duration(order_deadline)
         except ValueError as exc:
             problems.append(f"order_deadline: {exc}")
+        if deadline is not None and not 1 <= deadline <= MAX_ORDER_DEADLINE_SECONDS:
+            limit = MAX_ORDER_DEADLINE_SECONDS
+            problems.append(f"order_deadline {order_deadline!r} must be 1 to {limit} seconds")
+            deadline = None
     origin = None
     if origin_ip is not None:
         try:
@@ -288,7 +297,13 @@ class _RowChecker:
             self._text(fields, "origin_ip", problems),
             problems,
         )
-        if reference is not None:
+        if reference is not None and (
+            len(reference) > MAX_REFERENCE_LENGTH or not reference.isprintable()
+        ):
+            problems.append(
+                f"reference must be at most {MAX_REFERENCE_LENGTH} printable characters"
+            )
+        elif reference is not None:
             first = self._references.setdefault(reference, line)
             if first != line:
                 problems.append(f"duplicate reference {reference!r} (first on line {first})")
@@ -324,5 +339,8 @@ class _RowChecker:
             return None
         if value > self._latest_allowed:
             problems.append(f"{name} {text!r} is more than 1 day in the future")
+            return None
+        if value < EARLIEST_TIME:
+            problems.append(f"{name} {text!r} is before 2000-01-01")
             return None
         return value

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
@@ -37,6 +38,7 @@ ASSIGNMENT_CHUNK = 1_000
 MAX_NAME = 128
 MAX_URL = 8192
 EARLIEST = 946_684_800.0  # 2000-01-01: older times are an agent's broken clock
+SQLITE_MAX_INT = 2**63 - 1  # uint64 fields above it cannot be stored
 
 _ERROR_NAMES = {
     v.number: v.name.removeprefix("ERROR_CLASS_").lower()
@@ -164,6 +166,8 @@ def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
         return f"started_at {r.started_at_unix_us} is outside the plausible range"
     if r.status > 999:
         return f"status {r.status} is not an HTTP status"
+    if r.seq > SQLITE_MAX_INT or r.body_bytes > SQLITE_MAX_INT:
+        return "seq and body_bytes must fit a signed 64-bit integer"
     if len(r.body_sha256) not in (0, 32):
         return f"body_sha256 has {len(r.body_sha256)} bytes, expected 32"
     if len(r.final_url) > MAX_URL:
@@ -202,12 +206,15 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         db_path: Path,
         clock: Callable[[], float] = time.time,
         metrics: SelfMetrics | None = None,
+        *,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.writer = writer
         self.hub = hub
         self.db_path = db_path
         self.clock = clock
         self.metrics = metrics or SelfMetrics(CollectorRegistry())
+        self.limiter = limiter  # results per second per agent; over it: no ack, stream ended
 
     async def Connect(
         self,
@@ -297,6 +304,15 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
         arrived = time.monotonic()
+        if self.limiter is not None and not self.limiter.admit(
+            session.agent_id, len(batch.results), arrived
+        ):
+            self.metrics.batches_limited.inc()
+            log.warning("rate_limited agent=%s results=%d", session.name, len(batch.results))
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "results arrive faster than this agent's limit; resend later",
+            )
         now = self.clock()
         offset = None
         if batch.sent_at_unix_us:
