@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from protos.takedown.v1.assignment import Digests, bucket_of
 
+_MAX_SHARED_INTERVALS = 1024
+
 
 @dataclass(frozen=True)
 class AssignmentChange:
@@ -37,6 +39,7 @@ class Assignment:
     def __init__(self) -> None:
         self.urls: dict[int, tuple[str, float]] = {}
         self.digests = Digests()
+        self._intervals: dict[float, float] = {}
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -63,6 +66,7 @@ class Assignment:
         stop.extend(u for u in change.remove if self._drop(u))
         schedule: list[tuple[int, float]] = []
         for url_id, url, interval in change.upsert:
+            interval = self._shared(interval)
             old = self.urls.get(url_id)
             if old == (url, interval):
                 continue
@@ -72,6 +76,15 @@ class Assignment:
             self.digests.toggle(url_id, _ms(interval))
             schedule.append((url_id, interval))
         return Applied(tuple(schedule), tuple(stop))
+
+    def _shared(self, interval: float) -> float:
+        """One float object per distinct interval (few), not one per URL: 24 bytes a URL."""
+        shared = self._intervals.get(interval)
+        if shared is None:
+            shared = interval
+            if len(self._intervals) < _MAX_SHARED_INTERVALS:
+                self._intervals[interval] = interval
+        return shared
 
     def digest_list(self) -> list[int]:
         """The digests to send in Hello; empty when nothing is held."""

@@ -41,13 +41,13 @@ class Verdict(enum.Enum):
     UNDECIDED = "undecided"
 
 
-@dataclass
+@dataclass(slots=True)
 class Variant:
     first_seen: float
     count: int = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class ContentMemory:
     """Per-URL memory of the baseline and of the other bodies seen at its final URL."""
 

@@ -61,58 +61,57 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         conn = reads.connect_readonly(self.db_path)
         try:
-            yield from self._urls(conn)
-            yield from self._latency(conn)
+            figures = reads.provider_figures(
+                conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
+            )
+            yield from self._urls(figures)
+            yield from self._latency(figures)
             yield from self._agents(conn)
         finally:
             conn.close()
 
-    def _urls(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+    def _urls(self, figures: Sequence[reads.ProviderFigures]) -> Iterator[Metric]:
         urls = GaugeMetricFamily(
             "takedown_urls",
             "Reported URLs by attributed provider and state",
             labels=["provider", "state"],
         )
-        counts = reads.url_counts(conn)
-        providers = sorted({p for p, _, _ in counts})
-        by_key = {(p, s): n for p, s, n in counts}
-        for provider in providers:
+        for f in figures:
             for state in UrlState:
-                urls.add_metric([provider, state.value], by_key.get((provider, state.value), 0))
+                urls.add_metric([f.provider, state.value], f.states[state.value])
         yield urls
         overdue = GaugeMetricFamily(
             "takedown_overdue_urls",
             "URLs still online after notice + deadline; deadline=order: past a binding order",
             labels=["provider", "deadline"],
         )
-        found = {(p, d): n for p, d, n in reads.overdue_counts(conn, self.deadlines, self.clock())}
-        ordered = dict(reads.order_overdue_counts(conn, self.order_deadline, self.clock()))
-        for provider in providers:
+        for f in figures:
             for d in self.deadlines:
-                overdue.add_metric([provider, deadline_label(d)], found.get((provider, d), 0))
-            overdue.add_metric([provider, "order"], ordered.get(provider, 0))
+                overdue.add_metric([f.provider, deadline_label(d)], f.overdue[d])
+            overdue.add_metric([f.provider, "order"], f.order_overdue)
         yield overdue
         reappeared = CounterMetricFamily(
             "takedown_reappearances",
             "Times removed content was seen present again",
             labels=["provider"],
         )
-        for provider, n in reads.reappearance_counts(conn):
-            reappeared.add_metric([provider], n or 0)
+        for f in figures:
+            reappeared.add_metric([f.provider], f.reappearances)
         yield reappeared
 
-    def _latency(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+    def _latency(self, figures: Sequence[reads.ProviderFigures]) -> Iterator[Metric]:
         family = HistogramMetricFamily(
             "takedown_removal_latency_seconds",
             "Time from notice to the first removed observation of a confirmed removal",
             labels=["provider"],
         )
-        for provider, (cumulative, count, total) in sorted(
-            reads.latency_histograms(conn, self.buckets).items()
-        ):
+        for f in figures:
+            if f.latency is None:
+                continue
+            cumulative, count, total = f.latency
             points = [(_le(b), c) for b, c in zip(self.buckets, cumulative, strict=True)]
             points.append(("+Inf", count))
-            family.add_metric([provider], points, total)
+            family.add_metric([f.provider], points, total)
         yield family
 
     def _agents(self, conn: sqlite3.Connection) -> Iterator[Metric]:

@@ -140,7 +140,7 @@ def classify(
     return ProbeClass.INCONCLUSIVE, obs.at
 
 
-@dataclass
+@dataclass(slots=True)
 class AgentTrack:
     """One vantage point's view of one URL."""
 
@@ -185,7 +185,7 @@ class StateChange:
 Event = Removal | Reappearance | StateChange
 
 
-@dataclass
+@dataclass(slots=True)
 class UrlVerdict:
     """The evolving verdict for one URL; feed it observations in arrival order."""
 

@@ -207,3 +207,38 @@ class TestWriter:
         with pytest.raises(sqlite3.OperationalError):
             await writer.run(boom)
         await writer.close()
+
+
+def test_bounded_verdict_cache_changes_nothing(tmp_path: Path, table: PrefixTable) -> None:
+    """A store that keeps one verdict in memory writes exactly what an unbounded one writes."""
+    dumps = []
+    for cache_urls in (1, 1_000_000):
+        store = Store(tmp_path / f"c{cache_urls}.db", table, Policy(confirmations=2), cache_urls)
+        try:
+            ids = [
+                o.url_id
+                for o in store.submit_reports(
+                    [report(f"http://x.example/{i}") for i in range(6)], NOW, PLANNER
+                )
+            ]
+            agents = [store.register_agent(f"a{n}", "net", "1", NOW) for n in range(2)]
+            seq = 0
+            for rnd in range(5):
+                for agent in agents:
+                    batch = []
+                    for k, url_id in enumerate(ids):
+                        seq += 1
+                        status = 404 if rnd >= 2 and k % 2 else 200
+                        peer = "198.51.100.7" if k == 5 and rnd == 4 else "192.0.2.1"
+                        batch.append(res(url_id, seq, status, peer))
+                    store.ingest(agent, batch, NOW + seq)
+            assert len(store._entries) <= cache_urls
+            dumps.append(
+                [
+                    store.conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+                    for t in ("url_state", "episodes", "url_events", "result_counts")
+                ]
+            )
+        finally:
+            store.close()
+    assert dumps[0] == dumps[1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collector.store.model import CorruptDatabase, StoreError, Target
-from collector.verdict import ONLINE_STATES
+from collector.verdict import ONLINE_STATES, UrlState
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -84,6 +84,66 @@ def latency_histograms(
     ):
         provider, *cumulative, count, total = row
         out[provider] = ([int(c) for c in cumulative], int(count), float(total))
+    return out
+
+
+@dataclass(frozen=True)
+class ProviderFigures:
+    """What the per-provider metrics show of one provider, from one scan of url_state."""
+
+    provider: str
+    states: dict[str, int]  # URLs by state, every state of UrlState
+    overdue: dict[float, int]  # by deadline: URLs still online past notice + deadline
+    order_overdue: int  # URLs still online past their binding order's deadline
+    reappearances: int
+    latency: tuple[list[int], int, float] | None  # as latency_histograms, None when no removal
+
+
+def provider_figures(
+    conn: sqlite3.Connection,
+    deadlines: Sequence[float],
+    order_deadline: float,
+    buckets: Sequence[float],
+    now: float,
+) -> list[ProviderFigures]:
+    """url_counts, overdue_counts, order_overdue_counts, reappearance_counts and
+    latency_histograms together, in provider order, reading url_state once instead of six times.
+    """
+    states = sorted(UrlState, key=lambda s: s.value)
+    online = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
+    columns = [f"SUM(state = '{s.value}')" for s in states]
+    columns += [f"SUM(state IN ({online}) AND notified_at + ? < ?)" for _ in deadlines]
+    columns.append(
+        f"SUM(state IN ({online}) AND order_issued_at IS NOT NULL"
+        " AND order_issued_at + COALESCE(order_deadline, ?) < ?)"
+    )
+    columns.append("SUM(reappearances)")
+    # FILTER: most rows have no latency, and a false filter skips the aggregate step.
+    columns += [f"COUNT(*) FILTER (WHERE removal_latency <= {float(b)!r})" for b in buckets]
+    columns += ["COUNT(removal_latency)", "SUM(removal_latency)"]
+    params: list[float] = []
+    for deadline in deadlines:
+        params += [deadline, now]
+    params += [order_deadline, now]
+    out: list[ProviderFigures] = []
+    for provider, *values in conn.execute(
+        f"SELECT provider, {', '.join(columns)} FROM url_state GROUP BY provider ORDER BY provider",
+        params,
+    ):
+        by_state = values[: len(states)]
+        overdue = values[len(states) : len(states) + len(deadlines)]
+        order, reappeared, *latency = values[len(states) + len(deadlines) :]
+        cumulative, count, total = latency[: len(buckets)], latency[-2], latency[-1]
+        out.append(
+            ProviderFigures(
+                provider=provider,
+                states={s.value: int(n) for s, n in zip(states, by_state, strict=True)},
+                overdue={d: int(n) for d, n in zip(deadlines, overdue, strict=True)},
+                order_overdue=int(order),
+                reappearances=int(reappeared or 0),
+                latency=([int(c) for c in cumulative], int(count), float(total)) if count else None,
+            )
+        )
     return out
 
 

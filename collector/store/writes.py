@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ from collector.verdict import (
 )
 
 _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
+# URLs whose verdicts stay in memory: about 2 KB each with ten agents, so the cache stays
+# well under a gigabyte whatever the number of URLs.
+CACHE_URLS = 250_000
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -80,7 +84,7 @@ class Attributor(Protocol):
     def lookup(self, ip: str) -> Attribution: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class UrlEntry:
     """A URL's verdict and what the store keeps beside it."""
 
@@ -119,16 +123,46 @@ def _entry(row: Sequence[Any]) -> tuple[int, UrlEntry]:
     return url_id, UrlEntry(v, provider, asn, bool(cdn), origin_ip, removed_at)
 
 
+_SAVE_STATE = (
+    "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, cdn = ?,"
+    " dynamic = ?, episode = ?, last_present_at = ?, removal_last_present_at = ?,"
+    " removal_first_removed_at = ?, removal_confirmed_at = ?, removal_latency = ?,"
+    " removal_nxdomain = ?, removed_at = ?, reappearances = ?, memory = ?,"
+    " updated_at = ? WHERE url_id = ?"
+)
+
+
+def _state_row(url_id: int, entry: UrlEntry, now: float) -> tuple[Any, ...]:
+    """The parameters of _SAVE_STATE for one URL's verdict."""
+    v = entry.verdict
+    first = v.first_removal
+    return (v.state.value, v.baseline, entry.provider, entry.asn, int(entry.cdn),
+            int(v.content.dynamic), v.episode, v.last_present_at,
+            first.last_present_at if first else None, first.first_removed_at if first else None,
+            first.confirmed_at if first else None, first.latency if first else None,
+            int(first.nxdomain) if first else 0, entry.removed_at, v.reappearances,
+            dump_memory(v), now, url_id)  # fmt: skip
+
+
 class Store:
     """Writes reports, agents and results, and keeps each URL's verdict up to date."""
 
-    def __init__(self, path: Path, attribution: Attributor, policy: Policy) -> None:
+    def __init__(
+        self,
+        path: Path,
+        attribution: Attributor,
+        policy: Policy,
+        cache_urls: int = CACHE_URLS,
+    ) -> None:
         self.path = path
         self.db = open_database(path)
         self.conn: sqlite3.Connection = self.db.conn
         self.attribution = attribution
         self.policy = policy
-        self._entries: dict[int, UrlEntry] = {}
+        # Verdicts of the most recently touched URLs. Every batch persists what it changed,
+        # so an entry dropped here is read back exactly as it was (as after a restart).
+        self._entries: OrderedDict[int, UrlEntry] = OrderedDict()
+        self._cache_urls = cache_urls
 
     def close(self) -> None:
         self.conn.close()
@@ -243,6 +277,25 @@ class Store:
                 self._entries.pop(url_id, None)
             raise translate(exc, self.path) from exc
 
+    def _assigned(self, agent_id: int, url_ids: set[int]) -> set[int]:
+        """Those of `url_ids` the agent is assigned; others are rejected, never stored.
+
+        Every agent is assigned every active URL (the quorum needs all vantage points), so an
+        unknown id, or a URL retired since (after its watch period), is not assigned.
+        """
+        wanted = sorted(url_ids)
+        assigned: set[int] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            assigned.update(
+                u
+                for (u,) in self.conn.execute(
+                    f"SELECT id FROM urls WHERE active = 1 AND id IN ({marks})", chunk
+                )
+            )
+        return assigned
+
     def _known_seqs(self, agent_id: int, seqs: list[int]) -> set[int]:
         known: set[int] = set()
         for i in range(0, len(seqs), 500):
@@ -266,7 +319,7 @@ class Store:
         for r in results:
             if r.seq not in known:
                 fresh.setdefault(r.seq, r)
-        entries = self._load({r.url_id for r in fresh.values()})
+        entries = self._load(self._assigned(agent_id, {r.url_id for r in fresh.values()}))
         accepted = sorted(
             (r for r in fresh.values() if r.url_id in entries), key=lambda r: r.started_at
         )
@@ -302,8 +355,10 @@ class Store:
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
             [(agent_id, cls, n) for cls, n in counts.items()],
         )
-        for url_id in {r.url_id for r in accepted}:
-            self._save(url_id, entries[url_id], now)
+        self.conn.executemany(
+            _SAVE_STATE,
+            [_state_row(u, entries[u], now) for u in sorted({r.url_id for r in accepted})],
+        )
         if accepted:
             self.conn.execute(
                 "UPDATE agents SET last_result_at = MAX(COALESCE(last_result_at, 0), ?),"
@@ -368,35 +423,27 @@ class Store:
             self._event(url_id, event.at, "state", {"from": event.old.value, "to": event.new.value})
 
     def _load(self, url_ids: set[int]) -> dict[int, UrlEntry]:
-        out = {u: self._entries[u] for u in url_ids if u in self._entries}
-        missing = [u for u in url_ids if u not in out]
+        cached = self._entries
+        out: dict[int, UrlEntry] = {}
+        missing: list[int] = []
+        for u in url_ids:
+            entry = cached.get(u)
+            if entry is None:
+                missing.append(u)
+            else:
+                out[u] = entry
+                cached.move_to_end(u)
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.conn.execute(
                 f"SELECT {_STATE_COLUMNS} FROM url_state WHERE url_id IN ({marks})", chunk
             ):
-                url_id, entry = _entry(row)
-                out[url_id] = entry
-        self._entries.update(out)
+                url_id, loaded = _entry(row)
+                out[url_id] = cached[url_id] = loaded
+        while len(cached) > self._cache_urls:
+            cached.popitem(last=False)
         return out
-
-    def _save(self, url_id: int, entry: UrlEntry, now: float) -> None:
-        v = entry.verdict
-        first = v.first_removal
-        self.conn.execute(
-            "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, cdn = ?,"
-            " dynamic = ?, episode = ?, last_present_at = ?, removal_last_present_at = ?,"
-            " removal_first_removed_at = ?, removal_confirmed_at = ?, removal_latency = ?,"
-            " removal_nxdomain = ?, removed_at = ?, reappearances = ?, memory = ?,"
-            " updated_at = ? WHERE url_id = ?",
-            (v.state.value, v.baseline, entry.provider, entry.asn, int(entry.cdn),
-             int(v.content.dynamic), v.episode, v.last_present_at,
-             first.last_present_at if first else None, first.first_removed_at if first else None,
-             first.confirmed_at if first else None, first.latency if first else None,
-             int(first.nxdomain) if first else 0, entry.removed_at, v.reappearances,
-             dump_memory(v), now, url_id),
-        )  # fmt: skip
 
     def plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
         """Recompute every active URL's probe interval; return the changes to push to agents."""

@@ -1,0 +1,92 @@
+"""Smoke runs of every benchmark in bench/ with tiny parameters (loopback only, bounded)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench import __main__ as runner
+from bench import ingest, probe, scale, scrape
+from bench.common import percentile, require_loopback, table
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_probe_agent_and_bare_loop() -> None:
+    """The agent's Prober and the bare aiohttp loop fetch every page, in every mode."""
+    report = probe.benchmark(probes=150, concurrency=8, seconds=20, blackbox=False)
+    for mode in probe.MODES:
+        for who in ("agent", "bare"):
+            run = report.find(who, mode)
+            assert run is not None
+            assert run.probes == 150 and run.ok == 150, (who, mode)
+            assert run.cpu > 0 and run.rate > 0
+        assert "agent/bare probes/CPU-s" in report.ratios()[mode]
+    assert "probe ratios" in report.text
+
+
+@pytest.mark.skipif(
+    shutil.which(probe.BLACKBOX) is None,
+    reason="prometheus-blackbox-exporter is not installed (apt-get install -y"
+    " prometheus-blackbox-exporter)",
+)
+def test_probe_blackbox_exporter() -> None:
+    """blackbox_exporter probes the same pages successfully and its CPU is measured."""
+    report = probe.benchmark(
+        probes=100, concurrency=8, seconds=20, modes=("http", "https"), who=("agent", "blackbox")
+    )
+    for mode in ("http", "https"):
+        run = report.find("blackbox", mode)
+        assert run is not None and run.probes == 100 and run.ok == 100, mode
+        assert run.cpu > 0
+        assert "agent/blackbox probes/CPU-s" in report.ratios()[mode]
+
+
+def test_ingest() -> None:
+    """Every result sent is stored once, acknowledged and counted by /metrics."""
+    report = ingest.benchmark(
+        agents=2, results=4000, urls=500, batch_size=200, window=4, seconds=30
+    )
+    assert report.stored == 4000
+    assert report.duplicates == 0 and report.rejected == 0
+    assert report.metrics_results == 4000
+    assert 0 < report.ack_p50 <= report.ack_p99
+    assert report.collector_cpu > 0 and report.db_bytes > 0
+    assert "results/s" in report.text
+
+
+def test_scale() -> None:
+    """Assignment, holding, reconciling and filling the verdict cache, small."""
+    report = scale.benchmark(reports=3000, agents=3, changes=10, fill_urls=300, seconds=60)
+    f = report.figures
+    assert f["assign_upserts_each"] == 3000
+    assert f["agent_urls"] == 3000
+    assert f["reconcile_same_upserts"] == 0 and f["reconcile_same_buckets"] == 0
+    assert f["reconcile_changed_buckets"] == 10  # ten consecutive new ids: ten buckets
+    assert f["agent_urls_after"] == 3010
+    assert f["fill_results"] == 3 * 300
+    assert f["verdict_cache_urls"] == 300 and f["verdict_cache_per_url"] > 0
+    assert f["agent_rss"] > f["agent_rss_empty"] > 0
+    assert "reconcile" in report.text
+
+
+def test_scrape() -> None:
+    """/metrics over HTTP names every provider; the in-process split is measured."""
+    report = scrape.benchmark(providers=40, urls=800, scrapes=3, seconds=30)
+    assert len(report.scrapes) == 3
+    assert report.samples > 40 * 20
+    assert report.collect_s > 0
+    assert "/metrics worst" in report.text
+
+
+def test_helpers_and_runner(capsys: pytest.CaptureFixture[str]) -> None:
+    assert require_loopback("127.0.0.5") == "127.0.0.5"
+    with pytest.raises(ValueError, match="loopback"):
+        require_loopback("192.0.2.1")
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
+    assert percentile([], 99) == 0.0
+    assert "n/a" in table("t", ["a", "b"], [["x", float("nan")]])
+    assert runner.main(["--help"]) == 0
+    assert runner.main(["nonsense"]) == 2
+    assert "python -m bench" in capsys.readouterr().out
