@@ -10,6 +10,7 @@ many URLs there are, by stretching every interval by the same factor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from collector.durations import duration_label, parse_duration
@@ -78,6 +79,7 @@ class Planner:
             deadline_interval=interval,
             watch_interval=interval,
             watch_period=watch_period,
+            min_interval=min(interval, 1.0),  # a sub-second interval asked for is kept
         )
 
     def order_due(self, issued_at: float | None, deadline: float | None) -> float | None:
@@ -111,7 +113,12 @@ class Planner:
     def within_budget(self, wanted: dict[int, float]) -> dict[int, float]:
         """Stretch all intervals by one factor so the total rate stays under max_rate."""
         if self.max_rate is None or not wanted:
-            return {k: float(round(v)) or self.min_interval for k, v in wanted.items()}
+            return {k: _whole(v, round) for k, v in wanted.items()}
         rate = sum(1 / v for v in wanted.values())
         factor = max(1.0, rate / self.max_rate)
-        return {k: float(math.ceil(v * factor)) for k, v in wanted.items()}
+        return {k: _whole(v * factor, math.ceil) for k, v in wanted.items()}
+
+
+def _whole(seconds: float, to_int: Callable[[float], int]) -> float:
+    """Whole seconds from 1 s up (fewer distinct intervals); below that, as given."""
+    return float(to_int(seconds)) if seconds >= 1 else seconds
