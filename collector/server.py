@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from collector.attribution_sources import build_attributor
 from collector.auth import Gate, ServerTLS, server_credentials
+from collector.decoding import Decoding
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.ratelimit import RateLimiter
 from collector.schedule import Planner
@@ -107,7 +108,8 @@ class Collector:
         credentials = server_credentials(tls) if tls is not None else None  # files read first
         await self.writer.start()
         server = grpc.aio.server(
-            interceptors=[self.gate] if self.gate is not None else None,
+            # Outermost first: undecodable bytes are refused before the gate reads a hello.
+            interceptors=[Decoding(), *([self.gate] if self.gate is not None else [])],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

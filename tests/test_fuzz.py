@@ -13,10 +13,8 @@ The counts asked for are reached by batching: many rows per file and many messag
 or stream. Each test asserts (and prints) the count it reached, so lowering `max_examples` below
 what the promise needs fails instead of silently testing less.
 
-One status is not ours to choose: bytes that do not parse as the request type are answered by
-grpc.aio itself, before any servicer code runs, with UNKNOWN "Unexpected <DecodeError>" (and an
-ERROR log with a traceback). The raw-bytes tests accept exactly that answer, and the strict xfail
-`test_unparsable_request_is_invalid_argument` keeps the gap visible until the server maps it.
+Bytes that do not parse as the request type never reach a servicer: the collector's `Decoding`
+interceptor answers INVALID_ARGUMENT naming the message type (and, in a stream, its position).
 
 The gRPC tests run Hypothesis in a worker thread (`drive`) so that each example can make real
 calls on the test's event loop, where the conftest collector serves, and the counts can be
@@ -739,9 +737,10 @@ def decodes(message: type[T], data: bytes) -> T | None:
         return None
 
 
-def undecodable(exc: grpc.aio.AioRpcError) -> bool:
-    """grpc.aio's answer to bytes the request type cannot parse (see the xfail test below)."""
-    return exc.code() == grpc.StatusCode.UNKNOWN and "DecodeError" in (exc.details() or "")
+def undecodable(exc: grpc.aio.AioRpcError, type_name: str) -> bool:
+    """The collector's answer to bytes the request type cannot parse."""
+    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.INVALID_ARGUMENT and f"not a valid {type_name}" in details
 
 
 @pytest.mark.integration
@@ -766,7 +765,7 @@ async def test_submit_raw_bytes(collector: Collector) -> None:
             try:
                 raw = await submit(data, timeout=30)
             except grpc.aio.AioRpcError as exc:
-                assert parsed is None and undecodable(exc), (data, exc)
+                assert parsed is None and undecodable(exc, "takedown.v1.SubmitRequest"), (data, exc)
                 assert db_count(collector, "SELECT count(*) FROM reports") == before
                 reached["undecodable"] += 1
                 return
@@ -790,19 +789,19 @@ async def test_submit_raw_bytes(collector: Collector) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpc.aio answers UNKNOWN 'Unexpected DecodeError' (and logs a traceback) for a"
-    " request it cannot parse; INVALID_ARGUMENT needs a deserializer wrapper in"
-    " collector/server.py",
-)
 async def test_unparsable_request_is_invalid_argument(collector: Collector) -> None:
     """A request whose bytes are not a SubmitRequest is INVALID_ARGUMENT, like any bad input."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
         submit = channel.unary_unary(SUBMIT, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await submit(b"\xff\xff\xff")
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Submit: the request is not a valid takedown.v1.SubmitRequest" in (
+            info.value.details() or ""
+        )
+        # The server still answers a valid request on the same channel.
+        raw = await submit(pb.SubmitRequest().SerializeToString(), timeout=30)
+    assert pb.SubmitResponse.FromString(raw) == pb.SubmitResponse()
 
 
 # AgentLink.Connect: hello (valid or not), then batches of random results.
@@ -983,7 +982,7 @@ async def test_connect_random_messages(collector: Collector) -> None:
 async def test_connect_raw_bytes(collector: Collector) -> None:
     """>= 600 raw messages on 200 Connect streams: the stream ends as the messages, parsed in
     order, require -- OK after valid ones, INVALID_ARGUMENT at the first message that is not a
-    valid hello / a batch, grpc.aio's decode error at the first unparsable one -- and the server
+    valid hello / a batch or is unparsable (naming its position) -- and the server
     keeps serving."""
     call_ = caller(asyncio.get_running_loop())
     reached = {"streams": 0, "payloads": 0}
@@ -1025,7 +1024,8 @@ async def test_connect_raw_bytes(collector: Collector) -> None:
                     pass
             except grpc.aio.AioRpcError as exc:
                 if want == "undecodable":
-                    assert undecodable(exc), (payloads, exc)
+                    assert undecodable(exc, "takedown.v1.AgentMessage"), (payloads, exc)
+                    assert f"message {decisive} " in (exc.details() or ""), exc
                 else:
                     assert want == "invalid" and exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (
                         payloads,
