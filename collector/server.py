@@ -233,13 +233,15 @@ class Collector:
 
 async def serve(config: CollectorConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    collector = Collector(config)
-    await collector.start()
+    # Handlers first: a SIGTERM during start-up (opening the database, binding ports) then
+    # stops the collector cleanly once start-up is done, instead of killing it half-way.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    collector = Collector(config)
     try:
+        await collector.start()
         await stop.wait()
     finally:
-        await collector.stop()
+        await collector.stop()  # also after a failed start: whatever did start is closed
