@@ -260,10 +260,14 @@ class Link:
                     continue
             self._wake.clear()
             waker = asyncio.create_task(self._wake.wait())
-            await asyncio.wait(
-                {waker, reader}, timeout=self.flush_interval, return_when=asyncio.FIRST_COMPLETED
-            )
-            waker.cancel()
+            try:
+                await asyncio.wait(
+                    {waker, reader},
+                    timeout=self.flush_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waker.cancel()  # also when this task is cancelled: no pending task left behind
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a deadline, not a cancel scope
         """Send everything pending now and wait for the acks; True if all were acknowledged."""
