@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
-from collector.store.reads import active_targets, connect_readonly
+from collector.store.reads import active_intervals, connect_readonly, targets_by_bucket
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -137,24 +138,54 @@ def _target(t: Target) -> pb.Target:
     return pb.Target(url_id=t.url_id, url=t.url, interval_ms=_interval_ms(t))
 
 
-def reconcile(targets: list[Target], theirs: Sequence[int]) -> Iterator[pb.AssignmentUpdate]:
-    """The updates that bring an agent holding digests `theirs` to `targets`, bucket by bucket."""
+def differing_buckets(entries: Iterable[tuple[int, float]], theirs: Sequence[int]) -> list[int]:
+    """The buckets whose digest over `entries` (url id, interval s) differs from `theirs`.
+
+    An agent that sent no digests (it holds nothing) differs in every bucket.
+    """
     ours = Digests()
-    by_bucket: dict[int, list[Target]] = {}
-    for t in targets:
-        ours.toggle(t.url_id, _interval_ms(t))
-        by_bucket.setdefault(bucket_of(t.url_id), []).append(t)
+    for url_id, interval in entries:
+        ours.toggle(url_id, max(1, round(interval * 1000)))
     known = list(theirs) if len(theirs) == BUCKETS else [0] * BUCKETS
-    differ = [b for b in range(BUCKETS) if ours.values[b] != known[b]]
+    return [b for b in range(BUCKETS) if ours.values[b] != known[b]]
+
+
+def bucket_updates(
+    targets: Iterable[Target], differ: Sequence[int]
+) -> Iterator[pb.AssignmentUpdate]:
+    """Updates replacing each bucket in `differ` (ascending) with its targets, then in_sync.
+
+    `targets` are those of the differing buckets, grouped by bucket in the same order. A bucket
+    is never split between updates (the agent replaces it whole); an update is cut at the first
+    bucket boundary after ASSIGNMENT_CHUNK targets, so memory is one chunk, whatever the total.
+    """
+    pending = iter(targets)
+    ahead = next(pending, None)
     update = pb.AssignmentUpdate()
     for b in differ:
         update.replace_buckets.append(b)
-        update.upsert.extend(_target(t) for t in by_bucket.get(b, ()))
+        while ahead is not None and bucket_of(ahead.url_id) == b:
+            update.upsert.append(_target(ahead))
+            ahead = next(pending, None)
         if len(update.upsert) >= ASSIGNMENT_CHUNK:
             yield update
             update = pb.AssignmentUpdate()
+    if ahead is not None:
+        raise ValueError(f"target {ahead.url_id} is not in a differing bucket, in order")
     update.in_sync = True
     yield update
+
+
+def reconcile(targets: Iterable[Target], theirs: Sequence[int]) -> Iterator[pb.AssignmentUpdate]:
+    """The updates that bring an agent holding digests `theirs` to `targets`, bucket by bucket."""
+    targets = list(targets)
+    differ = differing_buckets(((t.url_id, t.interval) for t in targets), theirs)
+    wanted = set(differ)
+    grouped = sorted(
+        (t for t in targets if bucket_of(t.url_id) in wanted),
+        key=lambda t: (bucket_of(t.url_id), t.url_id),
+    )
+    return bucket_updates(grouped, differ)
 
 
 def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
@@ -249,7 +280,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         receiver = asyncio.create_task(self._receive(session, request_iterator))
         get: asyncio.Task[pb.CollectorMessage] | None = None
         try:
-            await self._send_assignment(session, hello.assignment_digests)
+            async for message in self._assignment(session, hello.assignment_digests, receiver):
+                yield message
             while True:
                 get = asyncio.create_task(session.outbox.get())
                 await asyncio.wait({get, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -285,22 +317,41 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 )
             await self._ingest(session, message.batch)
 
-    async def _send_assignment(self, session: AgentSession, theirs: Sequence[int]) -> None:
-        def read() -> list[Target]:
-            conn = connect_readonly(self.db_path)
-            try:
-                return list(active_targets(conn))
-            finally:
-                conn.close()
+    def _plan_assignment(
+        self, conn: sqlite3.Connection, theirs: Sequence[int]
+    ) -> Iterator[pb.AssignmentUpdate]:
+        """In a worker thread: the reconcile updates, read lazily from one snapshot."""
+        conn.execute("BEGIN")  # both passes see the same URLs
+        differ = differing_buckets(active_intervals(conn), theirs)
+        return bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ)
 
-        targets = await asyncio.to_thread(read)
+    async def _assignment(
+        self, session: AgentSession, theirs: Sequence[int], receiver: asyncio.Task[None]
+    ) -> AsyncIterator[pb.CollectorMessage]:
+        """The reconcile updates for `session`, a chunk at a time, acks interleaved.
+
+        Each chunk is read when the previous one has been handed to gRPC, which awaits the
+        stream's flow control: ten agents receiving a million URLs each hold a chunk apiece,
+        not the whole assignment. Stops early if the receiving side ended (its status wins).
+        """
+        conn = await asyncio.to_thread(connect_readonly, self.db_path)
         sent = 0
-        for update in reconcile(targets, theirs):
-            sent += len(update.upsert)
-            session.outbox.put_nowait(pb.CollectorMessage(assignment=update))
-        self.metrics.assignment_sent.inc(sent)
-        log.info("assignment_reconciled agent=%s sent=%d of=%d", session.name, sent, len(targets))
-        session.release()
+        try:
+            updates = await asyncio.to_thread(self._plan_assignment, conn, theirs)
+            while not receiver.done():
+                update = await asyncio.to_thread(next, updates, None)
+                if update is None:
+                    break
+                while not session.outbox.empty():  # acks of batches stored meanwhile
+                    yield session.outbox.get_nowait()
+                sent += len(update.upsert)
+                self.metrics.assignment_sent.inc(len(update.upsert))
+                yield pb.CollectorMessage(assignment=update)
+                if update.in_sync:
+                    log.info("assignment_reconciled agent=%s sent=%d", session.name, sent)
+                    session.release()
+        finally:
+            await asyncio.to_thread(conn.close)
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
         arrived = time.monotonic()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.assignment import Assignment, AssignmentChange
-from collector.service import reconcile
+from collector.service import ASSIGNMENT_CHUNK, bucket_updates, differing_buckets, reconcile
 from collector.store import Target
+from collector.store.reads import active_intervals, targets_by_bucket
 from protos.takedown.v1.assignment import BUCKETS
 
 entries = st.dictionaries(
@@ -79,3 +83,54 @@ class TestReconcile:
         targets = [Target(u, f"http://x/{u}", i) for u, i in items.items()]
         (update,) = reconcile(targets, holding(items).digest_list())
         assert update.in_sync and not update.upsert and not update.replace_buckets
+
+
+def url_table(
+    items: dict[int, float], inactive: frozenset[int] = frozenset()
+) -> sqlite3.Connection:
+    """The columns of `urls` the assignment reads, in an in-memory database."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE urls (id INTEGER PRIMARY KEY, url TEXT, interval REAL, active INT)")
+    conn.executemany(
+        "INSERT INTO urls VALUES (?, ?, ?, ?)",
+        [(u, f"http://x/{u}", i, int(u not in inactive)) for u, i in items.items()],
+    )
+    return conn
+
+
+class TestStreamedReconcile:
+    @given(entries, entries, st.frozensets(st.integers(min_value=1, max_value=5 * BUCKETS)))
+    @settings(max_examples=100)
+    def test_database_path_equals_reconcile(
+        self, agent_has: dict[int, float], rows: dict[int, float], inactive: frozenset[int]
+    ) -> None:
+        """Digests over (id, interval) rows, then only the differing buckets' rows in bucket
+        order, give exactly the updates of the in-memory reconcile of the active URLs."""
+        conn = url_table(rows, inactive)
+        theirs = holding(agent_has).digest_list()
+        differ = differing_buckets(active_intervals(conn), theirs)
+        streamed = list(bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ))
+        active = [Target(u, f"http://x/{u}", i) for u, i in rows.items() if u not in inactive]
+        assert streamed == list(reconcile(active, theirs))
+
+    def test_updates_are_cut_at_bucket_boundaries(self) -> None:
+        """A fresh agent gets every bucket; no bucket is split between updates, and an update
+        grows past ASSIGNMENT_CHUNK by at most one bucket."""
+        rows = {u: 60.0 for u in range(1, 6 * ASSIGNMENT_CHUNK)}
+        conn = url_table(rows)
+        differ = differing_buckets(active_intervals(conn), [])
+        assert differ == list(range(BUCKETS))
+        updates = list(bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ))
+        seen: dict[int, int] = {}
+        for n, update in enumerate(updates):
+            assert len(update.upsert) < ASSIGNMENT_CHUNK + len(rows) // BUCKETS + 1
+            for t in update.upsert:
+                assert seen.setdefault(t.url_id % BUCKETS, n) == n  # one update per bucket
+        assert len(seen) == BUCKETS and sum(len(u.upsert) for u in updates) == len(rows)
+        assert updates[-1].in_sync and not any(u.in_sync for u in updates[:-1])
+
+    def test_targets_out_of_bucket_order_are_an_error(self) -> None:
+        """bucket_updates refuses input that is not grouped as promised instead of losing it."""
+        targets = [Target(2, "http://x/2", 1.0), Target(1, "http://x/1", 1.0)]
+        with pytest.raises(ValueError, match="not in a differing bucket"):
+            list(bucket_updates(targets, [1, 2]))

@@ -36,6 +36,32 @@ def active_targets(conn: sqlite3.Connection) -> Iterator[Target]:
         yield Target(url_id, url, interval)
 
 
+def active_intervals(conn: sqlite3.Connection) -> Iterator[tuple[int, float]]:
+    """(url id, interval) of every URL agents should probe: the digests' input, no URL text."""
+    yield from conn.execute("SELECT id, interval FROM urls WHERE active = 1")
+
+
+def targets_by_bucket(
+    conn: sqlite3.Connection, buckets: Sequence[int], n_buckets: int
+) -> Iterator[Target]:
+    """The active targets whose bucket (id % n_buckets) is listed, bucket by bucket, in id order.
+
+    Rows stream from SQLite's sorter, so the caller holds one chunk at a time, not the set.
+    """
+    if not buckets:
+        return
+    bucket = f"id % {int(n_buckets)}"
+    where, params = "", [int(b) for b in buckets]
+    if len(buckets) < n_buckets:
+        where = f" AND {bucket} IN ({','.join('?' * len(params))})"
+    else:
+        params = []  # every bucket: no filter
+    for url_id, url, interval in conn.execute(
+        f"SELECT id, url, interval FROM urls WHERE active = 1{where} ORDER BY {bucket}, id", params
+    ):
+        yield Target(url_id, url, interval)
+
+
 def url_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
     """(provider, state, number of URLs)."""
     return conn.execute(
