@@ -4,21 +4,27 @@ Prometheus rules and config (promtool), Alertmanager routing (amtool), the Grafa
 dashboard, systemd units (systemd-analyze), container and Kubernetes manifests. Every
 configuration is parsed with our own command-line parsers, every cross-reference (file,
 port, ConfigMap, Secret, volume, Service) must resolve, and every metric a rule or panel
-uses must be one the collector exports or one announced for the agents.
+uses must be one the collector exports or one announced for the agents. Every deployment
+runs with TLS and tokens, and the credentials its configs name are provided where they
+look: by LoadCredential=, by compose's init service (run here for real), by documented
+Secrets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,10 +32,13 @@ from typing import Any
 import aiohttp
 import configargparse
 import pytest
+from cryptography import x509
 
 from agent.cli import build_parser
-from collector.cli import serve_parser
+from agent.credentials import ClientTLS
+from collector.cli import import_parser, serve_parser, server_security
 from collector.server import Collector
+from tests.conftest import eventually, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -63,6 +72,11 @@ COMING_SOON = {
 }
 PROMQL_WORDS = {"by", "on", "and", "or", "unless", "without", "ignoring", "group_left",
                 "group_right", "offset", "bool", "inf", "nan"}  # fmt: skip
+# Which CLI reads a config (import: `takedown-collector import`), and the TOML table it reads.
+PARSERS = {"collector": serve_parser, "agent": build_parser, "import": import_parser}
+TABLES = {"collector": "collector", "agent": "agent", "import": "collector"}
+# The options that name TLS and token files, as parsed attributes.
+CREDENTIAL_FILES = ("cert_file", "key_file", "client_ca_file", "ca_file", "token_file")
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +130,78 @@ def hostport(value: str) -> tuple[str, int]:
 
 def parse_config(kind: str, text: str, tmp_path: Path) -> configargparse.Namespace:
     """Parse a TOML config the way `takedown-<kind> --config FILE` does; fail with its error."""
-    parser = build_parser() if kind == "agent" else serve_parser()
+    parser = PARSERS[kind]()
     path = tmp_path / f"{kind}-{abs(hash(text))}.toml"
     path.write_text(text)
+    operands = ["reports.csv"] if kind == "import" else []
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return parser.parse_args(["--config", str(path)])
+            return parser.parse_args(["--config", str(path), *operands])
     except SystemExit:
         pytest.fail(f"takedown-{kind} rejects its config:\n{text}\n{err.getvalue()}")
+
+
+def deploy_configs(yaml: ModuleType) -> Iterator[tuple[str, str, str]]:
+    """(where, kind, text) of every TOML config in deploy/, the Kubernetes ConfigMaps' too."""
+    found = [(str(p.relative_to(DEPLOY)), p.name, p.read_text()) for p in DEPLOY.rglob("*.toml")]
+    found += [
+        (f"k8s/{doc['metadata']['name']}/{key}", key, text)
+        for doc in _k8s(yaml)
+        if doc["kind"] == "ConfigMap"
+        for key, text in doc["data"].items()
+        if key.endswith(".toml")
+    ]
+    for where, name, text in sorted(found):
+        if "agent" in tomllib.loads(text):
+            yield where, "agent", text
+        else:
+            yield where, "import" if name.startswith("import") else "collector", text
+
+
+def documented_commands(*paths: Path) -> list[list[str]]:
+    """The takedown-collector and kubectl commands shown in the files' comments, as words."""
+    found = []
+    for path in paths:
+        lines = path.read_text().splitlines()
+        comments = "\n".join(re.sub(r"^\s*# ?", "", s) for s in lines if s.lstrip()[:1] == "#")
+        for line in comments.replace("\\\n", " ").splitlines():
+            if line.strip().startswith(("takedown-collector ", "kubectl ")):
+                found.append(shlex.split(line))
+    return found
+
+
+def option(words: list[str], name: str) -> list[str]:
+    """Every value of `name` (given as `name VALUE`) in a command's words."""
+    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == name]
+
+
+def subcommand(words: list[str], *command: str) -> list[str] | None:
+    """The words after `takedown-collector COMMAND...` in a command line, or None."""
+    for i in range(len(words)):
+        if words[i : i + len(command) + 1] == ["takedown-collector", *command]:
+            return words[i + len(command) + 1 :]
+    return None
+
+
+def server_names(commands: list[list[str]]) -> set[str]:
+    """The DNS names of the collector certificates the commands issue."""
+    issued = [rest for words in commands if (rest := subcommand(words, "ca", "issue"))]
+    return {name for rest in issued if "--server" in rest for name in option(rest, "--dns")}
+
+
+def agent_tokens(commands: list[list[str]]) -> dict[tuple[str, ...], str]:
+    """(agent name, network) -> the file each `agents add` in the commands writes the token to."""
+    return {
+        (rest[0], *option(rest, "--network")): "".join(option(words, ">"))
+        for words in commands
+        if (rest := subcommand(words, "agents", "add"))
+    }
+
+
+def credential_files(args: configargparse.Namespace) -> dict[str, Path]:
+    """The TLS and token files a parsed config names, by option."""
+    return {a: Path(getattr(args, a)) for a in CREDENTIAL_FILES if getattr(args, a, None)}
 
 
 def parse_args(kind: str, args: list[str], files: dict[str, str], tmp: Path) -> Any:
@@ -374,12 +451,105 @@ class TestSystemd:
         agent_state = _unit(SYSTEMD / self.UNITS[1])["StateDirectory"][0].replace("%i", "nl-ams")
         assert str(args.state_dir) == "/var/lib/" + agent_state
 
+    def test_credentials_come_from_load_credential(self, tmp_path: Path) -> None:
+        """Each TLS and token file a config names is /run/credentials/UNIT/ID, every ID loaded
+        by that unit from an absolute path; the documented certificate and token fit the agent."""
+        files = {f"/etc/takedown/{p.name}": p.read_text() for p in SYSTEMD.glob("*.toml")}
+        commands = documented_commands(*(SYSTEMD / name for name in self.UNITS))
+        for name in self.UNITS:
+            unit = _unit(SYSTEMD / name)
+            words = shlex.split(unit["ExecStart"][0].replace("%i", "nl-ams"))
+            kind = "collector" if words[0].endswith("/takedown-collector") else "agent"
+            args = parse_args(kind, words[-2:], files, tmp_path)
+            loaded = dict(v.replace("%i", "nl-ams").split(":", 1) for v in unit["LoadCredential"])
+            named = credential_files(args).values()
+            directory = Path("/run/credentials") / name.replace("@.", "@nl-ams.")
+            assert {path.parent for path in named} == {directory}, name
+            assert {path.name for path in named} == set(loaded), name
+            assert all(Path(source).is_absolute() for source in loaded.values()), name
+            if kind == "agent":
+                assert hostport(args.collector)[0] in server_names(commands)
+                assert (args.name, args.network) in agent_tokens(commands)
+
 
 def _mounts(service: dict[str, Any]) -> Iterator[tuple[str, Path | str]]:
     """(container path, host path or volume name) of a compose service's volumes."""
     for volume in service.get("volumes", []):
         source, target = volume.split(":")[:2]
         yield target, (COMPOSE.parent / source).resolve() if source.startswith(".") else source
+
+
+def _local(service: dict[str, Any], path: str, volumes: Path) -> Path:
+    """Where a container path of a compose service is on this host: in its bind mount's source,
+    or in volumes/NAME for a named volume (by the longest mount target that holds it)."""
+    for target, source in sorted(_mounts(service), key=lambda mount: -len(mount[0])):
+        if path == target or path.startswith(target + "/"):
+            base = source if isinstance(source, Path) else volumes / source
+            return base / path[len(target) :].lstrip("/")
+    pytest.fail(f"{path} is in no volume or bind mount of the service")
+
+
+def _localized(service: dict[str, Any], text: str, volumes: Path) -> str:
+    """A compose service's config with each quoted absolute path where it is on this host."""
+    return re.sub(r'"(/[^"]*)"', lambda m: json.dumps(str(_local(service, m[1], volumes))), text)
+
+
+def _environment() -> dict[str, str]:
+    """This environment without TAKEDOWN_* settings, with our programs first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAKEDOWN_")}
+    return env | {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _run(*args: str | Path, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def _process(
+    log: Path, *args: str | Path, env: dict[str, str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A program running with its output in `log`, stopped by SIGTERM (or killed) at the end."""
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *map(str, args), stdout=out, stderr=out, env=env
+        )
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def _running(proc: asyncio.subprocess.Process, log: Path) -> None:
+    assert proc.returncode is None, f"{log.stem} exited:\n{log.read_text()}"
+
+
+async def _serving(proc: asyncio.subprocess.Process, log: Path, port: int) -> bool:
+    _running(proc, log)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 def _containerfile(role: str) -> dict[str, str]:
@@ -459,6 +629,103 @@ class TestContainers:
         am_mounts = dict(_mounts(services["alertmanager"]))
         assert am_mounts["/etc/alertmanager/alertmanager.yml"] == ALERTMANAGER_YML
 
+    def test_init_makes_the_credentials_before_anyone_reads_them(self, yaml: ModuleType) -> None:
+        """Who mounts the credentials volume waits for init to succeed and mounts it read-only;
+        only init, a one-shot, mounts the CA's volume."""
+        services = load_yaml(yaml, COMPOSE)["services"]
+        assert services["init"]["restart"] == "no"
+        readers = set()
+        for name, service in services.items():
+            volumes = {spec.split(":")[0]: spec for spec in service.get("volumes", [])}
+            assert "pki" not in volumes or name == "init", name
+            if "credentials" in volumes and name != "init":
+                readers.add(name)
+                assert volumes["credentials"].endswith(":ro"), name
+                condition = {"condition": "service_completed_successfully"}
+                assert service["depends_on"]["init"] == condition, name
+        assert readers == {"collector", "import", "agent-nl-ams", "agent-de-fra"}
+
+    @pytest.mark.slow
+    @pytest.mark.integration
+    async def test_init_credentials_let_the_stack_in(
+        self, yaml: ModuleType, tmp_path: Path
+    ) -> None:
+        """init's script (twice: the second run changes nothing) makes every file the configs
+        name in the volumes they mount; with them the real collector serves mutual TLS and
+        wants tokens, the import is accepted and both agents connect."""
+        compose = load_yaml(yaml, COMPOSE)
+        services = compose["services"]
+        volumes = tmp_path / "volumes"
+        for name in compose["volumes"]:
+            (volumes / name).mkdir(parents=True)
+        init = services["init"]
+
+        def local(value: str) -> str:
+            return str(_local(init, value, volumes)) if value.startswith("/") else value
+
+        env = _environment()
+        init_env = env | {key: local(value) for key, value in init["environment"].items()}
+        made = []
+        for _ in range(2):
+            status, _, err = await _run(*map(local, init["entrypoint"]), env=init_env)
+            assert status == 0, err
+            made.append({p.name: p.read_bytes() for p in (volumes / "credentials").iterdir()})
+        assert made[0] and made[0] == made[1]
+
+        configs: dict[str, Path] = {}
+        parsed: dict[str, configargparse.Namespace] = {}
+        for name, service in services.items():
+            for _, source in _mounts(service):
+                if isinstance(source, Path) and source.suffix == ".toml":
+                    configs[name] = tmp_path / f"{name}.toml"
+                    configs[name].write_text(_localized(service, source.read_text(), volumes))
+                    kind = name if name in PARSERS else "agent"
+                    parsed[name] = parse_config(kind, configs[name].read_text(), tmp_path)
+                    for option_name, path in credential_files(parsed[name]).items():
+                        assert path.is_file(), f"{name}: {option_name} {path} is not made"
+        assert parsed["collector"].client_ca_file
+        cert = x509.load_pem_x509_certificate(Path(parsed["collector"].cert_file).read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for name, args in parsed.items():
+            if name != "collector":
+                assert hostport(args.collector)[0] in sans.get_values_for_type(x509.DNSName), name
+
+        target, metrics = f"127.0.0.1:{_free_port()}", _free_port()
+        collector_bin, agent_bin = BIN / "takedown-collector", BIN / "takedown-agent"
+        reports = tmp_path / "reports.csv"
+        reports.write_text("url,notified_at\nhttp://192.0.2.1/a,2026-01-05T10:00:00Z\n")
+        async with contextlib.AsyncExitStack() as stack:
+            log = tmp_path / "collector.log"
+            serve = _process(
+                log, collector_bin, "serve", "--config", configs["collector"],
+                "--listen", target, "--metrics-listen", f"127.0.0.1:{metrics}", env=env,
+            )  # fmt: skip
+            collector = await stack.enter_async_context(serve)
+            await eventually(lambda: _serving(collector, log, metrics), 30, "the collector")
+            status, _, err = await _run(
+                collector_bin, "import", "--config", configs["import"], "--collector", target,
+                reports, env=env,
+            )  # fmt: skip
+            assert status == 0 and "accepted 1," in err, err
+            agents = [name for name in configs if name.startswith("agent-")]
+            running = {}
+            for name in agents:
+                agent_log = tmp_path / f"{name}.log"
+                agent = _process(
+                    agent_log, agent_bin, "--config", configs[name], "--collector", target,
+                    "--metrics-listen", "", env=env,
+                )  # fmt: skip
+                running[agent_log] = await stack.enter_async_context(agent)
+
+            async def connected() -> bool:
+                for agent_log, proc in running.items():
+                    _running(proc, agent_log)
+                samples = (await scrape(metrics)).get("takedown_agent_connected", [])
+                names = {s.labels["agent"] for s in samples if s.value == 1}
+                return names == {parsed[name].name for name in agents}
+
+            await eventually(connected, 30, "both agents connected over mutual TLS")
+
 
 def files_of(service: dict[str, Any]) -> dict[str, str]:
     return {t: s.read_text() for t, s in _mounts(service) if isinstance(s, Path) and s.is_file()}
@@ -473,6 +740,30 @@ def _k8s(yaml: ModuleType) -> list[dict[str, Any]]:
     ]
 
 
+def k8s_secrets() -> dict[str, dict[str, Path]]:
+    """Secret name -> {key: file} of each `kubectl -n takedown create secret generic` shown in
+    the manifests' comments: Secrets are made outside the manifests, never committed."""
+    secrets = {}
+    for words in documented_commands(*sorted(K8S.glob("*.yaml"))):
+        if words[:6] == ["kubectl", "-n", "takedown", "create", "secret", "generic"]:
+            assert all(w.startswith("--from-file=") for w in words[7:]), words
+            pairs = (w.removeprefix("--from-file=").split("=", 1) for w in words[7:])
+            secrets[words[6]] = {key: Path(file) for key, file in pairs}
+    return secrets
+
+
+def _config_files(
+    container: dict[str, Any], volumes: dict[str, Any], configmaps: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """Path -> content of every ConfigMap file mounted into a container."""
+    files = {}
+    for mount in container["volumeMounts"]:
+        source = volumes.get(mount["name"], {}).get("configMap")
+        for key, text in configmaps.get(source["name"] if source else "", {}).items():
+            files[f"{mount['mountPath']}/{key}"] = text
+    return files
+
+
 def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, pod template) of every StatefulSet and Deployment."""
     for doc in docs:
@@ -482,18 +773,21 @@ def _pods(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str
 
 class TestKubernetes:
     def test_manifests_parse_with_names(self, yaml: ModuleType) -> None:
-        """Every document has an apiVersion, a kind and a name in the takedown namespace."""
+        """Every document has an apiVersion, a kind and a name in the takedown namespace; no
+        Secret is among them (applying a placeholder would overwrite the real one)."""
         docs = _k8s(yaml)
         kinds = {d["kind"] for d in docs}
-        assert {"StatefulSet", "Deployment", "Service", "ConfigMap", "Secret"} <= kinds
+        assert {"StatefulSet", "Deployment", "Service", "ConfigMap"} <= kinds
+        assert "Secret" not in kinds
         for doc in docs:
             assert doc["apiVersion"] and doc["metadata"]["name"]
             assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "takedown"
 
     def test_references_resolve(self, yaml: ModuleType) -> None:
-        """ConfigMaps, Secrets, claims, Services and named ports referenced all exist."""
+        """ConfigMaps, Secrets (documented), claims, Services and named ports referenced exist."""
         docs = _k8s(yaml)
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        names |= {("Secret", name) for name in k8s_secrets()}
         for workload, pod in _pods(docs):
             spec = pod["spec"]
             claims = {
@@ -547,11 +841,7 @@ class TestKubernetes:
         for _, pod in _pods(docs):
             volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
             for container in pod["spec"]["containers"]:
-                files = {}
-                for mount in container["volumeMounts"]:
-                    source = volumes.get(mount["name"], {}).get("configMap")
-                    for key, text in configmaps.get(source["name"] if source else "", {}).items():
-                        files[f"{mount['mountPath']}/{key}"] = text
+                files = _config_files(container, volumes, configmaps)
                 kind = "collector" if container["command"][0] == "takedown-collector" else "agent"
                 assert container["command"] == (
                     ["takedown-collector", "serve"] if kind == "collector" else ["takedown-agent"]
@@ -571,3 +861,86 @@ class TestKubernetes:
                     assert host.split(".")[1:2] in ([], [service["metadata"]["namespace"]])
                     assert port in {p["port"] for p in service["spec"]["ports"]}
         assert len(networks) == len(set(networks)) == 2
+
+    def test_credentials_come_from_documented_secrets(
+        self, yaml: ModuleType, tmp_path: Path
+    ) -> None:
+        """Each TLS and token file a container's config names is a key of a Secret mounted there,
+        made by a documented command from the right files: one CA for all, the agent's own
+        certificate and token, a collector certificate for the address the agents use."""
+        docs = _k8s(yaml)
+        configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+        secrets = k8s_secrets()
+        commands = documented_commands(*sorted(K8S.glob("*.yaml")))
+        tokens = agent_tokens(commands)
+        cas, used = set(), set()
+        for _, pod in _pods(docs):
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            for container in pod["spec"]["containers"]:
+                files = _config_files(container, volumes, configmaps)
+                kind = "collector" if container["command"][0] == "takedown-collector" else "agent"
+                args = parse_args(kind, container["args"], files, tmp_path)
+                secret_at = {
+                    m["mountPath"]: volumes[m["name"]]["secret"]["secretName"]
+                    for m in container["volumeMounts"]
+                    if "secret" in volumes.get(m["name"], {})
+                }
+                source = {}
+                for name, path in credential_files(args).items():
+                    secret = secret_at.get(str(path.parent))
+                    assert secret in secrets, f"{name}: {path} is in no documented Secret"
+                    assert path.name in secrets[secret], f"{name}: {secret} has no {path.name}"
+                    source[name] = secrets[secret][path.name]
+                    used.add(secret)
+                cas |= {source[n] for n in ("ca_file", "client_ca_file") if n in source}
+                if kind == "collector":
+                    assert {"cert_file", "key_file", "client_ca_file"} <= source.keys()
+                else:
+                    assert source["cert_file"].name == f"{args.name}.pem"
+                    assert source["key_file"].name == f"{args.name}.key"
+                    assert source["token_file"] == Path(tokens[(args.name, args.network)])
+                    assert hostport(args.collector)[0] in server_names(commands)
+        assert len(cas) == 1 and used == set(secrets)
+
+
+class TestCredentials:
+    def test_every_config_parses_with_its_cli(self, yaml: ModuleType, tmp_path: Path) -> None:
+        """Each TOML config in deploy/ has just its program's table, and each key in it is an
+        option of that program: its own parser reads the file."""
+        configs = list(deploy_configs(yaml))
+        assert {kind for _, kind, _ in configs} == set(PARSERS)
+        for where, kind, text in configs:
+            assert list(tomllib.loads(text)) == [TABLES[kind]], where
+            parse_config(kind, text, tmp_path)
+
+    def test_collectors_want_tls_and_tokens_and_clients_bring_them(
+        self, yaml: ModuleType, tmp_path: Path
+    ) -> None:
+        """Every collector config has a certificate and key (or insecure = true), as `serve`
+        checks at start; every agent and import config a CA file (or insecure) and a token
+        file or token; where a deployment's collector wants client certificates, every
+        client of that deployment has one."""
+        mutual: dict[str, bool] = {}
+        clients = []
+        for where, kind, text in deploy_configs(yaml):
+            args = parse_config(kind, text, tmp_path)
+            deployment = where.split("/")[0]
+            if kind == "collector":
+                err = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(err):
+                        tls, tokens = server_security(serve_parser(), args)
+                except SystemExit:
+                    pytest.fail(f"{where}: takedown-collector serve refuses it: {err.getvalue()}")
+                assert (tls is not None and tokens) or args.insecure, where
+                mutual[deployment] = bool(args.client_ca_file)
+            else:
+                assert args.ca_file or args.insecure, f"{where}: ca-file or insecure"
+                assert args.token_file or args.token, f"{where}: token-file or token"
+                if args.insecure:
+                    assert not (args.ca_file or args.cert_file or args.key_file), where
+                ClientTLS(args.ca_file, args.cert_file, args.key_file)  # cert and key together
+                clients.append((deployment, where, args))
+        assert set(mutual) == {"systemd", "container", "k8s"}
+        for deployment, where, args in clients:
+            assert not mutual[deployment] or (args.cert_file and args.key_file), where
