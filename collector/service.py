@@ -26,7 +26,12 @@ from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
-from collector.store.reads import active_intervals, connect_readonly, targets_by_bucket
+from collector.store.reads import (
+    active_intervals,
+    active_targets,
+    connect_readonly,
+    targets_by_bucket,
+)
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -176,9 +181,26 @@ def bucket_updates(
     yield update
 
 
+def fresh_updates(targets: Iterable[Target]) -> Iterator[pb.AssignmentUpdate]:
+    """Updates for an agent that holds nothing: upserts only, in any order, then in_sync.
+
+    Nothing has to be replaced, so `targets` can come straight off the table (no sort).
+    """
+    update = pb.AssignmentUpdate()
+    for t in targets:
+        update.upsert.append(_target(t))
+        if len(update.upsert) >= ASSIGNMENT_CHUNK:
+            yield update
+            update = pb.AssignmentUpdate()
+    update.in_sync = True
+    yield update
+
+
 def reconcile(targets: Iterable[Target], theirs: Sequence[int]) -> Iterator[pb.AssignmentUpdate]:
     """The updates that bring an agent holding digests `theirs` to `targets`, bucket by bucket."""
     targets = list(targets)
+    if not theirs:  # the agent holds nothing (Hello carries no digests then)
+        return fresh_updates(sorted(targets, key=lambda t: t.url_id))
     differ = differing_buckets(((t.url_id, t.interval) for t in targets), theirs)
     wanted = set(differ)
     grouped = sorted(
@@ -186,6 +208,20 @@ def reconcile(targets: Iterable[Target], theirs: Sequence[int]) -> Iterator[pb.A
         key=lambda t: (bucket_of(t.url_id), t.url_id),
     )
     return bucket_updates(grouped, differ)
+
+
+def assignment_updates(
+    conn: sqlite3.Connection, theirs: Sequence[int]
+) -> Iterator[pb.AssignmentUpdate]:
+    """The reconcile updates read lazily from the database, one snapshot for all of them.
+
+    Run it, and step it, in a worker thread: the first step may sort the differing buckets.
+    """
+    if not theirs:
+        return fresh_updates(active_targets(conn))
+    conn.execute("BEGIN")  # both passes see the same URLs
+    differ = differing_buckets(active_intervals(conn), theirs)
+    return bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ)
 
 
 def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
@@ -317,14 +353,6 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 )
             await self._ingest(session, message.batch)
 
-    def _plan_assignment(
-        self, conn: sqlite3.Connection, theirs: Sequence[int]
-    ) -> Iterator[pb.AssignmentUpdate]:
-        """In a worker thread: the reconcile updates, read lazily from one snapshot."""
-        conn.execute("BEGIN")  # both passes see the same URLs
-        differ = differing_buckets(active_intervals(conn), theirs)
-        return bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ)
-
     async def _assignment(
         self, session: AgentSession, theirs: Sequence[int], receiver: asyncio.Task[None]
     ) -> AsyncIterator[pb.CollectorMessage]:
@@ -337,7 +365,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         conn = await asyncio.to_thread(connect_readonly, self.db_path)
         sent = 0
         try:
-            updates = await asyncio.to_thread(self._plan_assignment, conn, theirs)
+            updates = await asyncio.to_thread(assignment_updates, conn, theirs)
             while not receiver.done():
                 update = await asyncio.to_thread(next, updates, None)
                 if update is None:

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.assignment import Assignment, AssignmentChange
-from collector.service import ASSIGNMENT_CHUNK, bucket_updates, differing_buckets, reconcile
+from collector.service import (
+    ASSIGNMENT_CHUNK,
+    assignment_updates,
+    bucket_updates,
+    differing_buckets,
+    reconcile,
+)
 from collector.store import Target
 from collector.store.reads import active_intervals, targets_by_bucket
 from protos.takedown.v1.assignment import BUCKETS
@@ -95,6 +101,7 @@ def url_table(
         "INSERT INTO urls VALUES (?, ?, ?, ?)",
         [(u, f"http://x/{u}", i, int(u not in inactive)) for u, i in items.items()],
     )
+    conn.commit()
     return conn
 
 
@@ -105,11 +112,11 @@ class TestStreamedReconcile:
         self, agent_has: dict[int, float], rows: dict[int, float], inactive: frozenset[int]
     ) -> None:
         """Digests over (id, interval) rows, then only the differing buckets' rows in bucket
-        order, give exactly the updates of the in-memory reconcile of the active URLs."""
+        order (or every row, for an agent holding nothing), give exactly the updates of the
+        in-memory reconcile of the active URLs."""
         conn = url_table(rows, inactive)
         theirs = holding(agent_has).digest_list()
-        differ = differing_buckets(active_intervals(conn), theirs)
-        streamed = list(bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ))
+        streamed = list(assignment_updates(conn, theirs))
         active = [Target(u, f"http://x/{u}", i) for u, i in rows.items() if u not in inactive]
         assert streamed == list(reconcile(active, theirs))
 

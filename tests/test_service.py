@@ -14,7 +14,6 @@ from collector.server import Collector
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
-from protos.takedown.v1.assignment import bucket_of
 
 pytestmark = pytest.mark.integration
 
@@ -124,13 +123,14 @@ class TestAgentStream:
     async def test_assignment_is_pushed_on_connect_and_on_import(
         self, channel: grpc.aio.Channel
     ) -> None:
-        """A new agent gets every bucket it lacks, then in_sync; later imports come as additions."""
+        """A new agent (holding nothing) gets every target as an addition, then in_sync; later
+        imports come as additions too."""
         stub = pb_grpc.IntakeStub(channel)
-        sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "A1")]))
+        await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "A1")]))
         call = await open_stream(channel)
         full = await next_of(call, "assignment")
         assert full.assignment.in_sync
-        assert list(full.assignment.replace_buckets) == [bucket_of(sub.outcomes[0].url_id)]
+        assert not full.assignment.replace_buckets  # nothing held, nothing to replace
         assert [t.url for t in full.assignment.upsert] == ["http://a.example/1"]
         await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/2", "A2")]))
         delta = await next_of(call, "assignment")
