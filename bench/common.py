@@ -308,16 +308,23 @@ def stdin_lines(
 
 
 def start_collector(
-    db: Path, prefixes: Path | None = None, interval: float = 300.0, within: float = 120.0
+    db: Path,
+    prefixes: Path | None = None,
+    interval: float = 300.0,
+    within: float = 120.0,
+    metrics_max_age: float = 0.0,
 ) -> Child:
     """A real collector (grpc.aio, SQLite file, /metrics) in a child process on 127.0.0.1."""
     args = ["collector", "--db", str(db), "--interval", str(interval)]
+    args += ["--metrics-max-age", str(metrics_max_age)]
     if prefixes is not None:
         args += ["--prefixes", str(prefixes)]
     return Child.start("bench.common", args, within)
 
 
-async def _collector_main(db: Path, prefixes: Path | None, interval: float) -> None:
+async def _collector_main(
+    db: Path, prefixes: Path | None, interval: float, metrics_max_age: float
+) -> None:
     from collector.schedule import Planner
     from collector.server import Collector, CollectorConfig
 
@@ -328,6 +335,7 @@ async def _collector_main(db: Path, prefixes: Path | None, interval: float) -> N
         prefixes=prefixes,
         planner=Planner.fixed(interval),
         replan_every=3600.0,
+        metrics_max_age=metrics_max_age,
     )
     collector = Collector(config)
     await collector.start()
@@ -521,9 +529,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     col.add_argument("--db", type=Path, required=True)
     col.add_argument("--prefixes", type=Path)
     col.add_argument("--interval", type=float, default=300.0)
+    col.add_argument("--metrics-max-age", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.command == "collector":
-        asyncio.run(_collector_main(args.db, args.prefixes, args.interval))
+        asyncio.run(_collector_main(args.db, args.prefixes, args.interval, args.metrics_max_age))
 
 
 if __name__ == "__main__":

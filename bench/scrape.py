@@ -3,13 +3,18 @@
 A database is filled through the collector's own ``Store`` (reports, then results from two
 agents whose peer addresses are attributed to ``--providers`` providers; a third of the URLs
 get removed, so the latency histograms fill). A collector child process serves it, and
-``/metrics`` is fetched ``--scrapes`` times over HTTP on 127.0.0.1. In-process, the same
-``StateCollector`` is timed with its queries apart from the text exposition.
+``/metrics`` is fetched ``--scrapes`` times over HTTP on 127.0.0.1, twice: scanning the
+database at every scrape (``--metrics-max-age 0``), and answering from a kept scan refreshed in
+the background (``--metrics-max-age``, scrapes paced at 0.6 of it, so every scrape finds the
+scan past half its age and starts a new one, as with Prometheus scraping more often than the
+max age). In-process, the same ``StateCollector`` is timed with its queries apart from the
+text exposition.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import sys
 import tempfile
@@ -32,6 +37,7 @@ from collector.store import ResultIn, Store
 from collector.verdict import Policy
 
 TARGET_SECONDS = 0.250
+PROVIDER_FAMILIES = (b"takedown_urls", b"takedown_removal_latency", b"takedown_overdue")
 PROVIDER_NET = ipaddress.ip_network("127.100.0.0/16")  # peer addresses in stored results only
 
 
@@ -98,6 +104,8 @@ class ScrapeReport:
     providers: int
     urls: int
     scrapes: list[float]
+    kept: list[float]  # with max_age: the scrapes after the first (which scans)
+    max_age: float
     size: int
     samples: int
     collect_s: float
@@ -113,15 +121,28 @@ class ScrapeReport:
     def worst(self) -> float:
         return max(self.scrapes) if self.scrapes else 0.0
 
+    @property
+    def kept_p50(self) -> float:
+        return percentile(self.kept, 50)
 
-async def _scrape(port: int, count: int, seconds: float) -> tuple[list[float], bytes]:
+    @property
+    def kept_worst(self) -> float:
+        return max(self.kept) if self.kept else 0.0
+
+
+async def _scrape(
+    port: int, count: int, seconds: float, every: float = 0.0
+) -> tuple[list[float], bytes]:
+    """Fetch /metrics `count` times (one every `every` seconds, 0: back to back)."""
     deadline = Deadline(seconds)
     times: list[float] = []
     body = b""
     async with aiohttp.ClientSession() as session:
-        for _ in range(count):
+        for i in range(count):
             if deadline.expired:
                 break
+            if every and i:
+                await asyncio.sleep(every)  # pacing the load, not waiting for a state
             started = time.perf_counter()
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 body = await response.read()
@@ -129,6 +150,11 @@ async def _scrape(port: int, count: int, seconds: float) -> tuple[list[float], b
                     raise RuntimeError(f"/metrics answered {response.status}")
             times.append(time.perf_counter() - started)
     return times, body
+
+
+def provider_lines(body: bytes) -> list[bytes]:
+    """The per-provider samples of a /metrics body (self-metrics differ between processes)."""
+    return [line for line in body.splitlines() if line.startswith(PROVIDER_FAMILIES)]
 
 
 def in_process(db: Path, repeats: int = 5) -> tuple[float, float]:
@@ -149,7 +175,11 @@ def in_process(db: Path, repeats: int = 5) -> tuple[float, float]:
 
 
 def benchmark(
-    providers: int = 1000, urls: int = 100_000, scrapes: int = 20, seconds: float = 120.0
+    providers: int = 1000,
+    urls: int = 100_000,
+    scrapes: int = 20,
+    seconds: float = 120.0,
+    max_age: float = 2.0,
 ) -> ScrapeReport:
     with tempfile.TemporaryDirectory(prefix="bench-scrape-") as tmp:
         db, prefixes = Path(tmp) / "collector.db", Path(tmp) / "prefixes.csv"
@@ -159,24 +189,38 @@ def benchmark(
             times, body = run(_scrape(collector.info["metrics_port"], scrapes, seconds))
         finally:
             collector.stop(60.0)
+        collector = start_collector(db, prefixes, metrics_max_age=max_age)
+        try:
+            paced, kept_body = run(
+                _scrape(collector.info["metrics_port"], scrapes + 1, seconds, 0.6 * max_age)
+            )
+        finally:
+            collector.stop(60.0)
+        if provider_lines(kept_body) != provider_lines(body):
+            raise RuntimeError("/metrics from a kept scan differs from a fresh scan")
         collect_s, expose_s = in_process(db)
         samples = sum(len(f.samples) for f in text_string_to_metric_families(body.decode()))
         report = ScrapeReport(
-            providers, urls, times, len(body), samples, collect_s, expose_s, file_size(db)
-        )
+            providers, urls, times, paced[1:], max_age, len(body), samples, collect_s,
+            expose_s, file_size(db),
+        )  # fmt: skip
     report.text = _render(report)
     return report
 
 
 def _render(r: ScrapeReport) -> str:
     ok = "ok" if r.worst <= TARGET_SECONDS else "MISSED"
+    kept_ok = "ok" if r.kept_worst <= TARGET_SECONDS else "MISSED"
     rows: list[list[object]] = [
         ["providers / URLs", f"{r.providers:,} / {r.urls:,}"],
         ["database", mib(r.db_bytes)],
         ["scrapes", len(r.scrapes)],
-        ["/metrics p50 (ms)", 1000 * r.p50],
-        ["/metrics worst (ms)", 1000 * r.worst],
-        ["target", f"<= {1000 * TARGET_SECONDS:.0f} ms: {ok}"],
+        ["scan every scrape: /metrics p50 (ms)", 1000 * r.p50],
+        ["scan every scrape: /metrics worst (ms)", 1000 * r.worst],
+        ["scan every scrape: target", f"<= {1000 * TARGET_SECONDS:.0f} ms: {ok}"],
+        [f"kept scan (max age {r.max_age:g} s): /metrics p50 (ms)", 1000 * r.kept_p50],
+        [f"kept scan (max age {r.max_age:g} s): /metrics worst (ms)", 1000 * r.kept_worst],
+        ["kept scan: target", f"<= {1000 * TARGET_SECONDS:.0f} ms: {kept_ok}"],
         ["body size", mib(r.size)],
         ["samples", r.samples],
         ["in-process: queries (ms)", 1000 * r.collect_s],
@@ -193,11 +237,14 @@ def main(argv: Sequence[str] | None = None) -> ScrapeReport:
     parser.add_argument("--urls", type=int, default=100_000)
     parser.add_argument("--scrapes", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=120.0, help="time cap for scraping")
+    parser.add_argument(
+        "--max-age", type=float, default=2.0, help="the collector's --metrics-max-age, second run"
+    )
     parser.add_argument("--quick", action="store_true", help="20,000 URLs, 5 scrapes")
     args = parser.parse_args(argv)
     if args.quick:
         args.urls, args.scrapes = min(args.urls, 20_000), min(args.scrapes, 5)
-    report = benchmark(args.providers, args.urls, args.scrapes, args.seconds)
+    report = benchmark(args.providers, args.urls, args.scrapes, args.seconds, args.max_age)
     print(report.text)
     sys.stdout.flush()
     return report

@@ -245,6 +245,14 @@ def serve_parser() -> configargparse.ArgParser:
         help="deadline of a binding removal order when the report gives none",
     )
     p.add_argument(
+        "--metrics-max-age",
+        type=lambda s: 0.0 if s.strip() in ("0", "0s") else duration(s),
+        default=10.0,
+        help="per-provider figures on /metrics may be this old: a scrape is answered from the"
+        " last scan and starts a new one in the background past half of it (a scan reads every"
+        " URL's state); 0 scans at every scrape",
+    )
+    p.add_argument(
         "--buckets",
         type=lambda s: [duration(x) for x in s.split(",")],
         help="latency histogram bucket bounds, comma separated (default 1m .. 30d)",
@@ -630,6 +638,7 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         ),
         buckets=args.buckets or DEFAULT_BUCKETS,
         deadlines=planner.deadlines,
+        metrics_max_age=args.metrics_max_age,
         tls=tls,
         require_tokens=require_tokens,
         max_results_per_second=args.max_results_per_second or None,

@@ -3,12 +3,21 @@
 A custom collector reads the database on each scrape instead of mirroring
 state into gauges, so every figure is right straight after a restart. Labels
 are providers and agents, never URLs or report ids.
+
+The per-provider figures scan every URL's state (about 200 ms for 100,000
+URLs). With ``max_age`` > 0 a scrape is answered from the last scan while it
+is younger than ``max_age`` and starts a new scan in the background once it is
+older than half of that (stale-while-revalidate), so a scrape costs only the
+text exposition and Prometheus sees figures at most about one scrape interval
+old. Agent health is always read live.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,8 +31,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from collector.durations import duration_label as deadline_label
-from collector.store import reads
+from collector.store import StoreError, reads
 from collector.verdict import UrlState
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 6 * 3600, 12 * 3600, 86400,
@@ -47,6 +58,8 @@ class StateCollector(Collector):
         deadlines: Sequence[float] = DEFAULT_DEADLINES,
         clock: Callable[[], float] = time.time,
         order_deadline: float = 12 * 3600.0,
+        max_age: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.order_deadline = order_deadline
         self.db_path = db_path
@@ -54,18 +67,52 @@ class StateCollector(Collector):
         self.buckets = sorted(buckets)
         self.deadlines = sorted(deadlines)
         self.clock = clock
+        self.max_age = max_age
+        self.monotonic = monotonic
+        self._kept: tuple[float, list[reads.ProviderFigures]] | None = None
+        self._scanning = threading.Lock()  # one scan at a time
 
     def describe(self) -> list[Metric]:
         return []
 
+    def scan(self) -> list[reads.ProviderFigures]:
+        """Read the per-provider figures now, and keep them for later scrapes."""
+        with self._scanning:
+            started = self.monotonic()
+            conn = reads.connect_readonly(self.db_path)
+            try:
+                figures = reads.provider_figures(
+                    conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
+                )
+            finally:
+                conn.close()
+            self._kept = (started, figures)
+            return figures
+
+    def _rescan(self) -> None:
+        try:
+            self.scan()
+        except (sqlite3.Error, StoreError) as exc:
+            log.error("metrics_scan_failed error=%s", exc)
+
+    def figures(self) -> list[reads.ProviderFigures]:
+        """The figures a scrape shows: kept ones while fresh enough, else a new scan."""
+        kept = self._kept
+        if self.max_age <= 0 or kept is None:
+            return self.scan()
+        age = self.monotonic() - kept[0]
+        if age > self.max_age:
+            return self.scan()
+        if age > self.max_age / 2 and not self._scanning.locked():
+            threading.Thread(target=self._rescan, name="metrics-scan", daemon=True).start()
+        return kept[1]
+
     def collect(self) -> Iterator[Metric]:
+        figures = self.figures()
+        yield from self._urls(figures)
+        yield from self._latency(figures)
         conn = reads.connect_readonly(self.db_path)
         try:
-            figures = reads.provider_figures(
-                conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
-            )
-            yield from self._urls(figures)
-            yield from self._latency(figures)
             yield from self._agents(conn)
         finally:
             conn.close()

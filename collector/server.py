@@ -49,6 +49,8 @@ class CollectorConfig:
     policy: Policy = field(default_factory=Policy)
     buckets: Sequence[float] = DEFAULT_BUCKETS
     deadlines: Sequence[float] = DEFAULT_DEADLINES
+    # /metrics answers from a per-provider scan at most this old (0: scan at every scrape).
+    metrics_max_age: float = 0.0
     # Security. The defaults (plaintext, no tokens, no rate limit) suit in-process tests; the
     # `serve` command defaults to TLS and tokens and allows plaintext only with --insecure.
     tls: ServerTLS | None = None
@@ -154,6 +156,7 @@ class Collector:
                 self.config.deadlines,
                 self.clock,
                 self.config.planner.order_deadline,
+                max_age=self.config.metrics_max_age,
             )
         )
         await self._start_http()

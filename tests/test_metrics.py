@@ -1,0 +1,104 @@
+"""StateCollector on a real SQLite file: scan at every scrape, or serve a scan up to max_age old."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from collector.attribution import PrefixTable
+from collector.metrics import StateCollector
+from collector.store import Store
+from tests.test_store import NOW, PLANNER, open_store, report, res, table  # noqa: F401
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def states(registry: CollectorRegistry) -> dict[str, float]:
+    """takedown_urls for provider Example, by state, as a scrape shows it."""
+    return {
+        s.labels["state"]: s.value
+        for family in registry.collect()
+        if family.name == "takedown_urls"
+        for s in family.samples
+        if s.labels["provider"] == "Example"
+    }
+
+
+def connected(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        s.labels["agent"]: s.value
+        for family in registry.collect()
+        if family.name == "takedown_agent_connected"
+        for s in family.samples
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path, table: PrefixTable) -> Store:  # noqa: F811
+    s = open_store(tmp_path / "c.db", table)
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def build(store: Store, max_age: float, live: set[int]) -> tuple[CollectorRegistry, FakeMonotonic]:
+    clock = FakeMonotonic()
+    registry = CollectorRegistry()
+    registry.register(
+        StateCollector(
+            store.path,
+            lambda: {a: ("a1", "net") for a in live},
+            clock=lambda: NOW,
+            max_age=max_age,
+            monotonic=clock,
+        )
+    )
+    return registry, clock
+
+
+def test_without_max_age_every_scrape_scans(store: Store) -> None:
+    """max_age 0: a change committed between two scrapes shows in the second."""
+    url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
+    agent = store.register_agent("a1", "net", "t", NOW)
+    registry, _ = build(store, 0.0, set())
+    store.ingest(agent, [res(url_id, 1)], NOW)
+    assert states(registry)["available"] == 1
+    store.ingest(agent, [res(url_id, 2, 404), res(url_id, 3, 404)], NOW)
+    assert states(registry)["removed"] == 1 and states(registry)["available"] == 0
+
+
+def test_kept_scan_is_served_then_refreshed_in_the_background(store: Store) -> None:
+    """Younger than max_age/2: the kept figures; older: the kept figures and a background scan
+    whose result the next scrape shows; older than max_age: a scan before answering. Agent
+    health is live throughout."""
+    url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
+    agent = store.register_agent("a1", "net", "t", NOW)
+    store.ingest(agent, [res(url_id, 1)], NOW)
+    live: set[int] = set()
+    registry, clock = build(store, 10.0, live)
+    assert states(registry)["available"] == 1 and connected(registry) == {"a1": 0}
+
+    store.ingest(agent, [res(url_id, 2, 404), res(url_id, 3, 404)], NOW)
+    live.add(agent)
+    clock.now += 4  # under half the age: kept figures, no scan
+    assert states(registry)["available"] == 1
+    assert connected(registry) == {"a1": 1}  # read live
+
+    clock.now += 2  # over half: still the kept figures, a scan starts in the background
+    assert states(registry)["available"] == 1
+    deadline = time.monotonic() + 10
+    while states(registry).get("removed") != 1:
+        assert time.monotonic() < deadline, "the background scan never landed"
+        time.sleep(0.01)
+
+    store.ingest(agent, [res(url_id, 4)], NOW)  # back online
+    clock.now += 10.5  # past max_age: a scan before answering
+    assert states(registry) == {"pending": 0, "available": 1, "geoblocked": 0, "removed": 0}
