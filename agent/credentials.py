@@ -8,6 +8,7 @@ file the system's trust store verifies the collector's certificate.
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,17 +64,34 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def exposed(mode: int, gid: int, own_groups: frozenset[int] | None = None) -> bool:
+    """Whether a secret file with `mode` and group `gid` is open to others than this process.
+
+    Anyone-bits always are. Group bits are not when the group is one this process is in: a
+    Kubernetes Secret mounted with fsGroup, or a systemd credential, is group-readable by
+    the program's own group and nobody else.
+    """
+    if mode & stat.S_IRWXO:
+        return True
+    if not mode & stat.S_IRWXG:
+        return False
+    groups = own_groups if own_groups is not None else frozenset({os.getegid(), *os.getgroups()})
+    return gid not in groups
+
+
 def read_token(token: str | None, token_file: Path | None) -> str | None:
     """The token from --token-file (preferred) or --token; warns if others may read the file."""
     if token_file is not None:
         try:
-            mode = token_file.stat().st_mode
+            info = token_file.stat()
             text = token_file.read_text().strip()
         except OSError as exc:
             raise CredentialError(f"{token_file}: {exc.strerror or exc}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if exposed(info.st_mode, info.st_gid):
             log.warning(
-                "token_file_permissive path=%s mode=%o (chmod 600)", token_file, mode & 0o777
+                "token_file_permissive path=%s mode=%o (chmod 600)",
+                token_file,
+                info.st_mode & 0o777,
             )
         if not text:
             raise CredentialError(f"{token_file} is empty")

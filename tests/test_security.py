@@ -29,7 +29,7 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.credentials import ClientTLS
+from agent.credentials import ClientTLS, CredentialError, exposed, read_token
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
@@ -458,7 +458,9 @@ class TestTokens:
                 await submit(ch, agent_token, "http://a.example/2")
         await collector.writer.run(lambda s: s.conn.execute("PRAGMA wal_checkpoint(FULL)"))
         tokens = (agent_token, intake_token, revoked_token)
-        secrets = [t.rsplit("_", 1)[1] for t in tokens]
+        # tdm_<8 hex>_<secret>: the secret's alphabet includes "_", so split at the fixed prefix.
+        secrets = [t[len("tdm_12345678_") :] for t in tokens]
+        assert all(len(secret) == 43 for secret in secrets)
         logged = caplog.text + "".join(str(r.args) for r in caplog.records)
         assert "auth_refused" in logged
         files = b"".join(p.read_bytes() for p in db.parent.glob(f"{db.name}*"))
@@ -695,3 +697,40 @@ class TestCommandLine:
             AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n", "--token-file", str(missing)
         )
         assert rc == 2 and str(missing) in err and "Traceback" not in err
+
+
+class TestTokenFile:
+    @pytest.mark.parametrize(
+        ("mode", "gid", "warned"),
+        [
+            (0o600, 1000, False),  # owner only
+            (0o400, 5000, False),
+            (0o640, 1000, False),  # group bit, a group the process is in (fsGroup, systemd)
+            (0o440, 2000, False),
+            (0o640, 5000, True),  # group bit, a group the process is not in
+            (0o604, 1000, True),  # anyone may read
+            (0o644, 1000, True),
+        ],
+    )
+    def test_exposed(self, mode: int, gid: int, warned: bool) -> None:
+        assert exposed(mode, gid, frozenset({1000, 2000})) is warned
+
+    def test_read_token_warns_only_for_a_file_others_may_read(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A 0600 file is read silently; 0644 is read with a warning naming the path, never
+        the token; an empty file is an error."""
+        path = tmp_path / "token"
+        path.write_text("tdm_abc_secret\n")
+        path.chmod(0o600)
+        with caplog.at_level(logging.WARNING):
+            assert read_token(None, path) == "tdm_abc_secret"
+        assert "token_file_permissive" not in caplog.text
+        path.chmod(0o644)
+        with caplog.at_level(logging.WARNING):
+            assert read_token(None, path) == "tdm_abc_secret"
+        assert "token_file_permissive" in caplog.text and str(path) in caplog.text
+        assert "secret" not in caplog.text.replace(str(path), "")
+        path.write_text("")
+        with pytest.raises(CredentialError, match="empty"):
+            read_token(None, path)
