@@ -281,8 +281,9 @@ def serve_parser() -> configargparse.ArgParser:
         "--max-results-per-second",
         type=rate,
         default=20_000.0,
-        help="results each agent may send per second (token bucket); a batch over it is not"
-        " acknowledged and the stream ends with RESOURCE_EXHAUSTED; 0 for no limit",
+        help="results each agent may send per second (token bucket); a batch over it is"
+        " stored and acknowledged late, which slows the agent; one that would wait over 30 s"
+        " ends the stream with RESOURCE_EXHAUSTED (unacknowledged); 0 for no limit",
     )
     p.add_argument(
         "--results-burst",

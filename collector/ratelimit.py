@@ -1,4 +1,12 @@
-"""Per-agent token buckets on results: pure, the caller passes the clock."""
+"""Per-agent token buckets on results: pure, the caller passes the clock.
+
+Over the rate, a batch is not refused but delayed: the bucket goes into debt and
+the caller waits until the debt is paid before storing and acknowledging it. An
+agent keeps a bounded number of batches unacknowledged, so a delayed ack slows
+it down (backpressure) without a reconnect, which would cost the collector an
+assignment reconcile. Only a batch that would wait longer than `max_wait` is
+refused; that reservation is given back.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenBucket:
-    """`rate` tokens a second up to `burst`; a batch costs one token per result.
-
-    A batch is admitted while the bucket holds at least its cost, or is full: a batch
-    larger than `burst` is admitted when the bucket is full and leaves it in debt, so
-    no batch size is refused forever while the long-run rate stays at `rate`.
-    """
+    """`rate` tokens a second up to `burst`; a batch costs one token per result."""
 
     rate: float
     burst: float
@@ -24,26 +27,31 @@ class TokenBucket:
             raise ValueError("rate and burst must be positive")
         self.level = self.burst
 
-    def admit(self, cost: int, now: float) -> bool:
+    def reserve(self, cost: int, now: float, max_wait: float) -> float | None:
+        """Take `cost` tokens; return the seconds to wait before using them (0: none), or
+        None, taking nothing, if that would be longer than `max_wait`."""
         if self.updated is not None:
-            self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
+            self.level = min(self.burst, self.level + max(0.0, now - self.updated) * self.rate)
         self.updated = now
-        if self.level < min(cost, self.burst):
-            return False
+        wait = max(0.0, (cost - self.level) / self.rate)
+        if wait > max_wait:
+            return None
         self.level -= cost
-        return True
+        return wait
 
 
 class RateLimiter:
     """One bucket per agent id, kept across reconnects (a new stream does not refill it)."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, max_wait: float = 30.0) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_wait = max_wait
         self._buckets: dict[int, TokenBucket] = {}
 
-    def admit(self, agent_id: int, cost: int, now: float) -> bool:
+    def reserve(self, agent_id: int, cost: int, now: float) -> float | None:
+        """Seconds the agent's batch of `cost` results must wait, or None: refuse it."""
         bucket = self._buckets.get(agent_id)
         if bucket is None:
             bucket = self._buckets[agent_id] = TokenBucket(self.rate, self.burst)
-        return bucket.admit(cost, now)
+        return bucket.reserve(cost, now, self.max_wait)

@@ -15,14 +15,24 @@ class SelfMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         batches = Counter(
             "takedown_collector_batches",
-            "Result batches received from agents, by outcome (acked, not stored, or over the"
-            " agent's result rate: no ack)",
+            "Result batches received from agents, by outcome (acked, not stored, or so far over"
+            " the agent's result rate that it would wait longer than the limit allows: no ack)",
             ["outcome"],
             registry=registry,
         )
         self.batches_acked = batches.labels("acked")
         self.batches_failed = batches.labels("not_stored")
         self.batches_limited = batches.labels("rate_limited")
+        self.batches_delayed = Counter(
+            "takedown_collector_batches_delayed",
+            "Result batches over the agent's result rate, stored and acknowledged late",
+            registry=registry,
+        )
+        self.rate_limit_wait = Counter(
+            "takedown_collector_rate_limit_wait_seconds",
+            "Time batches over the agent's result rate waited before being stored",
+            registry=registry,
+        )
         results = Counter(
             "takedown_collector_results",
             "Results in received batches: stored, duplicate (redelivered, already stored),"

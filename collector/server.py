@@ -57,6 +57,7 @@ class CollectorConfig:
     require_tokens: bool = False
     max_results_per_second: float | None = None
     results_burst: float | None = None  # default: one second's worth, at least 1,000
+    rate_limit_max_wait: float = 30.0  # a batch that would wait longer is refused
     revalidate_every: float = 30.0  # how often open streams' tokens are checked for revocation
 
 
@@ -103,7 +104,9 @@ class Collector:
         self.limiter: RateLimiter | None = None
         if config.max_results_per_second:
             rate = config.max_results_per_second
-            self.limiter = RateLimiter(rate, config.results_burst or max(rate, 1000.0))
+            self.limiter = RateLimiter(
+                rate, config.results_burst or max(rate, 1000.0), config.rate_limit_max_wait
+            )
 
     async def start(self) -> None:
         tls = self.config.tls

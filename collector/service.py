@@ -383,15 +383,21 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
         arrived = time.monotonic()
-        if self.limiter is not None and not self.limiter.admit(
-            session.agent_id, len(batch.results), arrived
-        ):
-            self.metrics.batches_limited.inc()
-            log.warning("rate_limited agent=%s results=%d", session.name, len(batch.results))
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "results arrive faster than this agent's limit; resend later",
-            )
+        if self.limiter is not None:
+            wait = self.limiter.reserve(session.agent_id, len(batch.results), arrived)
+            if wait is None:
+                self.metrics.batches_limited.inc()
+                log.warning("rate_limited agent=%s results=%d", session.name, len(batch.results))
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "results arrive far faster than this agent's limit; resend later",
+                )
+            if wait > 0:
+                # Over the rate: the ack comes late, and the agent's bounded window of
+                # unacknowledged batches makes it wait (backpressure, no reconnect).
+                self.metrics.batches_delayed.inc()
+                self.metrics.rate_limit_wait.inc(wait)
+                await asyncio.sleep(wait)
         now = self.clock()
         offset = None
         if batch.sent_at_unix_us:

@@ -38,6 +38,7 @@ from collector.auth import ServerTLS
 from collector.cli import main as collector_main
 from collector.importer import import_file
 from collector.pki import init_ca, issue
+from collector.ratelimit import RateLimiter, TokenBucket
 from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.store.credentials import add_credential, connect_credentials, revoke_credentials
@@ -512,42 +513,74 @@ class TestAssignment:
         assert not any(u in above_debug for u in urls)
 
 
+class TestTokenBucket:
+    def test_over_the_rate_waits_and_far_over_is_refused_taking_nothing(self) -> None:
+        """Within the burst no wait; beyond it the wait is the debt over the rate; a batch whose
+        wait would pass max_wait is refused and leaves the bucket as it was; time refills."""
+        bucket = TokenBucket(rate=10.0, burst=10.0)
+        assert bucket.reserve(10, now=100.0, max_wait=2.0) == 0.0
+        assert bucket.reserve(5, now=100.0, max_wait=2.0) == pytest.approx(0.5)
+        assert bucket.reserve(20, now=100.0, max_wait=2.0) is None  # would wait 2.5 s
+        assert bucket.level == pytest.approx(-5.0)  # the refusal took nothing
+        assert bucket.reserve(10, now=101.0, max_wait=2.0) == pytest.approx(0.5)
+        assert bucket.reserve(1, now=200.0, max_wait=2.0) == 0.0  # refilled, capped at burst
+        assert bucket.level == pytest.approx(9.0)
+
+    def test_limiter_keeps_one_bucket_per_agent(self) -> None:
+        limiter = RateLimiter(rate=1.0, burst=2.0, max_wait=5.0)
+        assert limiter.reserve(1, 2, now=0.0) == 0.0
+        assert limiter.reserve(1, 2, now=0.0) == pytest.approx(2.0)
+        assert limiter.reserve(2, 2, now=0.0) == 0.0  # another agent, its own bucket
+
+
 class TestRateLimit:
-    async def test_over_the_limit_is_resource_exhausted_and_not_acked(
+    async def test_over_the_limit_is_acked_late_and_far_over_is_refused(
         self, make_collector: MakeCollector, pki: PKI
     ) -> None:
-        """A batch over the agent's bucket ends the stream unacknowledged; later it is stored."""
+        """A batch over the agent's bucket is stored and acked after the debt is paid (no
+        reconnect); one that would wait past the limit ends the stream unacknowledged, and the
+        same batch is stored once the agent resends it within the rate."""
         collector = await make_collector(
-            tls=pki.server(), max_results_per_second=3.0, results_burst=3.0
+            tls=pki.server(),
+            max_results_per_second=4.0,
+            results_burst=4.0,
+            rate_limit_max_wait=2.0,
         )
         db = collector.config.db
         agent_token = add_token(db, "agent", "fast")
         async with channel(collector, pki.client()) as ch:
             response = await submit(ch, add_token(db, "intake", "h"), "http://a.example/1")
             url_id = response.outcomes[0].url_id
+
+            def batch(batch_id: int, seqs: range) -> pb.AgentMessage:
+                results = [probe_result(url_id, seq) for seq in seqs]
+                return pb.AgentMessage(batch=pb.ResultBatch(batch_id=batch_id, results=results))
+
             call = await hello(ch, "fast", agent_token)
-            first = pb.ResultBatch(batch_id=1, results=[probe_result(url_id, s) for s in (1, 2, 3)])
-            await call.write(pb.AgentMessage(batch=first))
-            assert (await next_ack(call)).stored == 3
-            second = pb.ResultBatch(
-                batch_id=2, results=[probe_result(url_id, s) for s in (4, 5, 6)]
-            )
-            await call.write(pb.AgentMessage(batch=second))
+            await call.write(batch(1, range(1, 5)))  # the burst
+            first = await next_ack(call)
+            await call.write(batch(2, range(5, 9)))  # 4 over: about 1 s late
+            second = await next_ack(call)
+            assert (first.stored, second.stored) == (4, 4)
+            late = (second.stored_at_unix_us - first.stored_at_unix_us) / 1e6
+            assert 0.9 <= late < 2.0, late
+            await call.write(batch(3, range(9, 21)))  # 12 over: 3 s, past the 2 s allowed
             assert await refusal(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert stored(collector, "fast") == 3
-            reconnected = await hello(ch, "fast", agent_token)  # a new stream does not refill
-            await reconnected.write(pb.AgentMessage(batch=second))
-            assert await refusal(reconnected) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            await asyncio.sleep(1.1)
-            later = await hello(ch, "fast", agent_token)
-            await later.write(pb.AgentMessage(batch=second))
-            assert (await next_ack(later)).stored == 3
-            later.cancel()
+            assert stored(collector, "fast") == 8
+            again = await hello(ch, "fast", agent_token)
+            await again.write(batch(4, range(9, 13)))  # within the rate again: acked late
+            assert (await next_ack(again)).stored == 4
+            again.cancel()
+        assert stored(collector, "fast") == 12
         metrics = await scrape(collector.metrics_port)
         batches = {
             s.labels["outcome"]: s.value for s in metrics["takedown_collector_batches_total"]
         }
-        assert batches["rate_limited"] == 2 and batches["acked"] == 2
+        assert batches["rate_limited"] == 1 and batches["acked"] == 3
+        (delayed,) = metrics["takedown_collector_batches_delayed_total"]
+        assert delayed.value == 2
+        (waited,) = metrics["takedown_collector_rate_limit_wait_seconds_total"]
+        assert waited.value == pytest.approx(2.0, abs=0.1)
 
     async def test_real_agent_is_slowed_but_loses_nothing(
         self,
@@ -556,7 +589,8 @@ class TestRateLimit:
         hoster: Hoster,
         run_agent: Callable[..., Running],
     ) -> None:
-        """An agent with a backlog over its limit is refused, backs off, resends, loses nothing."""
+        """An agent with a backlog over its limit is slowed by late acks on the same stream, and
+        delivers every result without a reconnect."""
         collector = await make_collector(
             tls=pki.server(),
             planner=Planner.fixed(3600.0),
@@ -594,14 +628,10 @@ class TestRateLimit:
             40,
             "every result, backlog and probes",
         )
-        assert one.agent.link.reconnects >= 1
+        assert one.agent.link.reconnects == 0
         metrics = await scrape(collector.metrics_port)
-        limited = [
-            s.value
-            for s in metrics["takedown_collector_batches_total"]
-            if s.labels["outcome"] == "rate_limited"
-        ]
-        assert limited and limited[0] >= 1
+        (delayed,) = metrics["takedown_collector_batches_delayed_total"]
+        assert delayed.value >= 1
 
 
 # -- the command line -------------------------------------------------------------------------
