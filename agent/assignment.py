@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.schedule import SharedFloats
 from protos.takedown.v1.assignment import Digests, bucket_of
-
-_MAX_SHARED_INTERVALS = 1024
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Assignment:
     def __init__(self) -> None:
         self.urls: dict[int, tuple[str, float]] = {}
         self.digests = Digests()
-        self._intervals: dict[float, float] = {}
+        self._shared = SharedFloats()  # the link makes a new float per URL
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -76,15 +75,6 @@ class Assignment:
             self.digests.toggle(url_id, _ms(interval))
             schedule.append((url_id, interval))
         return Applied(tuple(schedule), tuple(stop))
-
-    def _shared(self, interval: float) -> float:
-        """One float object per distinct interval (few), not one per URL: 24 bytes a URL."""
-        shared = self._intervals.get(interval)
-        if shared is None:
-            shared = interval
-            if len(self._intervals) < _MAX_SHARED_INTERVALS:
-                self._intervals[interval] = interval
-        return shared
 
     def digest_list(self) -> list[int]:
         """The digests to send in Hello; empty when nothing is held."""

@@ -31,13 +31,31 @@ from collections.abc import Iterator
 _Entry = tuple[float, int, float]
 
 _MIN_STALE_BEFORE_COMPACT = 64
-_MAX_SHARED_INTERVALS = 1024
+
+
+class SharedFloats:
+    """One float object per distinct value, up to `cap` values: a million URLs share a few
+    probe intervals, so each URL holds a reference (8 bytes) instead of a float (24)."""
+
+    __slots__ = ("_cap", "_seen")
+
+    def __init__(self, cap: int = 1024) -> None:
+        self._cap = cap
+        self._seen: dict[float, float] = {}
+
+    def __call__(self, value: float) -> float:
+        shared = self._seen.get(value)
+        if shared is None:
+            shared = value
+            if len(self._seen) < self._cap:
+                self._seen[value] = value
+        return shared
 
 
 class Schedule:
     """Due times for a set of URL ids, each with its own probe interval in seconds."""
 
-    __slots__ = ("_entries", "_first_spread", "_heap", "_intervals", "_jitter", "_rng")
+    __slots__ = ("_entries", "_first_spread", "_heap", "_jitter", "_rng", "_shared")
 
     def __init__(self, rng: random.Random, jitter: float = 0.1, first_spread: float = 60.0) -> None:
         """Jitter is the +/- fraction of an interval; first_spread caps a new URL's first delay."""
@@ -50,7 +68,7 @@ class Schedule:
         self._first_spread = first_spread
         self._heap: list[_Entry] = []
         self._entries: dict[int, _Entry] = {}
-        self._intervals: dict[float, float] = {}
+        self._shared = SharedFloats()
 
     def set(self, url_id: int, interval: float, now: float) -> None:
         """Add a URL, or change its interval; a shorter interval can make it due sooner.
@@ -137,15 +155,6 @@ class Schedule:
         while heap and self._entries.get(heap[0][1]) is not heap[0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
-
-    def _shared(self, interval: float) -> float:
-        """One float object per distinct interval (there are usually few), saving memory per URL."""
-        shared = self._intervals.get(interval)
-        if shared is None:
-            shared = interval
-            if len(self._intervals) < _MAX_SHARED_INTERVALS:
-                self._intervals[interval] = interval
-        return shared
 
     def _jittered(self) -> float:
         return 1.0 + self._rng.uniform(-self._jitter, self._jitter)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.verdict import Policy
 from demo.hoster import Hoster
+from tests.procs import until
 
 HOST_A = "127.0.0.10"
 HOST_B = "127.0.0.11"
@@ -35,16 +35,7 @@ async def eventually(
     condition: Callable[[], Awaitable[bool] | bool], within: float = 30.0, what: str = ""
 ) -> None:
     """Poll `condition` until it holds; fail naming `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what or condition}")
-        await asyncio.sleep(0.05)
+    await until(condition, within, what or str(condition), every=0.05)
 
 
 async def scrape(port: int) -> dict[str, list[Any]]:
