@@ -14,13 +14,15 @@ from pathlib import Path
 import configargparse
 
 from agent import __version__
-from agent.credentials import ClientTLS, CredentialError, read_token
+from agent.credentials import CredentialError, add_client_options, client_security
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.spool import SpoolError
 
 log = logging.getLogger("agent")
+
+AGENTS_ADD_COMMAND = "'takedown-collector agents add NAME'"  # where an agent's token comes from
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -138,32 +140,7 @@ def build_parser() -> configargparse.ArgParser:
         default=60.0,
         help="seconds over which the first probes of new URLs are spread",
     )
-    p.add_argument(
-        "--ca-file",
-        type=Path,
-        help="CA certificate(s) that sign the collector's certificate, PEM"
-        " (default: the system's trusted roots)",
-    )
-    p.add_argument(
-        "--cert-file", type=Path, help="this agent's client certificate, PEM (mutual TLS)"
-    )
-    p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM")
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding this agent's token (from 'takedown-collector agents add NAME');"
-        " preferred over --token",
-    )
-    p.add_argument(
-        "--token",
-        help="this agent's token; prefer --token-file or TAKEDOWN_AGENT_TOKEN, since a"
-        " command line is visible to other users",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC without TLS (only on a trusted network, e.g. loopback demos)",
-    )
+    add_client_options(p, "this agent's", AGENTS_ADD_COMMAND)
     p.add_argument(
         "--metrics-listen",
         default="127.0.0.1:9465",
@@ -179,27 +156,8 @@ def build_parser() -> configargparse.ArgParser:
     return p
 
 
-def security_from(args: configargparse.Namespace) -> tuple[ClientTLS | None, str | None]:
-    """TLS settings and token from the options; CredentialError if they do not fit together."""
-    token = read_token(args.token, args.token_file)
-    if args.insecure:
-        if args.ca_file or args.cert_file or args.key_file:
-            raise CredentialError("--insecure excludes --ca-file, --cert-file and --key-file")
-        log.warning("insecure_transport plaintext gRPC to the collector: results, URLs and the"
-                    " token travel unencrypted")  # fmt: skip
-        return None, token
-    if token is None:
-        raise CredentialError(
-            "a token is required: --token-file FILE (from 'takedown-collector agents add NAME'),"
-            " or --insecure for a collector run with --auth none"
-        )
-    tls = ClientTLS(args.ca_file, args.cert_file, args.key_file)
-    tls.credentials()  # reads the files now, so a missing one is reported at start
-    return tls, token
-
-
 def config_from(args: configargparse.Namespace) -> AgentConfig:
-    tls, token = security_from(args)
+    tls, token = client_security(args, AGENTS_ADD_COMMAND)
     probe = ProbeConfig(
         total_timeout=args.timeout,
         connect_timeout=args.connect_timeout,

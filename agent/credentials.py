@@ -7,6 +7,7 @@ file the system's trust store verifies the collector's certificate.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import stat
@@ -97,3 +98,60 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
             raise CredentialError(f"{token_file} is empty")
         return text
     return token.strip() if token else None
+
+
+def add_client_options(parser: argparse.ArgumentParser, whose: str, made_by: str) -> None:
+    """The options a client of the collector (an agent, `import`) gives its TLS and token with.
+
+    `whose` names the certificate and token holder ("this agent's"), `made_by` the command
+    that makes the token ('takedown-collector agents add NAME').
+    """
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="CA certificate(s) that sign the collector's certificate, PEM"
+        " (default: the system's trusted roots)",
+    )
+    parser.add_argument(
+        "--cert-file", type=Path, help=f"{whose} client certificate, PEM (mutual TLS)"
+    )
+    parser.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding {whose} token (from {made_by}); preferred over --token",
+    )
+    parser.add_argument(
+        "--token",
+        help=f"{whose} token; prefer --token-file or the environment, since a command line is"
+        " visible to other users",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without TLS (only to a collector run with --insecure, on a trusted"
+        " network such as a loopback demo)",
+    )
+
+
+def client_security(args: argparse.Namespace, made_by: str) -> tuple[ClientTLS | None, str | None]:
+    """TLS settings and token from `add_client_options`' options, the files read now so that a
+    missing one is reported at start; CredentialError if they do not fit together."""
+    token = read_token(args.token, args.token_file)
+    if args.insecure:
+        if args.ca_file or args.cert_file or args.key_file:
+            raise CredentialError("--insecure excludes --ca-file, --cert-file and --key-file")
+        log.warning(
+            "insecure_transport plaintext gRPC to %s: URLs, results and the token travel"
+            " unencrypted (--insecure)",
+            args.collector,
+        )
+        return None, token
+    if token is None:
+        raise CredentialError(
+            f"a token is required: --token-file FILE (from {made_by}), or --insecure for a"
+            " collector run with --auth none"
+        )
+    tls = ClientTLS(args.ca_file, args.cert_file, args.key_file)
+    tls.credentials()
+    return tls, token

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import configargparse
 
-from agent.credentials import ClientTLS, CredentialError, read_token
+from agent.credentials import CredentialError, add_client_options, client_security
 from collector import __version__
 from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError
@@ -41,6 +41,8 @@ from collector.tokens import Role
 from collector.verdict import Policy
 
 log = logging.getLogger("collector")
+
+INTAKE_ADD_COMMAND = "'takedown-collector intake-tokens add NAME'"
 
 
 def duration(text: str) -> float:
@@ -293,30 +295,6 @@ def serve_parser() -> configargparse.ArgParser:
     return p
 
 
-def _client_security_options(p: configargparse.ArgParser, what: str) -> None:
-    p.add_argument(
-        "--ca-file",
-        type=Path,
-        help="CA certificate(s) that sign the collector's certificate, PEM"
-        " (default: the system's trusted roots)",
-    )
-    p.add_argument("--cert-file", type=Path, help="client certificate, PEM (mutual TLS)")
-    p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM")
-    p.add_argument(
-        "--token-file", type=Path, help=f"file holding the {what} token; preferred over --token"
-    )
-    p.add_argument(
-        "--token",
-        help=f"the {what} token; prefer --token-file or the environment, since a command line"
-        " is visible to other users",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC without TLS (only for a collector run with --insecure)",
-    )
-
-
 def import_parser() -> configargparse.ArgParser:
     p = _parser("import", "Submit reported URLs from a CSV or JSONL file to a running collector.")
     p.add_argument(
@@ -338,7 +316,7 @@ def import_parser() -> configargparse.ArgParser:
         default=5,
         help="tries per request while the collector is unavailable (backoff up to 10 s)",
     )
-    _client_security_options(p, "hotline's intake ('takedown-collector intake-tokens add NAME')")
+    add_client_options(p, "the hotline's", INTAKE_ADD_COMMAND)
     return p
 
 
@@ -514,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "serve":
             return _serve(parser, args)
         if command == "import":
-            return _import(parser, args)
+            return _import(args)
         if command == "url":
             return _url(args)
         if command == "agents":
@@ -579,28 +557,8 @@ def server_security(
     return ServerTLS(args.cert_file, args.key_file, args.client_ca_file), True
 
 
-def client_security(
-    parser: configargparse.ArgParser, args: configargparse.Namespace
-) -> tuple[ClientTLS | None, str | None]:
-    """The import client's TLS settings and token (--token-file preferred)."""
-    token = read_token(args.token, args.token_file)
-    if args.insecure:
-        if args.ca_file or args.cert_file or args.key_file:
-            parser.error("--insecure excludes --ca-file, --cert-file and --key-file")
-        log.warning("insecure_transport plaintext gRPC to %s (--insecure)", args.collector)
-        return None, token
-    if token is None:
-        parser.error(
-            "a token is required: --token-file FILE (from 'takedown-collector intake-tokens add"
-            " NAME'), or --insecure for a collector run with --auth none"
-        )
-    tls = ClientTLS(args.ca_file, args.cert_file, args.key_file)
-    tls.credentials()  # reads the files now, so a missing one is reported before the import
-    return tls, token
-
-
-def _import(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
-    tls, token = client_security(parser, args)
+def _import(args: configargparse.Namespace) -> int:
+    tls, token = client_security(args, INTAKE_ADD_COMMAND)
     return asyncio.run(
         import_file(
             args.file,
