@@ -139,6 +139,25 @@ class TestStore:
         conn.close()
         assert states == {a: "available", b: "removed"}
 
+    def test_results_for_a_url_retired_while_cached_are_rejected(
+        self, tmp_path: Path, table: PrefixTable
+    ) -> None:
+        """A removed URL whose watch period ends is retired by plan: its verdict, cached by an
+        earlier batch, goes too, and later results for it are rejected, not stored."""
+        store = open_store(tmp_path / "c.db", table)
+        url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
+        agent = store.register_agent("a1", "net", "t", NOW)
+        done = store.ingest(agent, [res(url_id, 1), res(url_id, 2, 404), res(url_id, 3, 404)], NOW)
+        assert done.stored == 3 and url_id in store._entries
+        _, retired = store.plan(NOW + 3600, Planner.fixed(60.0, watch_period=60.0))
+        assert retired == [url_id] and url_id not in store._entries
+        late = store.ingest(agent, [res(url_id, 4, 404)], NOW + 3600)
+        store.close()
+        assert (late.stored, late.rejected) == (0, 1)
+        conn = connect_readonly(tmp_path / "c.db")
+        assert results_count(conn, "a1") == 3
+        conn.close()
+
     def test_full_disk_commits_nothing_and_says_so(
         self, tmp_path: Path, table: PrefixTable
     ) -> None:

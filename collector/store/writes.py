@@ -277,25 +277,6 @@ class Store:
                 self._entries.pop(url_id, None)
             raise translate(exc, self.path) from exc
 
-    def _assigned(self, agent_id: int, url_ids: set[int]) -> set[int]:
-        """Those of `url_ids` the agent is assigned; others are rejected, never stored.
-
-        Every agent is assigned every active URL (the quorum needs all vantage points), so an
-        unknown id, or a URL retired since (after its watch period), is not assigned.
-        """
-        wanted = sorted(url_ids)
-        assigned: set[int] = set()
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            assigned.update(
-                u
-                for (u,) in self.conn.execute(
-                    f"SELECT id FROM urls WHERE active = 1 AND id IN ({marks})", chunk
-                )
-            )
-        return assigned
-
     def _known_seqs(self, agent_id: int, seqs: list[int]) -> set[int]:
         known: set[int] = set()
         for i in range(0, len(seqs), 500):
@@ -319,7 +300,7 @@ class Store:
         for r in results:
             if r.seq not in known:
                 fresh.setdefault(r.seq, r)
-        entries = self._load(self._assigned(agent_id, {r.url_id for r in fresh.values()}))
+        entries = self._load({r.url_id for r in fresh.values()})
         accepted = sorted(
             (r for r in fresh.values() if r.url_id in entries), key=lambda r: r.started_at
         )
@@ -423,6 +404,13 @@ class Store:
             self._event(url_id, event.at, "state", {"from": event.old.value, "to": event.new.value})
 
     def _load(self, url_ids: set[int]) -> dict[int, UrlEntry]:
+        """The verdicts of those of `url_ids` that agents are assigned; others get no entry.
+
+        Every agent is assigned every active URL (the quorum needs all vantage points), so an
+        unknown id, or a URL retired since (after its watch period), is not assigned and its
+        results are rejected, never stored. The cache holds active URLs only (`plan` drops
+        the ones it retires), so only the ids missing from it are checked in the database.
+        """
         cached = self._entries
         out: dict[int, UrlEntry] = {}
         missing: list[int] = []
@@ -437,7 +425,9 @@ class Store:
             chunk = missing[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.conn.execute(
-                f"SELECT {_STATE_COLUMNS} FROM url_state WHERE url_id IN ({marks})", chunk
+                f"SELECT {_STATE_COLUMNS} FROM url_state WHERE url_id IN ({marks})"
+                " AND url_id IN (SELECT id FROM urls WHERE active = 1)",
+                chunk,
             ):
                 url_id, loaded = _entry(row)
                 out[url_id] = cached[url_id] = loaded
@@ -480,4 +470,6 @@ class Store:
             "UPDATE urls SET interval = ? WHERE id = ?", [(t.interval, t.url_id) for t in changed]
         )
         self.conn.executemany("UPDATE urls SET active = 0 WHERE id = ?", [(u,) for u in stop])
+        for url_id in stop:  # the cache holds active URLs only (see _load)
+            self._entries.pop(url_id, None)
         return changed, stop
