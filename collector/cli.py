@@ -320,37 +320,36 @@ def import_parser() -> configargparse.ArgParser:
     return p
 
 
-def agents_parser() -> configargparse.ArgParser:
-    p = _parser(
-        "agents",
-        "Create, list or revoke agent tokens (one per agent name) in the collector database.",
-    )
+def _tokens_parser(command: str, description: str, whose_name: str) -> configargparse.ArgParser:
+    """`agents` and `intake-tokens`: add, list or revoke the tokens of one role."""
+    p = _parser(command, description)
     p.add_argument("action", choices=["add", "list", "revoke"], help="what to do")
-    p.add_argument("name", nargs="?", help="the agent's --name (add, revoke)")
+    p.add_argument("name", nargs="?", help=f"{whose_name} (add, revoke)")
     p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument("--network", help="add: the agent must also say this --network (default: any)")
     p.add_argument(
         "--replace",
         action="store_true",
         help="add: revoke the name's live token in the same step (rotation)",
     )
+    return p
+
+
+def agents_parser() -> configargparse.ArgParser:
+    p = _tokens_parser(
+        "agents",
+        "Create, list or revoke agent tokens (one per agent name) in the collector database.",
+        "the agent's --name",
+    )
+    p.add_argument("--network", help="add: the agent must also say this --network (default: any)")
     return p
 
 
 def intake_tokens_parser() -> configargparse.ArgParser:
-    p = _parser(
+    return _tokens_parser(
         "intake-tokens",
         "Create, list or revoke hotline tokens for `import` (Intake) in the collector database.",
+        "the hotline's name",
     )
-    p.add_argument("action", choices=["add", "list", "revoke"], help="what to do")
-    p.add_argument("name", nargs="?", help="the hotline's name (add, revoke)")
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument(
-        "--replace",
-        action="store_true",
-        help="add: revoke the name's live token in the same step (rotation)",
-    )
-    return p
 
 
 def ca_parser() -> configargparse.ArgParser:
