@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
@@ -20,7 +19,7 @@ from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.verdict import Policy
 from demo.hoster import Hoster
-from tests.procs import until
+from tests.procs import samples_of, until
 
 HOST_A = "127.0.0.10"
 HOST_B = "127.0.0.11"
@@ -38,19 +37,15 @@ async def eventually(
     await until(condition, within, what or str(condition), every=0.05)
 
 
-async def scrape(port: int) -> dict[str, list[Any]]:
+async def scrape(port: int, host: str = "127.0.0.1") -> dict[str, list[Any]]:
     """Fetch /metrics and return samples grouped by sample name."""
     async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(f"http://{host}:{port}/metrics") as response,
     ):
         assert response.status == 200
         text = await response.text()
-    samples: dict[str, list[Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
+    return samples_of(text)
 
 
 @pytest.fixture
@@ -60,9 +55,9 @@ def prefixes(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
-    config = CollectorConfig(
+def collector_config(tmp_path: Path, prefixes: Path) -> CollectorConfig:
+    """The test collector: loopback ports chosen by the kernel, 1 s probes, 2 confirmations."""
+    return CollectorConfig(
         db=tmp_path / "collector.db",
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
@@ -71,7 +66,30 @@ async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
         policy=Policy(confirmations=2),
         deadlines=(3600.0, 86400.0),
     )
-    c = Collector(config)
+
+
+def agent_config(
+    collector: Collector, name: str, network: str, source: str, **changes: Any
+) -> AgentConfig:
+    """A test agent of `collector`, probing from the loopback `source` address, quick to flush."""
+    config = AgentConfig(
+        collector=f"127.0.0.1:{collector.grpc_port}",
+        name=name,
+        network=network,
+        probe=ProbeConfig(
+            total_timeout=5, connect_timeout=2, read_timeout=3, source_address=source
+        ),
+        allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
+        flush_interval=0.2,
+        first_spread=0.5,
+        metrics_listen="127.0.0.1:0",
+    )
+    return replace(config, **changes)
+
+
+@pytest.fixture
+async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
+    c = Collector(collector_config(tmp_path, prefixes))
     await c.start()
     yield c
     await c.stop(grace=1)
@@ -94,19 +112,7 @@ async def agents(collector: Collector) -> AsyncIterator[Callable[[str, str, str]
     running: list[tuple[Agent, asyncio.Event, asyncio.Task[None]]] = []
 
     def start(name: str, network: str, source: str) -> Agent:
-        config = AgentConfig(
-            collector=f"127.0.0.1:{collector.grpc_port}",
-            name=name,
-            network=network,
-            probe=ProbeConfig(
-                total_timeout=5, connect_timeout=2, read_timeout=3, source_address=source
-            ),
-            allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
-            flush_interval=0.2,
-            first_spread=0.5,
-            metrics_listen="127.0.0.1:0",
-        )
-        agent = Agent(config, rng=random.Random(name))
+        agent = Agent(agent_config(collector, name, network, source), rng=random.Random(name))
         stop = asyncio.Event()
         running.append((agent, stop, asyncio.create_task(agent.run(stop))))
         return agent

@@ -241,6 +241,11 @@ async def metrics(port: int) -> Samples | None:
             text = await response.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
+    return samples_of(text)
+
+
+def samples_of(text: str) -> Samples:
+    """The samples of a /metrics text, grouped by sample name."""
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -27,7 +27,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,14 +209,6 @@ def pages(hoster: Hoster, n: int, prefix: str = "p") -> list[str]:
         hoster.add(f"/{prefix}{i:03d}")
         urls.append(f"http://{HOST_A if i % 2 else HOST_B}:{hoster.port}/{prefix}{i:03d}")
     return urls
-
-
-@pytest.fixture
-async def hoster() -> AsyncIterator[Hoster]:
-    h = Hoster()
-    await h.start([HOST_A, HOST_B])
-    yield h
-    await h.stop()
 
 
 # --- 0. what the fault tests rely on ----------------------------------------------------

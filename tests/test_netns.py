@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from collector.store.reads import UrlStatus, connect_readonly, url_statuses
-from tests.conftest import eventually
+from tests.conftest import eventually, scrape
 from tests.netns import NetnsUnavailable, Topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -179,21 +177,6 @@ async def hoster(tmp_path: Path, topology: Topology) -> AsyncIterator[HosterProc
         except TimeoutError:
             proc.kill()
             await proc.wait()
-
-
-async def scrape(address: str, port: int) -> dict[str, list[Any]]:
-    """Fetch the collector's /metrics; samples grouped by sample name."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.get(f"http://{address}:{port}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[str, list[Any]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
 
 
 def statuses(db: Path) -> dict[str, UrlStatus]:
@@ -348,7 +331,7 @@ async def test_geoblocked_for_one_network_is_not_removed(
         assert changed_at - 0.05 <= first <= changed_at + TOLERANCE, (path, first - changed_at)
         assert s.removal_latency == pytest.approx(first - notified, abs=1e-3), path
 
-    metrics = await scrape(hub, METRICS_PORT)
+    metrics = await scrape(METRICS_PORT, hub)
     urls = {(s.labels["provider"], s.labels["state"]): s.value for s in metrics["takedown_urls"]}
     for provider in PROVIDERS:
         for state in ("geoblocked", "removed", "available", "pending"):

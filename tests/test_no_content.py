@@ -22,26 +22,21 @@ import base64
 import contextlib
 import hashlib
 import io
-import ipaddress
 import logging
 import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from agent.main import Agent, AgentConfig
-from agent.probe import ProbeConfig
+from agent.main import Agent
 from collector.importer import import_file
-from collector.schedule import Planner
-from collector.server import Collector, CollectorConfig
+from collector.server import Collector
 from collector.store.reads import connect_readonly, url_statuses
-from collector.verdict import Policy
 from demo.hoster import Fate, Hoster
-from tests.conftest import HOST_A, HOST_B, eventually, scrape
+from tests.conftest import HOST_A, HOST_B, agent_config, collector_config, eventually, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,17 +116,7 @@ def debug_log(tmp_path: Path) -> Iterator[Path]:
 @contextlib.asynccontextmanager
 async def serving_collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
     """The conftest collector's configuration, stopped gracefully when the block ends."""
-    collector = Collector(
-        CollectorConfig(
-            db=tmp_path / "collector.db",
-            listen="127.0.0.1:0",
-            metrics_listen="127.0.0.1:0",
-            prefixes=prefixes,
-            planner=replace(Planner.fixed(1.0), deadlines=(3600.0, 86400.0)),
-            policy=Policy(confirmations=2),
-            deadlines=(3600.0, 86400.0),
-        )
-    )
+    collector = Collector(collector_config(tmp_path, prefixes))
     await collector.start()
     try:
         yield collector
@@ -146,18 +131,8 @@ async def spooled_agents(collector: Collector, tmp_path: Path) -> AsyncIterator[
     stops: list[asyncio.Event] = []
     tasks: list[asyncio.Task[None]] = []
     for n, source in enumerate(SOURCES, 1):
-        config = AgentConfig(
-            collector=f"127.0.0.1:{collector.grpc_port}",
-            name=f"agent-{n}",
-            network=f"net-{n}",
-            probe=ProbeConfig(
-                total_timeout=5, connect_timeout=2, read_timeout=3, source_address=source
-            ),
-            allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
-            flush_interval=0.2,
-            first_spread=0.5,
-            metrics_listen="127.0.0.1:0",
-            state_dir=tmp_path / f"agent-{n}",
+        config = agent_config(
+            collector, f"agent-{n}", f"net-{n}", source, state_dir=tmp_path / f"agent-{n}"
         )
         agent = Agent(config, rng=random.Random(n))
         stop = asyncio.Event()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import random
 import re
@@ -29,14 +28,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from agent.main import Agent, AgentConfig
-from agent.probe import ProbeConfig
+from agent.main import Agent
 from collector.importer import import_file
 from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.verdict import Policy
 from demo.hoster import Fate, Hoster
-from tests.conftest import HOST_A, HOST_B, PREFIXES, eventually, scrape
+from tests.conftest import HOST_A, HOST_B, PREFIXES, agent_config, eventually, scrape
 from tests.test_deploy import (
     ALERTMANAGER_YML,
     COMING_SOON,
@@ -191,18 +189,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         webhook_port = free_port()
         await web.TCPSite(runner, "127.0.0.1", webhook_port).start()
         for name, source in (("agent-1", "127.0.0.2"), ("agent-2", SECOND_AGENT)):
-            config = AgentConfig(
-                collector=f"127.0.0.1:{collector.grpc_port}",
-                name=name,
-                network=f"net-{name}",
-                probe=ProbeConfig(
-                    total_timeout=5, connect_timeout=2, read_timeout=3, source_address=source
-                ),
-                allow_private=(ipaddress.ip_network("127.0.0.0/8"),),
-                flush_interval=0.2,
-                first_spread=0.5,
-                metrics_listen="127.0.0.1:0",
-            )
+            config = agent_config(collector, name, f"net-{name}", source)
             agent = Agent(config, rng=random.Random(name))
             agents.append((agent, asyncio.create_task(agent.run(stop))))
         await eventually(
