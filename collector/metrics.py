@@ -78,22 +78,28 @@ class StateCollector(Collector):
     def scan(self) -> list[reads.ProviderFigures]:
         """Read the per-provider figures now, and keep them for later scrapes."""
         with self._scanning:
-            started = self.monotonic()
-            conn = reads.connect_readonly(self.db_path)
-            try:
-                figures = reads.provider_figures(
-                    conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
-                )
-            finally:
-                conn.close()
-            self._kept = (started, figures)
-            return figures
+            return self._scan_holding_lock()
+
+    def _scan_holding_lock(self) -> list[reads.ProviderFigures]:
+        started = self.monotonic()
+        conn = reads.connect_readonly(self.db_path)
+        try:
+            figures = reads.provider_figures(
+                conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
+            )
+        finally:
+            conn.close()
+        self._kept = (started, figures)
+        return figures
 
     def _rescan(self) -> None:
+        """A background scan; the scrape that started it took the lock for it."""
         try:
-            self.scan()
+            self._scan_holding_lock()
         except (sqlite3.Error, StoreError) as exc:
             log.error("metrics_scan_failed error=%s", exc)
+        finally:
+            self._scanning.release()
 
     def figures(self) -> list[reads.ProviderFigures]:
         """The figures a scrape shows: kept ones while fresh enough, else a new scan."""
@@ -103,7 +109,8 @@ class StateCollector(Collector):
         age = self.monotonic() - kept[0]
         if age > self.max_age:
             return self.scan()
-        if age > self.max_age / 2 and not self._scanning.locked():
+        # Taken here, released by the scan: scrapes racing in before it starts start no other.
+        if age > self.max_age / 2 and self._scanning.acquire(blocking=False):
             threading.Thread(target=self._rescan, name="metrics-scan", daemon=True).start()
         return kept[1]
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from collector.attribution import PrefixTable
 from collector.metrics import StateCollector
-from collector.store import Store
+from collector.store import Store, reads
 from tests.test_store import NOW, PLANNER, open_store, report, res, table  # noqa: F401
 
 
@@ -102,3 +104,34 @@ def test_kept_scan_is_served_then_refreshed_in_the_background(store: Store) -> N
     store.ingest(agent, [res(url_id, 4)], NOW)  # back online
     clock.now += 10.5  # past max_age: a scan before answering
     assert states(registry) == {"pending": 0, "available": 1, "geoblocked": 0, "removed": 0}
+
+
+def test_scrapes_racing_a_background_scan_start_no_other(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one background scan runs, further scrapes past half the age serve the kept
+    figures and start no second scan."""
+    store.submit_reports([report("http://x.example/a")], NOW, PLANNER)
+    clock = FakeMonotonic()
+    state = StateCollector(store.path, dict, clock=lambda: NOW, max_age=10.0, monotonic=clock)
+    first = state.figures()  # the first scan, in the scrape
+    real = reads.provider_figures
+    calls: list[int] = []
+    release = threading.Event()
+
+    def held(*args: Any) -> Any:
+        calls.append(1)
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(reads, "provider_figures", held)
+    clock.now += 6
+    for _ in range(20):
+        assert state.figures() is first
+    release.set()
+    deadline = time.monotonic() + 10
+    while not calls or state._scanning.locked():
+        assert time.monotonic() < deadline, "the background scan never ended"
+        time.sleep(0.01)
+    assert len(calls) == 1
+    assert state.figures() is not first  # the background scan's figures are served now
