@@ -62,57 +62,6 @@ def targets_by_bucket(
         yield Target(url_id, url, interval)
 
 
-def url_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
-    """(provider, state, number of URLs)."""
-    return conn.execute(
-        "SELECT provider, state, COUNT(*) FROM url_state GROUP BY provider, state"
-    ).fetchall()
-
-
-def overdue_counts(
-    conn: sqlite3.Connection, deadlines: Sequence[float], now: float
-) -> list[tuple[str, float, int]]:
-    """(provider, deadline seconds, URLs still online past notice + deadline)."""
-    states = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
-    out: list[tuple[str, float, int]] = []
-    for deadline in deadlines:
-        for provider, n in conn.execute(
-            "SELECT provider, COUNT(*) FROM url_state"
-            f" WHERE state IN ({states}) AND notified_at + ? < ? GROUP BY provider",
-            (deadline, now),
-        ):
-            out.append((provider, deadline, n))
-    return out
-
-
-def order_overdue_counts(
-    conn: sqlite3.Connection, default_deadline: float, now: float
-) -> list[tuple[str, int]]:
-    """(provider, URLs still online past their binding order's deadline)."""
-    states = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
-    return conn.execute(
-        "SELECT provider, COUNT(*) FROM url_state WHERE state IN"
-        f" ({states}) AND order_issued_at IS NOT NULL"
-        " AND order_issued_at + COALESCE(order_deadline, ?) < ? GROUP BY provider",
-        (default_deadline, now),
-    ).fetchall()
-
-
-def latency_histograms(
-    conn: sqlite3.Connection, buckets: Sequence[float]
-) -> dict[str, tuple[list[int], int, float]]:
-    """Per provider: cumulative bucket counts, count and sum of first-removal latencies."""
-    cases = ", ".join(f"SUM(removal_latency <= {float(b)!r})" for b in buckets)
-    out: dict[str, tuple[list[int], int, float]] = {}
-    for row in conn.execute(
-        f"SELECT provider, {cases}, COUNT(*), SUM(removal_latency) FROM url_state"
-        " WHERE removal_latency IS NOT NULL GROUP BY provider"
-    ):
-        provider, *cumulative, count, total = row
-        out[provider] = ([int(c) for c in cumulative], int(count), float(total))
-    return out
-
-
 @dataclass(frozen=True)
 class ProviderFigures:
     """What the per-provider metrics show of one provider, from one scan of url_state."""
@@ -122,7 +71,8 @@ class ProviderFigures:
     overdue: dict[float, int]  # by deadline: URLs still online past notice + deadline
     order_overdue: int  # URLs still online past their binding order's deadline
     reappearances: int
-    latency: tuple[list[int], int, float] | None  # as latency_histograms, None when no removal
+    # cumulative count per bucket bound, count, sum of latencies; None when no removal
+    latency: tuple[list[int], int, float] | None
 
 
 def provider_figures(
@@ -132,9 +82,8 @@ def provider_figures(
     buckets: Sequence[float],
     now: float,
 ) -> list[ProviderFigures]:
-    """url_counts, overdue_counts, order_overdue_counts, reappearance_counts and
-    latency_histograms together, in provider order, reading url_state once instead of six times.
-    """
+    """URLs by state, overdue URLs per deadline and per binding order, reappearances and the
+    latency histogram of every provider, in provider order, from one scan of url_state."""
     states = sorted(UrlState, key=lambda s: s.value)
     online = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
     columns = [f"SUM(state = '{s.value}')" for s in states]
@@ -171,12 +120,6 @@ def provider_figures(
             )
         )
     return out
-
-
-def reappearance_counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
-    return conn.execute(
-        "SELECT provider, SUM(reappearances) FROM url_state GROUP BY provider"
-    ).fetchall()
 
 
 @dataclass(frozen=True)
