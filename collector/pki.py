@@ -47,23 +47,22 @@ class Issued:
     key: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` with mode 0600; refuse to replace an existing file."""
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` with `mode`; refuse to replace an existing file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError as exc:
         raise PKIError(f"{path} exists; not overwriting it") from exc
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_new(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError as exc:
-        raise PKIError(f"{path} exists; not overwriting it") from exc
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    _write_new(path, data, 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
