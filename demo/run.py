@@ -45,6 +45,7 @@ PAGES = {
 }  # fmt: skip
 AGENT_NAMES = [name for name, _, _ in AGENTS]
 HOTLINE = "demo-hotline"
+REMOVALS_MEASURED = "takedown_removal_latency_seconds_count"
 BIN = Path(sys.executable).parent
 
 
@@ -107,12 +108,13 @@ async def metrics(port: int) -> str:
         return await response.text()
 
 
-def removed_count(text: str) -> float:
+def sample_sum(text: str, name: str) -> float:
+    """The sum of the samples called `name` in a /metrics text."""
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "takedown_removal_latency_seconds_count"
+        if s.name == name
     )
 
 
@@ -158,6 +160,9 @@ async def run(state: Path, give_up_after: float) -> int:
                     state / f"{name}.log",
                 )
             )  # fmt: skip
+        # Every vantage point first, as in a deployment: a URL reported while only the blocked
+        # network's agent had reached it could be confirmed removed on that agent alone.
+        await wait_for_agents(metrics_port, len(AGENTS), 60)
         notified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         reports = state / "reports.csv"
         reports.write_text(
@@ -193,8 +198,8 @@ async def run(state: Path, give_up_after: float) -> int:
                 _, path, fate = changes.pop(0)
                 hoster.set_fate(path, fate)
                 print(f"   t={elapsed:4.1f}s hoster: {path} -> {fate.value}")
-            text = await metrics(metrics_port)
-            if not changes and removed_count(text) >= expected:
+            measured = sample_sum(await metrics(metrics_port), REMOVALS_MEASURED)
+            if not changes and measured >= expected:
                 break
             await asyncio.sleep(0.5)
         else:
@@ -219,6 +224,18 @@ async def run(state: Path, give_up_after: float) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         await hoster.stop()
+
+
+async def wait_for_agents(metrics_port: int, count: int, within: float) -> None:
+    """Poll the collector's /metrics until `count` agents hold a stream."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError):
+            text = await metrics(metrics_port)
+            if sample_sum(text, "takedown_agent_connected") >= count:
+                return
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"the {count} agents did not connect within {within:.0f} s")
 
 
 async def wait_for_port(port: int, within: float) -> None:
