@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -361,13 +362,20 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         Each chunk is read when the previous one has been handed to gRPC, which awaits the
         stream's flow control: ten agents receiving a million URLs each hold a chunk apiece,
         not the whole assignment. Stops early if the receiving side ended (its status wins).
+
+        Every read runs in a worker thread as a shielded step: when the stream ends while a step
+        runs, the step finishes in its thread and only then is the connection closed (closing
+        it under a running statement crashes the process).
         """
+        loop = asyncio.get_running_loop()
         conn = await asyncio.to_thread(connect_readonly, self.db_path)
+        step: asyncio.Future[Any] = loop.run_in_executor(None, assignment_updates, conn, theirs)
         sent = 0
         try:
-            updates = await asyncio.to_thread(assignment_updates, conn, theirs)
+            updates = await asyncio.shield(step)
             while not receiver.done():
-                update = await asyncio.to_thread(next, updates, None)
+                step = loop.run_in_executor(None, next, updates, None)
+                update = await asyncio.shield(step)
                 if update is None:
                     break
                 while not session.outbox.empty():  # acks of batches stored meanwhile
@@ -379,7 +387,13 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     log.info("assignment_reconciled agent=%s sent=%d", session.name, sent)
                     session.release()
         finally:
-            await asyncio.to_thread(conn.close)
+
+            def close(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled():
+                    done.exception()  # a failed step after the stream ended: nobody waits for it
+                conn.close()
+
+            step.add_done_callback(close)
 
     async def _ingest(self, session: AgentSession, batch: pb.ResultBatch) -> None:
         arrived = time.monotonic()

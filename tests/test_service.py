@@ -14,6 +14,7 @@ from collector.server import Collector
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+from protos.takedown.v1.assignment import BUCKETS
 
 pytestmark = pytest.mark.integration
 
@@ -233,6 +234,36 @@ class TestAgentStream:
             while True:
                 await call.read()
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    async def test_streams_ended_mid_assignment_leave_the_collector_serving(
+        self, channel: grpc.aio.Channel
+    ) -> None:
+        """Agents that hang up while their assignment is being read (the read runs in a worker
+        thread) do not take the collector down: the reader's connection is closed only after
+        its step ends. Afterwards a new agent still receives the whole assignment."""
+        stub = pb_grpc.IntakeStub(channel)
+        for chunk in range(6):
+            reports = [
+                report(f"http://m.example/{chunk}/{i}", f"M{chunk}-{i}") for i in range(5000)
+            ]
+            await stub.Submit(pb.SubmitRequest(reports=reports))
+        # Digests that match nothing: every bucket is re-read, sorted, in the first step.
+        stale = pb.Hello(network="net", version="t", assignment_digests=[1] * BUCKETS)
+        for n in range(30):
+            call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+            stale.agent = f"hang-up-{n}"
+            await call.write(pb.AgentMessage(hello=stale))
+            assert (await call.read()).HasField("welcome")
+            call.cancel()  # while the first step reads
+        call = await open_stream(channel, "stays")
+        received = 0
+        while True:
+            update = (await next_of(call, "assignment")).assignment
+            received += len(update.upsert)
+            if update.in_sync:
+                break
+        call.cancel()
+        assert received == 30_000
 
 
 class TestHealth:
