@@ -62,6 +62,33 @@ ERROR_CLASS_INVALID_URL: ErrorClass.ValueType  # 11
 ERROR_CLASS_OTHER: ErrorClass.ValueType  # 12
 Global___ErrorClass: _TypeAlias = ErrorClass  # noqa: Y015
 
+class _TlsCheck:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TlsCheckEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TlsCheck.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TLS_CHECK_UNKNOWN: _TlsCheck.ValueType  # 0
+    """older agent, or no TLS handshake happened"""
+    TLS_CHECK_PLAINTEXT: _TlsCheck.ValueType  # 1
+    """http:// on the final hop"""
+    TLS_CHECK_VERIFIED: _TlsCheck.ValueType  # 2
+    """certificate chain and name verified against the trust store"""
+    TLS_CHECK_UNVERIFIED: _TlsCheck.ValueType  # 3
+    """served over TLS whose certificate did not verify (probed anyway)"""
+
+class TlsCheck(_TlsCheck, metaclass=_TlsCheckEnumTypeWrapper): ...
+
+TLS_CHECK_UNKNOWN: TlsCheck.ValueType  # 0
+"""older agent, or no TLS handshake happened"""
+TLS_CHECK_PLAINTEXT: TlsCheck.ValueType  # 1
+"""http:// on the final hop"""
+TLS_CHECK_VERIFIED: TlsCheck.ValueType  # 2
+"""certificate chain and name verified against the trust store"""
+TLS_CHECK_UNVERIFIED: TlsCheck.ValueType  # 3
+"""served over TLS whose certificate did not verify (probed anyway)"""
+Global___TlsCheck: _TypeAlias = TlsCheck  # noqa: Y015
+
 class _SubmitStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -116,6 +143,7 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SENT_AT_UNIX_US_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_DIGESTS_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """unique agent name"""
     network: _builtins.str
@@ -123,6 +151,8 @@ class Hello(_message.Message):
     version: _builtins.str
     """agent software version"""
     sent_at_unix_us: _builtins.int
+    public_key: _builtins.bytes
+    """The agent's Ed25519 public key (32 raw bytes); empty if it signs nothing."""
     @_builtins.property
     def assignment_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Digests of the assignment the agent holds, one per bucket (see
@@ -137,10 +167,11 @@ class Hello(_message.Message):
         version: _builtins.str = ...,
         sent_at_unix_us: _builtins.int = ...,
         assignment_digests: _abc.Iterable[_builtins.int] | None = ...,
+        public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "assignment_digests", b"assignment_digests", "network", b"network", "sent_at_unix_us", b"sent_at_unix_us", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "assignment_digests", b"assignment_digests", "network", b"network", "public_key", b"public_key", "sent_at_unix_us", b"sent_at_unix_us", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,22 +299,30 @@ class ResultBatch(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     SENT_AT_UNIX_US_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """unique per agent stream, echoed in BatchAck"""
     sent_at_unix_us: _builtins.int
     """agent clock when sent; the collector estimates clock offset"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Ed25519 signatures by the agent's key, one per result, in the order of `results`, each
+        over that result's canonical evidence leaf (docs/EVIDENCE.md); empty if unsigned.
+        """
+
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
         sent_at_unix_us: _builtins.int = ...,
+        signatures: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results", "sent_at_unix_us", b"sent_at_unix_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results", "sent_at_unix_us", b"sent_at_unix_us", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,10 +347,14 @@ class ProbeResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REDIRECTS_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     url_id: _builtins.int
     seq: _builtins.int
     """unique and increasing per agent"""
     started_at_unix_us: _builtins.int
+    """When the request went out on its connection (after any wait for a free slot):
+    the event time the verdicts are folded in.
+    """
     elapsed_ms: _builtins.int
     status: _builtins.int
     """final HTTP status, 0 if no response"""
@@ -327,6 +370,8 @@ class ProbeResult(_message.Message):
     redirects: _builtins.int
     challenge: _builtins.bool
     """response headers show a bot challenge (not the content)"""
+    tls: Global___TlsCheck.ValueType
+    """whether the server's certificate verified (HTTPS only)"""
     def __init__(
         self,
         *,
@@ -343,10 +388,11 @@ class ProbeResult(_message.Message):
         error: Global___ErrorClass.ValueType = ...,
         redirects: _builtins.int = ...,
         challenge: _builtins.bool = ...,
+        tls: Global___TlsCheck.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "challenge", b"challenge", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "truncated", b"truncated", "url_id", b"url_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "challenge", b"challenge", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "tls", b"tls", "truncated", b"truncated", "url_id", b"url_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
