@@ -2,27 +2,33 @@
 
 Theory of operation
 -------------------
-The *baseline* is the hash of the reported content: the hotline's reference
-hash when the report carries one, else the first 2xx body seen. The final URL
-of the first 2xx is remembered too.
+Agents send only a body's SHA-256, so content is judged by hash, final URL and whether the body
+was cut at the agent's byte cap.
 
-A 2xx whose hash equals the baseline is the content, present. A 2xx that ends
-on another final URL (redirected away) is removed. A 2xx at the same final URL
-with another hash is ambiguous on its own: the page may have been replaced (a
-parking or "suspended" page, whose hash is then stable) or it may be a page
-that changes on every load (ads, timestamps, tokens). So a new hash is first
-only *remembered* (undecided, so inconclusive); when the same hash is seen
-again the page is a stable replacement and the probe is removed, with the
-evidence dated to the first time that hash was seen, so removal times are not
-pushed late by the wait. Once `dynamic_after` different hashes were seen and
-none ever repeated, either
-- the baseline itself was never seen twice: the page changes on every load,
-  it is *dynamic*, and from then on a 2xx at the baseline's final URL is
-  present, judged by status and final URL alone; or
-- the baseline was stable (seen at least twice) and then gave way to bodies
-  that never repeat: the content was replaced by a changing page, removed,
-  dated to the first of those bodies.
-A reference hash from the hotline is never declared dynamic.
+*Baseline.* With the hotline's reference hash, that hash is the content. Without one, a hash
+becomes the baseline only when vantage points agree: the same hash from `need` different
+networks (two by default), or, in a deployment with a single network, from that network at two
+different times. Until then a 2xx body is a *candidate* and the probe is undecided; so a
+filtering ISP's "blocked" page served with status 200 to one network never becomes the content.
+When agreement comes, every earlier sighting of that hash is reported back so that the fold can
+count those probes as present.
+
+*Dynamic pages.* When `dynamic_after` different bodies were seen at the same place and none ever
+repeated, the page changes on every load (ads, tokens, timestamps): it is *dynamic*, and a 2xx
+there is present when its body was never seen before. A body that repeats on a dynamic page is a
+stable replacement ("this file has been removed"): removed, dated to its first sighting. A page
+whose baseline once looked stable (two identical cached renders) and then gives way to bodies that
+never repeat is declared dynamic too, not removed: a changing page is never taken for a removal.
+A hotline's reference hash is never declared dynamic.
+
+*Against a baseline.* The baseline hash is present. A 2xx that ended at another place (host,
+port and path, ignoring scheme and query: http→https or a tracking parameter is not a move) was
+redirected away: removed. Another hash is first remembered (undecided); seen again it is a
+stable replacement, removed, dated to its first sighting.
+
+*Truncated bodies* (cut at the agent's `--max-body-bytes`) are never compared with a reference
+hash (undecided, flagged): a large video would otherwise look replaced. A truncated body equal to
+an agreed (equally truncated) baseline is present; one that differs is undecided.
 
 Nothing here does I/O or reads a clock.
 """
@@ -31,8 +37,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 MAX_VARIANTS = 16
+MAX_SIGHTINGS = 8
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Verdict(enum.Enum):
@@ -41,21 +50,53 @@ class Verdict(enum.Enum):
     UNDECIDED = "undecided"
 
 
+def place(url: str) -> str:
+    """Where a URL points, for redirect-away checks: host, port and path, scheme and query dropped."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return url
+    host = (parts.hostname or "").lower()
+    path = parts.path.rstrip("/") or "/"
+    return f"{host}:{port}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One probe that saw a candidate body."""
+
+    agent_id: int
+    network: str
+    at: float
+
+
 @dataclass(slots=True)
 class Variant:
     first_seen: float
     count: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    verdict: Verdict
+    since: float  # when the evidence dates from (<= the probe's time)
+    established: tuple[Sighting, ...] = ()  # earlier sightings that now count as present
+    truncated_vs_reference: bool = False
+
+
 @dataclass(slots=True)
 class ContentMemory:
-    """Per-URL memory of the baseline and of the other bodies seen at its final URL."""
+    """Per-URL memory of the baseline, the candidates before it, and the other bodies seen."""
 
     baseline: bytes | None = None
-    baseline_final_url: str | None = None
+    baseline_place: str = ""
     from_reference: bool = False
-    baseline_count: int = 0
     dynamic: bool = False
+    candidates: dict[bytes, list[Sighting]] = field(default_factory=dict)
+    candidate_places: dict[bytes, str] = field(default_factory=dict)
     variants: dict[bytes, Variant] = field(default_factory=dict)
 
     @classmethod
@@ -63,33 +104,77 @@ class ContentMemory:
         """Memory whose baseline is the hotline's reference hash."""
         return cls(baseline=sha256, from_reference=True)
 
+    @property
+    def known(self) -> bool:
+        """Whether a present can be recognised: a baseline or a dynamic page."""
+        return self.baseline is not None or self.dynamic
+
     def judge(
-        self, sha256: bytes, final_url: str, at: float, dynamic_after: int
-    ) -> tuple[Verdict, float]:
-        """Judge one 2xx body; return the verdict and the time its evidence dates from."""
-        if self.baseline is None:
-            self.baseline = sha256
+        self,
+        sha256: bytes,
+        final_url: str,
+        truncated: bool,
+        sighting: Sighting,
+        need: int,
+        dynamic_after: int,
+    ) -> Judgement:
+        """Judge one 2xx body seen by `sighting`; `need` networks must agree on a baseline."""
+        at = sighting.at
+        where = place(final_url)
+        if not self.known:
+            return self._candidate(sha256, where, sighting, need, dynamic_after)
+        if truncated and self.from_reference:
+            return Judgement(Verdict.UNDECIDED, at, truncated_vs_reference=True)
         if sha256 == self.baseline:
-            self.baseline_count += 1
-            if self.baseline_final_url is None and final_url:
-                self.baseline_final_url = final_url
-            return Verdict.PRESENT, at
-        if self.baseline_final_url and final_url and final_url != self.baseline_final_url:
-            return Verdict.REMOVED, at
-        if self.dynamic:
-            return Verdict.PRESENT, at
+            return Judgement(Verdict.PRESENT, at)
+        if self.baseline_place and where and where != self.baseline_place:
+            return Judgement(Verdict.REMOVED, at)
+        if truncated:
+            return Judgement(Verdict.UNDECIDED, at)
         known = self.variants.get(sha256)
         if known is not None:
             known.count += 1
-            return Verdict.REMOVED, known.first_seen
+            return Judgement(Verdict.REMOVED, known.first_seen)
         self._remember(sha256, at)
+        if self.dynamic:
+            return Judgement(Verdict.PRESENT, at)
         never_repeated = all(v.count == 1 for v in self.variants.values())
-        if len(self.variants) < dynamic_after or not never_repeated or self.from_reference:
-            return Verdict.UNDECIDED, at
-        if self.baseline_count >= 2:
-            return Verdict.REMOVED, min(v.first_seen for v in self.variants.values())
+        if self.from_reference or len(self.variants) < dynamic_after or not never_repeated:
+            return Judgement(Verdict.UNDECIDED, at)
         self.dynamic = True
-        return Verdict.PRESENT, at
+        return Judgement(Verdict.PRESENT, at)
+
+    def _candidate(
+        self, sha256: bytes, where: str, sighting: Sighting, need: int, dynamic_after: int
+    ) -> Judgement:
+        seen = self.candidates.setdefault(sha256, [])
+        self.candidate_places.setdefault(sha256, where)
+        if len(seen) < MAX_SIGHTINGS:
+            seen.append(sighting)
+        networks = {s.network for s in seen}
+        times = {s.at for s in seen}
+        if len(networks) >= need or (need <= 1 and len(times) >= 2):
+            self.baseline = sha256
+            self.baseline_place = self.candidate_places[sha256]
+            return self._establish([sha256], sighting)
+        here = [h for h, p in self.candidate_places.items() if p == where]
+        if len(here) >= dynamic_after and all(len(self.candidates[h]) == 1 for h in here):
+            self.dynamic = True
+            self.baseline_place = where
+            for h in here:
+                self._remember(h, self.candidates[h][0].at)
+            return self._establish(here, sighting)
+        if len(self.candidates) > MAX_VARIANTS:
+            oldest = min(self.candidates, key=lambda h: self.candidates[h][0].at)
+            del self.candidates[oldest]
+            del self.candidate_places[oldest]
+        return Judgement(Verdict.UNDECIDED, sighting.at)
+
+    def _establish(self, hashes: list[bytes], now: Sighting) -> Judgement:
+        earlier = tuple(s for h in hashes for s in self.candidates[h] if s != now)
+        self.candidates.clear()
+        self.candidate_places.clear()
+        return Judgement(Verdict.PRESENT, now.at, established=earlier)
 
     def _remember(self, sha256: bytes, at: float) -> None:
         if len(self.variants) >= MAX_VARIANTS:

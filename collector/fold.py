@@ -1,0 +1,464 @@
+"""The verdict of one URL as a pure left fold over its notices and probe observations, in event time.
+
+Theory of operation
+-------------------
+Input is a URL's notices and its stored probe results, ordered by when the probes were made
+(`started_at`: the moment the request went out), never by arrival. `UrlFold` accepts them in that
+order only (`OutOfOrder` otherwise); the shell refolds a URL from its stored results when a late
+one arrives (`refold`), so a verdict is always the same pure function of the same inputs:
+    fold(notices, observations in event time, method) -> state, episodes, events.
+
+Each probe is classified on its own (`classify`; content.py judges 2xx bodies). Per vantage point
+(agent) a `Track` keeps its newest result time (liveness), its last conclusive class, and its run
+of consecutive removed results since its last present. Inconclusive results neither extend nor
+break a run, but they do keep the agent live.
+
+*Witnesses confirm.* The agents that saw the content present in the current episode are its
+witnesses. Removed = every live witness has `k` consecutive removed results after its last
+present. An agent that never saw the content present in the episode (blocked, cloaked or late)
+neither confirms nor dates a removal; its confirmed run of removed results does make the URL
+*geoblocked* while a live witness sees the content. Content nobody saw present in the episode is
+removed only when `min_vantage_points` networks (or every network deployed, if fewer) have each
+seen it removed `k` times; that removal is flagged `observed_present=False`, its latency an upper
+bound.
+
+*Liveness.* An agent is live on a URL while its newest result is younger than
+`Policy.horizon(interval)`, the interval being the URL's planned one or the agent's own observed
+gap when the rate cap stretched it. A silent agent neither holds content online nor confirms a
+removal; when every witness is silent the state holds (`live_until` tells readers it is stale).
+
+*Dating.* The content went between the last present observation of the episode and the first
+removed evidence from a witness after it (a stable replacement dates from its first sighting).
+Latency runs from the episode's opening (the notice, or the reappearance) to that upper end.
+
+*Episodes.* A present after a confirmed removal is a reappearance: a new episode, whose witnesses
+start afresh. A new notice for removed content opens a new episode from that notice.
+
+No I/O, no clock: time arrives with each input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from collector.content import ContentMemory, Judgement, Sighting, Verdict
+from collector.method import (
+    METHOD_VERSION,
+    NXDOMAIN_ERROR,
+    ONLINE_STATES,
+    REMOVED_ERRORS,
+    Policy,
+    ProbeClass,
+    UrlState,
+)
+
+Planned = Callable[[float, UrlState, float, float | None, float | None], float]
+"""(now, state, opened_at, order_due, removed_at) -> the URL's planned probe interval."""
+
+
+class OutOfOrder(ValueError):
+    """An input older than one already folded: the caller must refold the URL."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything besides the inputs that a verdict depends on."""
+
+    policy: Policy
+    planned: Planned
+    version: str = METHOD_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A report of the URL: the hoster was notified at `at`."""
+
+    at: float
+    sha256: bytes | None = None  # the hotline's reference hash, if any
+    order_due: float | None = None  # a binding order's due time, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The part of a stored probe result the fold needs."""
+
+    agent_id: int
+    network: str
+    at: float
+    status: int
+    error: str
+    sha256: bytes
+    final_url: str = ""
+    challenge: bool = False
+    truncated: bool = False
+    seq: int = 0
+    provider: str = ""
+    asn: int | None = None
+    cdn: bool = False
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A confirmed removal of one episode; the content went in (last_present_at, first_removed_at]."""
+
+    episode: int
+    last_present_at: float | None
+    first_removed_at: float
+    confirmed_at: float
+    latency: float
+    nxdomain: bool = False
+    observed_present: bool = True
+    provider: str = ""
+
+
+@dataclass(frozen=True)
+class Reappearance:
+    """Content seen present again after a confirmed removal; opens episode `episode`."""
+
+    episode: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Renotified:
+    """A new notice for removed content; opens episode `episode` from the notice."""
+
+    episode: int
+    at: float
+
+
+@dataclass(frozen=True)
+class StateChange:
+    old: UrlState
+    new: UrlState
+    at: float
+
+
+@dataclass(frozen=True)
+class ProviderChange:
+    old: str
+    new: str
+    at: float
+
+
+Event = Removal | Reappearance | Renotified | StateChange | ProviderChange
+
+
+def classify(obs: Observation, policy: Policy) -> ProbeClass | None:
+    """The class of a probe that needs no content memory; None for a 2xx body to be judged."""
+    if obs.challenge:
+        return ProbeClass.INCONCLUSIVE
+    if obs.error and obs.error != "none":
+        if obs.error == NXDOMAIN_ERROR:
+            return ProbeClass.NXDOMAIN
+        if obs.error in REMOVED_ERRORS:
+            return ProbeClass.REMOVED
+        return ProbeClass.INCONCLUSIVE
+    if obs.status in policy.removed_statuses or (obs.status == 403 and policy.forbidden_is_removal):
+        return ProbeClass.REMOVED
+    if 200 <= obs.status < 300:
+        return None if obs.sha256 else ProbeClass.INCONCLUSIVE
+    return ProbeClass.INCONCLUSIVE
+
+
+_FROM_CONTENT = {
+    Verdict.PRESENT: ProbeClass.PRESENT,
+    Verdict.REMOVED: ProbeClass.REMOVED,
+    Verdict.UNDECIDED: ProbeClass.INCONCLUSIVE,
+}
+
+
+@dataclass(slots=True)
+class Track:
+    """One vantage point's view of one URL in the current episode."""
+
+    network: str
+    last_at: float
+    gap: float = 0.0  # the agent's newest interval between two results on this URL
+    witness: bool = False
+    last_class: ProbeClass | None = None  # last conclusive
+    last_present_at: float | None = None
+    run: int = 0  # consecutive removed results since the last present (or the episode start)
+    run_first_at: float | None = None
+    run_nxdomain: bool = False
+
+    def reset(self) -> None:
+        self.witness = False
+        self.last_class = None
+        self.last_present_at = None
+        self.run, self.run_first_at, self.run_nxdomain = 0, None, False
+
+
+@dataclass(slots=True)
+class UrlFold:
+    """The evolving verdict of one URL; feed it notices and observations in event time."""
+
+    method: Method
+    notified_at: float
+    order_due: float | None = None
+    state: UrlState = UrlState.PENDING
+    episode: int = 1
+    opened_at: float = 0.0
+    content: ContentMemory = field(default_factory=ContentMemory)
+    tracks: dict[int, Track] = field(default_factory=dict)
+    last_present_at: float | None = None  # in the current episode
+    first_removed_at: float | None = None  # first witness removal evidence after it
+    first_removed_any: float | None = None  # first removed result of any agent in the episode
+    removal: Removal | None = None  # the current episode's
+    first_removal: Removal | None = None
+    reappearances: int = 0
+    provider: str = ""
+    asn: int | None = None
+    cdn: bool = False
+    provider_from_present: bool = False
+    newest_at: float = float("-inf")  # newest input folded
+    last_conclusive_at: float | None = None  # newest conclusive result of the current episode
+    live_until: float | None = None  # after this, no vantage point that matters is live
+    truncated_vs_reference: int = 0
+    last_class: ProbeClass | None = None  # class of the newest observation folded
+
+    @classmethod
+    def start(cls, notice: Notice, method: Method) -> UrlFold:
+        fold = cls(method, notice.at, notice.order_due, opened_at=notice.at)
+        if notice.sha256:
+            fold.content = ContentMemory.with_reference(notice.sha256)
+        return fold
+
+    @property
+    def policy(self) -> Policy:
+        return self.method.policy
+
+    @property
+    def removed_at(self) -> float | None:
+        return self.removal.confirmed_at if self.removal else None
+
+    def stale(self, now: float) -> bool:
+        """No vantage point that could change the state is live any more."""
+        return self.live_until is not None and now > self.live_until
+
+    def _check_order(self, at: float) -> None:
+        if at < self.newest_at:
+            raise OutOfOrder(f"input at {at} is older than {self.newest_at}, already folded")
+        self.newest_at = at
+
+    def notice(self, notice: Notice) -> list[Event]:
+        """Fold in a further report of this URL."""
+        self._check_order(notice.at)
+        if notice.order_due is not None:
+            self.order_due = (
+                notice.order_due
+                if self.order_due is None
+                else min(self.order_due, notice.order_due)
+            )
+        if self.state is not UrlState.REMOVED:
+            return []
+        self._open_episode(notice.at)
+        self.notified_at = notice.at
+        old, self.state = self.state, UrlState.PENDING
+        return [Renotified(self.episode, notice.at), StateChange(old, UrlState.PENDING, notice.at)]
+
+    def observe(self, obs: Observation, networks: int) -> list[Event]:
+        """Fold in one observation; `networks` is how many distinct networks had agents then."""
+        self._check_order(obs.at)
+        policy = self.policy
+        track = self.tracks.get(obs.agent_id)
+        if track is None:
+            track = self.tracks[obs.agent_id] = Track(obs.network, obs.at)
+        else:
+            if obs.at > track.last_at:
+                track.gap = obs.at - track.last_at
+            track.last_at = obs.at
+            track.network = obs.network
+        cls, judged = self._classify(obs, networks)
+        self.last_class = cls
+        events: list[Event] = []
+        if judged is not None and judged.established:
+            self._established(judged.established)
+        nxdomain = cls is ProbeClass.NXDOMAIN
+        if nxdomain:
+            cls = ProbeClass.REMOVED if policy.nxdomain_is_removal else ProbeClass.INCONCLUSIVE
+        if cls is not ProbeClass.INCONCLUSIVE:
+            if cls is ProbeClass.PRESENT:
+                events += self._present(track, obs)
+            else:
+                since = judged.since if judged is not None else obs.at
+                self._removed(track, obs.at, min(since, obs.at), nxdomain)
+            track.last_class = cls
+            self.last_conclusive_at = obs.at
+        self._attribute(obs, cls, events)
+        events += self._decide(obs.at, networks)
+        self._update_liveness(obs.at)
+        return events
+
+    def _classify(self, obs: Observation, networks: int) -> tuple[ProbeClass, Judgement | None]:
+        cls = classify(obs, self.policy)
+        if cls is not None:
+            return cls, None
+        need = max(1, min(self.policy.min_vantage_points, networks))
+        judged = self.content.judge(
+            obs.sha256, obs.final_url, obs.truncated, Sighting(obs.agent_id, obs.network, obs.at),
+            need, self.policy.dynamic_after,
+        )  # fmt: skip
+        if judged.truncated_vs_reference:
+            self.truncated_vs_reference += 1
+        return _FROM_CONTENT[judged.verdict], judged
+
+    def _established(self, sightings: Iterable[Sighting]) -> None:
+        """Earlier sightings of what is now known to be the content were presents."""
+        for s in sightings:
+            track = self.tracks.get(s.agent_id)
+            if track is None:
+                continue
+            track.witness = True
+            track.last_present_at = max(s.at, track.last_present_at or s.at)
+            if track.run_first_at is not None and track.run_first_at < s.at:
+                track.run, track.run_first_at, track.run_nxdomain = 0, None, False
+            if track.run == 0:
+                track.last_class = ProbeClass.PRESENT
+            if self.last_present_at is None or s.at > self.last_present_at:
+                self.last_present_at = s.at
+
+    def _present(self, track: Track, obs: Observation) -> list[Event]:
+        events: list[Event] = []
+        if self.state is UrlState.REMOVED:
+            self._open_episode(obs.at)
+            self.reappearances += 1
+            events.append(Reappearance(self.episode, obs.at))
+        track.witness = True
+        track.last_present_at = obs.at
+        track.run, track.run_first_at, track.run_nxdomain = 0, None, False
+        self.last_present_at = obs.at
+        self.first_removed_at = None
+        return events
+
+    def _removed(self, track: Track, at: float, since: float, nxdomain: bool) -> None:
+        track.run += 1
+        if track.run_first_at is None:
+            track.run_first_at = since
+        track.run_nxdomain = nxdomain
+        if self.first_removed_any is None:
+            self.first_removed_any = since
+        if not track.witness:
+            return
+        if self.last_present_at is not None and since <= self.last_present_at:
+            since = at
+        if self.first_removed_at is None:
+            self.first_removed_at = since
+
+    def _open_episode(self, at: float) -> None:
+        self.episode += 1
+        self.opened_at = at
+        self.removal = None
+        self.last_present_at = None
+        self.first_removed_at = None
+        self.first_removed_any = None
+        self.last_conclusive_at = None
+        for t in self.tracks.values():
+            t.reset()
+
+    def _attribute(self, obs: Observation, cls: ProbeClass, events: list[Event]) -> None:
+        """Attribute the URL to whoever serves the content (or anyone, until someone has)."""
+        if not obs.provider:
+            return
+        if cls is ProbeClass.PRESENT:
+            if self.provider and obs.provider != self.provider:
+                events.append(ProviderChange(self.provider, obs.provider, obs.at))
+            self.provider_from_present = True
+        elif self.provider_from_present:
+            return
+        self.provider, self.asn, self.cdn = obs.provider, obs.asn, obs.cdn
+
+    def _planned(self, now: float) -> float:
+        return self.method.planned(now, self.state, self.opened_at, self.order_due, self.removed_at)
+
+    def _live(self, now: float) -> list[Track]:
+        planned, horizon = self._planned(now), self.policy.horizon
+        return [t for t in self.tracks.values() if now - t.last_at <= horizon(max(planned, t.gap))]
+
+    def _update_liveness(self, now: float) -> None:
+        planned, horizon = self._planned(now), self.policy.horizon
+        witnesses = [t for t in self.tracks.values() if t.witness]
+        relevant = witnesses or list(self.tracks.values())
+        self.live_until = max(
+            (t.last_at + horizon(max(planned, t.gap)) for t in relevant), default=None
+        )
+
+    def _decide(self, now: float, networks: int) -> list[Event]:
+        k = self.policy.confirmations
+        live = self._live(now)
+        witnesses = [t for t in live if t.witness]
+        confirmed_run = [t for t in live if t.last_class is ProbeClass.REMOVED and t.run >= k]
+        if any(t.last_class is ProbeClass.PRESENT for t in witnesses):
+            new = UrlState.GEOBLOCKED if confirmed_run else UrlState.AVAILABLE
+        elif self.state is UrlState.REMOVED:
+            new = UrlState.REMOVED
+        elif any(t.witness for t in self.tracks.values()):
+            done = witnesses and all(t.run >= k for t in witnesses)
+            new = UrlState.REMOVED if done else self.state
+        else:
+            need = max(1, min(self.policy.min_vantage_points, networks))
+            done = len({t.network for t in confirmed_run}) >= need
+            new = UrlState.REMOVED if done else self.state
+        if new is self.state:
+            return []
+        events: list[Event] = []
+        if new is UrlState.REMOVED:
+            events.append(self._confirm(now, witnesses or confirmed_run))
+        events.append(StateChange(self.state, new, now))
+        self.state = new
+        return events
+
+    def _confirm(self, now: float, confirming: list[Track]) -> Removal:
+        observed = any(t.witness for t in confirming)
+        first = self.first_removed_at if observed else self.first_removed_any
+        if first is None:
+            first = min((t.run_first_at for t in confirming if t.run_first_at), default=now)
+        removal = Removal(
+            episode=self.episode,
+            last_present_at=self.last_present_at,
+            first_removed_at=first,
+            confirmed_at=now,
+            latency=max(0.0, first - self.opened_at),
+            nxdomain=any(t.run_nxdomain for t in confirming),
+            observed_present=observed,
+            provider=self.provider,
+        )
+        self.removal = removal
+        if self.first_removal is None:
+            self.first_removal = removal
+        return removal
+
+
+Input = Notice | Observation
+
+
+def event_order(item: Input) -> tuple[float, int, int, int]:
+    """Event time; at one instant notices first, then by agent and sequence number."""
+    if isinstance(item, Notice):
+        return (item.at, 0, 0, 0)
+    return (item.at, 1, item.agent_id, item.seq)
+
+
+def refold(
+    notices: Iterable[Notice],
+    observations: Iterable[Observation],
+    method: Method,
+    networks_at: Callable[[float], int],
+) -> tuple[UrlFold, list[Event]]:
+    """Fold a URL from scratch: its notices and observations in event time, and every event."""
+    ordered = sorted([*notices], key=lambda n: n.at)
+    if not ordered:
+        raise ValueError("a URL needs at least one notice")
+    fold = UrlFold.start(ordered[0], method)
+    events: list[Event] = []
+    for item in sorted([*ordered[1:], *observations], key=event_order):
+        if isinstance(item, Notice):
+            events += fold.notice(item)
+        else:
+            events += fold.observe(item, networks_at(item.at))
+    return fold, events
+
+
+def is_online(fold: UrlFold) -> bool:
+    return fold.state in ONLINE_STATES
