@@ -26,6 +26,7 @@ from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
 from collector.importer import import_file
+from collector.method import Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.pki import PKIError
 from collector.plot import PlotUnavailable, plot_survival
@@ -38,7 +39,6 @@ from collector.store.history import url_history
 from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
 from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
 from collector.tokens import Role
-from collector.verdict import Policy
 
 log = logging.getLogger("collector")
 
@@ -205,10 +205,19 @@ def serve_parser() -> configargparse.ArgParser:
         help="consecutive removed results each agent must see before a removal counts",
     )
     p.add_argument(
-        "--reach-window",
-        type=duration,
-        default=6 * 3600.0,
-        help="an agent whose last conclusive result is older is left out of the quorum",
+        "--min-vantage-points",
+        type=positive_int,
+        default=2,
+        help="networks that must each see content removed that nobody saw present"
+        " (and agree on a content hash without a reference); fewer if fewer networks exist",
+    )
+    p.add_argument(
+        "--liveness-intervals",
+        type=float,
+        default=3.0,
+        help="an agent stays live on a URL for this many of its probe intervals after its"
+        " newest result (must be above 1); a silent agent neither holds content online"
+        " nor confirms a removal",
     )
     p.add_argument(
         "--nxdomain-is-removal",
@@ -575,6 +584,18 @@ def _import(args: configargparse.Namespace) -> int:
 def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
     tls, require_tokens = server_security(parser, args)
     planner = planner_from(args)
+    try:
+        policy = Policy(
+            confirmations=args.confirmations,
+            nxdomain_is_removal=args.nxdomain_is_removal,
+            forbidden_is_removal=args.forbidden_is_removal,
+            dynamic_after=args.dynamic_after,
+            min_vantage_points=args.min_vantage_points,
+            liveness_intervals=args.liveness_intervals,
+            max_clock_offset=args.max_clock_offset,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     config = CollectorConfig(
         db=args.db,
         listen=args.listen,
@@ -586,14 +607,7 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         cdn_asns=args.cdn_asns,
         planner=planner,
         replan_every=args.replan_every,
-        policy=Policy(
-            confirmations=args.confirmations,
-            nxdomain_is_removal=args.nxdomain_is_removal,
-            forbidden_is_removal=args.forbidden_is_removal,
-            dynamic_after=args.dynamic_after,
-            reach_window=args.reach_window,
-            max_clock_offset=args.max_clock_offset,
-        ),
+        policy=policy,
         buckets=args.buckets or DEFAULT_BUCKETS,
         deadlines=planner.deadlines,
         metrics_max_age=args.metrics_max_age,

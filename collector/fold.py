@@ -1,4 +1,4 @@
-"""The verdict of one URL as a pure left fold over its notices and probe observations, in event time.
+"""One URL's verdict as a pure left fold over its notices and probe observations, in event time.
 
 Theory of operation
 -------------------
@@ -100,7 +100,7 @@ class Observation:
 
 @dataclass(frozen=True)
 class Removal:
-    """A confirmed removal of one episode; the content went in (last_present_at, first_removed_at]."""
+    """A confirmed removal of one episode; the content went between the two ends."""
 
     episode: int
     last_present_at: float | None
@@ -447,12 +447,13 @@ def refold(
     networks_at: Callable[[float], int],
 ) -> tuple[UrlFold, list[Event]]:
     """Fold a URL from scratch: its notices and observations in event time, and every event."""
-    ordered = sorted([*notices], key=lambda n: n.at)
+    ordered = sorted(notices, key=lambda n: n.at)
     if not ordered:
         raise ValueError("a URL needs at least one notice")
     fold = UrlFold.start(ordered[0], method)
     events: list[Event] = []
-    for item in sorted([*ordered[1:], *observations], key=event_order):
+    inputs: list[Input] = [*ordered[1:], *observations]
+    for item in sorted(inputs, key=event_order):
         if isinstance(item, Notice):
             events += fold.notice(item)
         else:

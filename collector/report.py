@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from collector.method import ONLINE_STATES, UrlState
 from collector.store.reads import UrlOutcome
 from collector.survival import SurvivalCurve, kaplan_meier
-from collector.verdict import ONLINE_STATES, UrlState
 
 HOUR = 3600.0
 DAY = 86400.0

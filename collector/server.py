@@ -20,13 +20,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from collector.attribution_sources import build_attributor
 from collector.auth import Gate, ServerTLS, server_credentials
 from collector.decoding import Decoding
+from collector.method import METHOD_VERSION, Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.ratelimit import RateLimiter
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
 from collector.store import Store, StoreError, Writer
-from collector.verdict import Policy
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class Collector:
         self.attribution = build_attributor(
             config.prefixes, config.asn_mmdb, config.ipasn, config.as_names, config.cdn_asns
         )
-        self.writer = Writer(lambda: Store(config.db, self.attribution, config.policy))
+        self.writer = Writer(
+            lambda: Store(config.db, self.attribution, config.policy, planner=config.planner)
+        )
         self.hub = AgentHub()
         self.registry = CollectorRegistry()
         self.self_metrics = SelfMetrics(self.registry)
@@ -112,6 +114,10 @@ class Collector:
         tls = self.config.tls
         credentials = server_credentials(tls) if tls is not None else None  # files read first
         await self.writer.start()
+        outdated = await self.writer.run(lambda s: s.outdated())
+        if outdated:
+            log.warning("refold_at_start urls=%d method=%s", outdated, METHOD_VERSION)
+            await self.writer.run(lambda s: s.refold(now=self.clock()))
         server = grpc.aio.server(
             # Outermost first: undecodable bytes are refused before the gate reads a hello.
             interceptors=[Decoding(), *([self.gate] if self.gate is not None else [])],

@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from collector.durations import duration_label
+from collector.method import ONLINE_STATES
 from collector.report import human_duration
 from collector.store.history import ProbeRun, UrlHistory
-from collector.verdict import ONLINE_STATES
 
 DEFAULT_DEADLINES: tuple[float, ...] = (3600.0, 12 * 3600.0, 86400.0)
 DEFAULT_ORDER_DEADLINE = 12 * 3600.0

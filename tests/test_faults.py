@@ -41,8 +41,8 @@ from agent.result import ProbeResult
 from agent.spool import Spool
 from collector.cli import planner_from, serve_parser
 from collector.importer import import_file
+from collector.method import UrlState
 from collector.schedule import Planner
-from collector.verdict import UrlState
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B
 from tests.procs import (

@@ -37,6 +37,7 @@ from agent.result import ProbeResult
 from collector.auth import ServerTLS
 from collector.cli import main as collector_main
 from collector.importer import import_file
+from collector.method import Policy
 from collector.pki import init_ca, issue
 from collector.ratelimit import RateLimiter, TokenBucket
 from collector.schedule import Planner
@@ -44,7 +45,6 @@ from collector.server import Collector, CollectorConfig
 from collector.store.credentials import add_credential, connect_credentials, revoke_credentials
 from collector.store.reads import connect_readonly, results_count
 from collector.tokens import new_token
-from collector.verdict import Policy
 from demo.hoster import Hoster
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc

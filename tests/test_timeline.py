@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from collector.attribution import PrefixTable
+from collector.method import Policy
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import ResultIn, Store
 from collector.store.history import url_history
 from collector.store.reads import connect_readonly
 from collector.timeline import build_timeline, deadlines, iso, render_timeline
-from collector.verdict import Policy
 
 T0 = 1_767_607_200.0  # 2026-01-05T10:00:00Z
 NOW = T0 + 50_000
