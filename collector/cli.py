@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from agent.credentials import CredentialError, add_client_options, client_securi
 from collector import __version__
 from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError
-from collector.attribution_sources import parse_asn_list
+from collector.attribution_sources import build_attributor, parse_asn_list
 from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
@@ -34,7 +35,7 @@ from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
 from collector.reports_file import parse_time
 from collector.schedule import DEFAULT_PHASES, Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
-from collector.store import StoreError
+from collector.store import Store, StoreError
 from collector.store.history import url_history
 from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
 from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
@@ -453,8 +454,25 @@ def url_parser() -> configargparse.ArgParser:
     return p
 
 
+def refold_parser() -> configargparse.ArgParser:
+    """The serve options (the method: policy and schedule) plus --since; same config file."""
+    p = serve_parser()
+    p.prog = "takedown-collector refold"
+    p.description = (
+        "Recompute every verdict, episode and event from the stored results under this"
+        " method; print what changed. Run it with the collector stopped."
+    )
+    p.add_argument(
+        "--since",
+        type=instant,
+        help="only URLs with results probed at or after this time (ISO 8601)",
+    )
+    return p
+
+
 COMMANDS = {
     "serve": serve_parser,
+    "refold": refold_parser,
     "import": import_parser,
     "report": report_parser,
     "url": url_parser,
@@ -499,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "serve":
             return _serve(parser, args)
+        if command == "refold":
+            return _refold(parser, args)
         if command == "import":
             return _import(args)
         if command == "url":
@@ -581,11 +601,10 @@ def _import(args: configargparse.Namespace) -> int:
     )
 
 
-def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
-    tls, require_tokens = server_security(parser, args)
-    planner = planner_from(args)
+def policy_from(parser: configargparse.ArgParser, args: configargparse.Namespace) -> Policy:
+    """The measurement policy the options give; a bad combination ends with one line."""
     try:
-        policy = Policy(
+        return Policy(
             confirmations=args.confirmations,
             nxdomain_is_removal=args.nxdomain_is_removal,
             forbidden_is_removal=args.forbidden_is_removal,
@@ -596,6 +615,34 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         )
     except ValueError as exc:
         parser.error(str(exc))
+        raise  # parser.error exits
+
+
+def _refold(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
+    policy, planner = policy_from(parser, args), planner_from(args)
+    attribution = build_attributor(
+        args.prefixes, args.asn_mmdb, args.ipasn, args.as_names, args.cdn_asns
+    )
+    if not args.db.exists():
+        raise StoreError(f"{args.db}: no such database")
+    store = Store(args.db, attribution, policy, planner=planner)
+    try:
+        changes = store.refold(args.since, time.time())
+    finally:
+        store.close()
+    moved = Counter(f"{a.value} -> {b.value}" for _, a, b in changes if a is not b)
+    print(f"refolded {len(changes)} URLs with method {store.method.version}")
+    for what, n in sorted(moved.items()):
+        print(f"  {n:8d}  {what}")
+    if not moved:
+        print("  no state changed")
+    return 0
+
+
+def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
+    tls, require_tokens = server_security(parser, args)
+    planner = planner_from(args)
+    policy = policy_from(parser, args)
     config = CollectorConfig(
         db=args.db,
         listen=args.listen,

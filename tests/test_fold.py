@@ -173,7 +173,7 @@ class TestContent:
         assert f.removal is None
 
     def test_isp_block_page_never_becomes_the_content(self) -> None:
-        """A 200 block page seen by n1 only, the content by n2 and n3: the content is the baseline."""
+        """A 200 block page seen by n1 only, the content by n2 and n3: the content is baseline."""
         obs = probes(1, 0, 100, 200, BLOCK_PAGE) + probes(2, 0, 100, 200, CONTENT, offset=1)
         obs += probes(3, 0, 100, 200, CONTENT, offset=2)
         f = fold(obs, networks=3)
