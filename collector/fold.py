@@ -118,6 +118,7 @@ class Reappearance:
 
     episode: int
     at: float
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Renotified:
 
     episode: int
     at: float
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,10 @@ class UrlFold:
         self._open_episode(notice.at)
         self.notified_at = notice.at
         old, self.state = self.state, UrlState.PENDING
-        return [Renotified(self.episode, notice.at), StateChange(old, UrlState.PENDING, notice.at)]
+        return [
+            Renotified(self.episode, notice.at, self.provider),
+            StateChange(old, UrlState.PENDING, notice.at),
+        ]
 
     def observe(self, obs: Observation, networks: int) -> list[Event]:
         """Fold in one observation; `networks` is how many distinct networks had agents then."""
@@ -324,7 +329,7 @@ class UrlFold:
         if self.state is UrlState.REMOVED:
             self._open_episode(obs.at)
             self.reappearances += 1
-            events.append(Reappearance(self.episode, obs.at))
+            events.append(Reappearance(self.episode, obs.at, obs.provider or self.provider))
         track.witness = True
         track.last_present_at = obs.at
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False

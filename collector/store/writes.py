@@ -492,13 +492,13 @@ class Store:
                 c.execute(
                     "INSERT INTO episodes (url_id, episode, opened_at, provider, opened_by)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (url_id, event.episode, event.at, entry.fold.provider, kind),
+                    (url_id, event.episode, event.at, event.provider or entry.provider, kind),
                 )
                 if isinstance(event, Reappearance):
                     c.execute(
                         "INSERT OR IGNORE INTO reappearance_log (url_id, episode, provider, at)"
                         " VALUES (?, ?, ?, ?)",
-                        (url_id, event.episode, entry.fold.provider or entry.provider, event.at),
+                        (url_id, event.episode, event.provider or entry.provider, event.at),
                     )
                 self._event(url_id, event.at, kind, {"episode": event.episode})
             elif isinstance(event, StateChange):
