@@ -1,0 +1,396 @@
+"""The verdict fold held against the ground truth of simulated landscapes (tests/simulator.py).
+
+Every expectation here comes from the truth (what the origin did, what each network was served)
+and the domain rules, never from the fold's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+from collector.fold import (
+    Event,
+    Method,
+    Observation,
+    OutOfOrder,
+    Reappearance,
+    Removal,
+    StateChange,
+    UrlFold,
+    refold,
+)
+from collector.method import Policy, UrlState
+from collector.schedule import Planner
+from tests.simulator import (
+    INTERVAL,
+    JITTER,
+    PRESENT,
+    Agent,
+    K,
+    Landscape,
+    Network,
+    Probe,
+    Segment,
+    Window,
+    batches,
+    probes,
+    random_landscape,
+)
+
+POLICY = Policy(confirmations=K, min_vantage_points=2, liveness_intervals=3.0, jitter=JITTER)
+PLANNER = Planner.fixed(INTERVAL)
+METHOD = Method(
+    POLICY,
+    lambda now, st, op, od, ra: PLANNER.interval(now, st, op, od, ra) or PLANNER.watch_interval,
+)
+F1 = "F1: a lagging witness turns a removal into a geoblock (tests/SIM_FINDINGS.md)"
+F2 = "F2: the replacement's first sighting counts as present (tests/SIM_FINDINGS.md)"
+STEP = INTERVAL * (1 + JITTER)
+"""The longest gap between two probes of one running agent."""
+HORIZON = POLICY.horizon(INTERVAL)
+
+
+@dataclass
+class Run:
+    """The fold as the collector's store drives it, and the refold of everything."""
+
+    land: Landscape
+    made: list[Probe]
+    fold: UrlFold
+    events: list[Event]
+    states_after_batch: list[UrlState] = field(default_factory=list)
+    refolds: int = 0
+
+
+def networks_at(land: Landscape) -> int:
+    return len(land.networks)
+
+
+def deliver(land: Landscape) -> Run:
+    """Feed the batches to a store that dedupes by (agent, seq) and refolds on a late result."""
+    made = probes(land)
+    notices = [land.notice()]
+    n = networks_at(land)
+    store: dict[tuple[int, int], Observation] = {}
+    fold = UrlFold.start(notices[0], METHOD)
+    run = Run(land, made, fold, [])
+    for batch in batches(land, made):
+        late = False
+        for obs in batch:
+            key = (obs.agent_id, obs.seq)
+            if key in store:
+                continue
+            store[key] = obs
+            if late:
+                continue
+            try:
+                run.events += run.fold.observe(obs, n)
+            except OutOfOrder:
+                late = True
+        if late:
+            run.fold, run.events = refold(notices, store.values(), METHOD, lambda t: n)
+            run.refolds += 1
+        run.states_after_batch.append(run.fold.state)
+    assert len(store) == len(made)
+    return run
+
+
+def refold_all(land: Landscape) -> Run:
+    """Fold every result of the landscape from scratch, as `takedown-collector refold` would."""
+    made = probes(land)
+    n = networks_at(land)
+    fold, events = refold([land.notice()], [p.obs for p in made], METHOD, lambda t: n)
+    return Run(land, made, fold, events)
+
+
+def removal_events(events: Iterable[Event]) -> list[Removal]:
+    return [e for e in events if isinstance(e, Removal)]
+
+
+PARKED = frozenset({"dynamic-replaced", "unrecognised-451", "dynamic-blockpage", "late-agreement"})
+"""Configurations the random landscapes leave out while they reproduce a finding (F2-F5 in
+tests/SIM_FINDINGS.md, each kept below as a strict xfail); drop one here once it is fixed."""
+
+
+def truth_violations(run: Run, blips: bool = True) -> list[str]:
+    """Every way the fold's verdicts contradict the landscape's truth; `blips`: per batch too."""
+    land, events, bad = run.land, run.events, []
+    removals = removal_events(events)
+    for r in removals:
+        seg = land.segment_at(r.first_removed_at)
+        if seg.kind == PRESENT:
+            bad.append(f"false removal: {r} while the content was present (since {seg.start})")
+            continue
+        if r.last_present_at is None or r.last_present_at > seg.start:
+            bad.append(f"removal {r}: last present after the true removal at {seg.start}")
+        if not r.observed_present:
+            bad.append(f"removal {r}: flagged not observed present, but a witness saw it")
+        if r.nxdomain != (seg.kind == "nxdomain"):
+            bad.append(f"removal {r}: nxdomain flag wrong for a {seg.kind} removal")
+    last_removed_seg: float | None = None
+    for e in events:
+        if isinstance(e, Removal):
+            last_removed_seg = land.segment_at(e.first_removed_at).start
+        elif isinstance(e, Reappearance):
+            seg = land.segment_at(e.at)
+            if seg.kind != PRESENT or last_removed_seg is None or seg.start <= last_removed_seg:
+                bad.append(f"invented reappearance {e}: truth there is {seg}")
+        elif isinstance(e, StateChange) and e.new is UrlState.GEOBLOCKED:
+            visible_lately = land.present_at(e.at) or land.present_at(e.at - STEP)
+            if not land.blocked(conclusive_only=True) or not visible_lately:
+                bad.append(f"geoblocked at {e.at} without a block while the content was served")
+    for start, until, mode in land.removals():
+        found = [r for r in removals if start <= r.first_removed_at < until]
+        if len(found) != 1:
+            bad.append(f"true removal at {start} ({mode}) confirmed {len(found)} times: {found}")
+            continue
+        r = found[0]
+        if r.first_removed_at > start + STEP:
+            bad.append(f"removal at {start} ({mode}) dated late: {r}")
+        if r.last_present_at is not None and r.last_present_at < start - STEP:
+            bad.append(f"removal at {start} ({mode}): last present too early: {r}")
+        if r.confirmed_at >= until:
+            bad.append(
+                f"removal at {start} ({mode}) confirmed only after the content came back: {r}"
+            )
+    expected = expected_final_state(land)
+    if run.fold.state is not expected:
+        bad.append(f"final state {run.fold.state}, truth {expected}")
+    if (
+        blips
+        and not land.blocked(conclusive_only=True)
+        and UrlState.GEOBLOCKED in run.states_after_batch
+    ):
+        bad.append("passed through geoblocked after a batch with no network blocked")
+    return bad
+
+
+def expected_final_state(land: Landscape) -> UrlState:
+    """What the truth says at the end, as far as the live agents can know it."""
+    if not land.present_at(land.end - 1):
+        return UrlState.REMOVED
+    blocked = {n.name for n in land.blocked(conclusive_only=True)}
+    if any(a.network in blocked and land.running_at_end(a) for a in land.agents):
+        return UrlState.GEOBLOCKED
+    return UrlState.AVAILABLE
+
+
+def replay_violations(run: Run) -> list[str]:
+    """Differences between the incrementally driven fold and a refold of everything."""
+    obs = [p.obs for p in run.made]
+    fresh, events = refold([run.land.notice()], obs, METHOD, lambda t: networks_at(run.land))
+    bad = []
+    for name in (
+        "state",
+        "episode",
+        "removal",
+        "first_removal",
+        "reappearances",
+        "last_present_at",
+    ):
+        if getattr(run.fold, name) != getattr(fresh, name):
+            bad.append(
+                f"{name}: incremental {getattr(run.fold, name)}, refold {getattr(fresh, name)}"
+            )
+    if run.events != events:
+        bad.append(f"events differ: incremental {run.events}, refold {events}")
+    return bad
+
+
+def describe(land: Landscape) -> str:
+    return (
+        f"segments={land.segments} dynamic={land.dynamic} reference={land.reference}\n"
+        f"networks={land.networks}\nagents={land.agents}\nend={land.end}"
+    )
+
+
+class TestRandomLandscapes:
+    @settings(max_examples=150, deadline=None)
+    @given(st.randoms(use_true_random=False))
+    def test_every_verdict_holds_against_the_truth(self, rng: random.Random) -> None:
+        """No false removal or reappearance, every removal dated and the end state right."""
+        land = random_landscape(rng, PARKED)
+        note(describe(land))
+        assert truth_violations(refold_all(land), blips=False) == []
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.randoms(use_true_random=False))
+    def test_incremental_fold_equals_refold(self, rng: random.Random) -> None:
+        """Batches in any order, some twice, fold to exactly what a refold of everything gives."""
+        land = random_landscape(rng)
+        note(describe(land))
+        assert replay_violations(deliver(land)) == []
+
+
+def agent(agent_id: int, network: str, start: float = 0.0, **kw: object) -> Agent:
+    return Agent(agent_id, network, start, **kw)  # type: ignore[arg-type]
+
+
+def minutes(m: float) -> float:
+    return m * INTERVAL
+
+
+class TestWhatWasSeen:
+    def test_451_to_the_first_agent_is_a_geoblock_not_a_removal(self) -> None:
+        """A URL answered 451 to the first agent to start is never credited with a removal."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT),),
+            networks=(Network("net0", block="451"), Network("net1"), Network("net2")),
+            agents=(agent(1, "net0"), agent(2, "net1", minutes(3)), agent(3, "net2", minutes(5))),
+            end=minutes(40),
+        )
+        run = deliver(land)
+        assert removal_events(run.events) == []
+        assert not any(isinstance(e, Reappearance) for e in run.events)
+        assert truth_violations(run) == []
+
+    @pytest.mark.parametrize(
+        "block",
+        [
+            "451",
+            pytest.param("403", marks=pytest.mark.xfail(strict=True, reason=F1)),
+            "page_same",
+            "page_elsewhere",
+        ],
+    )
+    def test_blocked_for_one_network_then_removed(self, block: str) -> None:
+        """A removal after a block for one network is dated by the witnesses, not by the block."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(20), "404")),
+            networks=(Network("net0"), Network("net1", block=block), Network("net2")),
+            agents=(agent(1, "net0", minutes(2)), agent(2, "net1"), agent(3, "net2", minutes(1))),
+            end=minutes(45),
+        )
+        run = deliver(land)
+        assert truth_violations(run) == []
+        assert [r.first_removed_at for r in removal_events(run.events)] != []
+
+    @pytest.mark.xfail(strict=True, reason=F2)
+    @pytest.mark.parametrize("seed", range(3))
+    def test_dynamic_page_replaced_by_a_stable_page(self, seed: int) -> None:
+        """A page that changes on every load, replaced by a stable 200 page, is found removed."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(15), "replaced")),
+            networks=(Network("net0"), Network("net1")),
+            agents=(agent(1, "net0", phase=seed), agent(2, "net1", minutes(1), phase=seed)),
+            end=minutes(40),
+            dynamic=True,
+            seed=seed,
+        )
+        assert truth_violations(deliver(land)) == []
+
+    def test_an_agent_dying_before_the_removal(self) -> None:
+        """A witness that dies before the removal delays confirmation by its liveness at most."""
+        removed_at = minutes(20)
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(removed_at, "410")),
+            networks=(Network("net0"), Network("net1")),
+            agents=(
+                agent(1, "net0"),
+                agent(2, "net1", downs=(Window(removed_at - minutes(2), minutes(60)),)),
+            ),
+            end=minutes(60),
+        )
+        run = deliver(land)
+        assert truth_violations(run) == []
+        (r,) = removal_events(run.events)
+        assert r.confirmed_at <= removed_at - minutes(2) + HORIZON + 2 * STEP
+
+    def test_an_outage_with_a_spool_delivered_late(self) -> None:
+        """A spool delivered hours late lands in event time: no geoblocked blip, the right date."""
+        removed_at = minutes(25)
+        spool = Window(minutes(15), minutes(45))
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(removed_at, "404")),
+            networks=(Network("net0"), Network("net1"), Network("net2")),
+            agents=(
+                agent(1, "net0"),
+                agent(2, "net1", spool=spool, spool_delay=3 * 3600.0),
+                agent(3, "net2", spool=spool, spool_delay=2 * 3600.0),
+            ),
+            end=minutes(60),
+        )
+        run = deliver(land)
+        assert run.refolds > 0
+        assert truth_violations(run) == []
+        assert replay_violations(run) == []
+
+
+class TestFindings:
+    """Minimal reproductions of the fold disagreeing with the truth (tests/SIM_FINDINGS.md)."""
+
+    @pytest.mark.xfail(strict=True, reason=F1)
+    def test_removal_while_a_witness_is_inconclusive_is_no_geoblock(self) -> None:
+        """A witness in a 503 window after the removal does not make the URL geoblocked."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(10), "404")),
+            networks=(Network("net0"), Network("net1", glitches=(Window(570.0, 780.0, "503"),))),
+            agents=(agent(1, "net0"), agent(2, "net1")),
+            end=minutes(30),
+            reference=True,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason=F2)
+    def test_dynamic_page_replaced_by_a_stable_page_one_network(self) -> None:
+        """The removal of a dynamic page is dated to the stable page's first sighting."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(10), "replaced")),
+            networks=(Network("net0"), Network("net1", block="451")),
+            agents=(agent(1, "net0"), agent(2, "net1")),
+            end=minutes(30),
+            dynamic=True,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F3: 'nobody saw it present' while a network gets 200s")
+    @pytest.mark.parametrize("dynamic", [True, False])
+    def test_two_451_networks_before_the_content_is_recognised(self, dynamic: bool) -> None:
+        """Two networks blocked by 451 are no removal while a third is served the content."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT),),
+            networks=(
+                Network("net0"),
+                Network("net1"),
+                Network("net2", block="451"),
+                Network("net3", block="451"),
+            ),
+            agents=(
+                agent(1, "net0"),
+                agent(2, "net1", minutes(4)),
+                agent(3, "net2"),
+                agent(4, "net3"),
+            ),
+            end=minutes(20),
+            dynamic=dynamic,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F4: a repeating block page hides a dynamic page")
+    def test_block_page_at_the_url_of_a_dynamic_page(self) -> None:
+        """One network's 200 block page at the URL does not stop a dynamic page being recognised."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(10), "404")),
+            networks=(Network("net0"), Network("net1", block="page_same")),
+            agents=(agent(1, "net0", 30.0), agent(2, "net1")),
+            end=minutes(34),
+            dynamic=True,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F5: sightings capped at 8 before a second network")
+    def test_second_network_agrees_after_eight_sightings(self) -> None:
+        """A second network seeing the same hash after eight sightings by the first still agrees."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(20), "404")),
+            networks=(Network("net0"), Network("net1")),
+            agents=(agent(1, "net0"), agent(2, "net1", minutes(9))),
+            end=minutes(45),
+        )
+        assert truth_violations(refold_all(land)) == []
