@@ -153,8 +153,8 @@ class ContentMemory:
     ) -> Judgement:
         seen = self.candidates.setdefault(sha256, [])
         self.candidate_places.setdefault(sha256, where)
-        if len(seen) < MAX_SIGHTINGS:
-            seen.append(sighting)
+        if len(seen) < MAX_SIGHTINGS or sighting.network not in {s.network for s in seen}:
+            seen.append(sighting)  # bounded by MAX_SIGHTINGS plus one per network
         networks = {s.network for s in seen}
         times = {s.at for s in seen}
         contested = any(

@@ -394,16 +394,31 @@ class UrlFold:
         live = self._live(now)
         witnesses = [t for t in live if t.witness]
         confirmed_run = [t for t in live if t.last_class is ProbeClass.REMOVED and t.run >= k]
-        if any(t.last_class is ProbeClass.PRESENT for t in witnesses):
-            new = UrlState.GEOBLOCKED if confirmed_run else UrlState.AVAILABLE
+        seeing = [t for t in witnesses if t.last_class is ProbeClass.PRESENT]
+        if seeing:
+            # Blocked somewhere: a run of removed results that began before a live witness
+            # last saw the content. A witness whose run is newer than every present is seeing
+            # a removal in progress, not a block.
+            latest = max(t.last_present_at or 0.0 for t in seeing)
+            blocked = any(t.run_first_at is not None and t.run_first_at <= latest
+                          for t in confirmed_run)  # fmt: skip
+            new = UrlState.GEOBLOCKED if blocked else UrlState.AVAILABLE
         elif self.state is UrlState.REMOVED:
             new = UrlState.REMOVED
         elif any(t.witness for t in self.tracks.values()):
             done = witnesses and all(t.run >= k for t in witnesses)
             new = UrlState.REMOVED if done else self.state
         else:
+            # Nobody has seen the content yet: gone only if enough networks agree, and no
+            # live network is being served a body not yet understood (it may be the content).
             need = max(1, min(self.policy.min_vantage_points, networks))
-            done = len({t.network for t in confirmed_run}) >= need
+            undecided = {s.agent_id for seen in self.content.candidates.values() for s in seen}
+            served = any(
+                agent in undecided and t.last_class is not ProbeClass.REMOVED
+                for agent, t in self.tracks.items()
+                if t in live
+            )
+            done = len({t.network for t in confirmed_run}) >= need and not served
             new = UrlState.REMOVED if done else self.state
         if new is self.state:
             return []

@@ -49,7 +49,6 @@ METHOD = Method(
     POLICY,
     lambda now, st, op, od, ra: PLANNER.interval(now, st, op, od, ra) or PLANNER.watch_interval,
 )
-F1 = "F1: a lagging witness turns a removal into a geoblock (tests/SIM_FINDINGS.md)"
 F2 = "F2: the replacement's first sighting counts as present (tests/SIM_FINDINGS.md)"
 STEP = INTERVAL * (1 + JITTER)
 """The longest gap between two probes of one running agent."""
@@ -113,8 +112,8 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset({"dynamic-replaced", "unrecognised-451", "dynamic-blockpage", "late-agreement"})
-"""Configurations the random landscapes leave out while they reproduce a finding (F2-F5 in
+PARKED = frozenset({"dynamic-replaced", "dynamic-blockpage"})
+"""Configurations the random landscapes leave out while they reproduce a finding (F2, F4 in
 tests/SIM_FINDINGS.md, each kept below as a strict xfail); drop one here once it is fixed."""
 
 
@@ -254,7 +253,7 @@ class TestWhatWasSeen:
         "block",
         [
             "451",
-            pytest.param("403", marks=pytest.mark.xfail(strict=True, reason=F1)),
+            pytest.param("403"),
             "page_same",
             "page_elsewhere",
         ],
@@ -325,7 +324,6 @@ class TestWhatWasSeen:
 class TestFindings:
     """Minimal reproductions of the fold disagreeing with the truth (tests/SIM_FINDINGS.md)."""
 
-    @pytest.mark.xfail(strict=True, reason=F1)
     def test_removal_while_a_witness_is_inconclusive_is_no_geoblock(self) -> None:
         """A witness in a 503 window after the removal does not make the URL geoblocked."""
         land = Landscape(
@@ -349,7 +347,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F3: 'nobody saw it present' while a network gets 200s")
     @pytest.mark.parametrize("dynamic", [True, False])
     def test_two_451_networks_before_the_content_is_recognised(self, dynamic: bool) -> None:
         """Two networks blocked by 451 are no removal while a third is served the content."""
@@ -384,7 +381,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F5: sightings capped at 8 before a second network")
     def test_second_network_agrees_after_eight_sightings(self) -> None:
         """A second network seeing the same hash after eight sightings by the first still agrees."""
         land = Landscape(
