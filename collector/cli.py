@@ -25,6 +25,7 @@ from collector.attribution_sources import parse_asn_list
 from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
+from collector.evidence import cli as evidence_cli
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.pki import PKIError
@@ -444,6 +445,14 @@ def url_parser() -> configargparse.ArgParser:
     return p
 
 
+def evidence_parser() -> configargparse.ArgParser:
+    return evidence_cli.evidence_options(_parser("evidence", evidence_cli.EVIDENCE_HELP))
+
+
+def log_key_parser() -> configargparse.ArgParser:
+    return evidence_cli.log_key_options(_parser("log-key", evidence_cli.LOG_KEY_HELP))
+
+
 COMMANDS = {
     "serve": serve_parser,
     "import": import_parser,
@@ -452,6 +461,8 @@ COMMANDS = {
     "agents": agents_parser,
     "intake-tokens": intake_tokens_parser,
     "ca": ca_parser,
+    "evidence": evidence_parser,
+    "log-key": log_key_parser,
 }
 
 
@@ -500,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return credentials_command(args, Role.INTAKE)
         if command == "ca":
             return ca_command(args)
+        if command in evidence_cli.COMMANDS:
+            return evidence_cli.run(command, args)
         return _report(args)
     except (CredentialError, PKIError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)

@@ -37,6 +37,15 @@ def key_id(name: str, public_key: bytes) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + bytes([ED25519]) + public_key).digest()[:4]
 
 
+def ed25519_verifies(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True if `signature` is the Ed25519 signature of the 32-byte `public_key` over `message`."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def check_name(name: str) -> str:
     """`name` if it may name a signed-note key: non-empty, no spaces, no '+'."""
     if not name or _NAME_FORBIDDEN.search(name) or _CONTROL.search(name):
@@ -90,11 +99,7 @@ class NoteVerifier:
 
     def verifies(self, message: bytes, signature: bytes) -> bool:
         """True if `signature` is this key's Ed25519 signature over `message`."""
-        try:
-            Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+        return ed25519_verifies(self.public_key, message, signature)
 
 
 @dataclass(frozen=True)
