@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -128,6 +129,43 @@ leaves: st.SearchStrategy[Leaf] = st.one_of(
               small, small, small, st.lists(small, max_size=5).map(tuple),
               st.integers(-1, 2**40)),
 )  # fmt: skip
+
+
+json_values = st.recursive(
+    st.one_of(st.booleans(), st.integers(-(2**53) + 1, 2**53 - 1), st.text()),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.from_regex(r"[a-z0-9_]{1,8}", fullmatch=True), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+class TestCanonical:
+    @given(st.dictionaries(st.from_regex(r"[a-z0-9_]{1,8}", fullmatch=True), json_values))
+    def test_equals_rfc8785(self, value: dict[str, Any]) -> None:
+        """On the leaf value domain the fast encoder's bytes are the RFC 8785 reference's."""
+        try:
+            expected = rfc8785.dumps(value)
+        except UnicodeEncodeError:
+            with pytest.raises(MalformedLeaf):
+                canonical(value)
+            return
+        assert canonical(value) == expected
+
+    @given(leaves)
+    def test_leaves_equal_rfc8785(self, leaf: Leaf) -> None:
+        """Every leaf's bytes are exactly what a general JCS encoder makes of it."""
+        assert encode_leaf(leaf) == rfc8785.dumps(leaf.to_json())
+
+    @pytest.mark.parametrize(
+        "value",
+        [{"n": 2**53}, {"n": -(2**53)}, {"f": 1.5}, {"kéy": 1}, {"k": None}, {"k": b"x"}],
+    )
+    def test_outside_the_domain(self, value: dict[str, Any]) -> None:
+        """Floats, null, bytes, huge integers and non-ASCII keys are refused."""
+        with pytest.raises(MalformedLeaf):
+            canonical(value)
 
 
 class TestLeaves:

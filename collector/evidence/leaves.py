@@ -35,8 +35,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import rfc8785
-
 from collector.evidence.errors import MalformedLeaf
 
 VERSION = 1
@@ -64,12 +62,49 @@ def url_sha256(url: str) -> bytes:
     return hashlib.sha256(url.encode("utf-8")).digest()
 
 
+_SAFE_INT = 2**53 - 1
+
+
+def _check_domain(value: object) -> None:
+    """Refuse what JCS would encode differently from `json.dumps`, or not at all."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            assert isinstance(item, dict)
+            for key in item:
+                if type(key) is not str or not key.isascii():
+                    raise MalformedLeaf(f"key {key!r} is not an ASCII string")
+            stack.extend(item.values())
+        elif kind is list:
+            assert isinstance(item, list)
+            stack.extend(item)
+        elif kind is int:
+            assert isinstance(item, int)
+            if not -_SAFE_INT <= item <= _SAFE_INT:
+                raise MalformedLeaf(f"{item} is beyond the integers JSON keeps exactly")
+        elif kind is not str and kind is not bool:
+            raise MalformedLeaf(f"a {kind.__name__} is not a leaf value")
+
+
 def canonical(value: Mapping[str, Any]) -> bytes:
-    """The RFC 8785 bytes of a JSON object."""
+    """The RFC 8785 (JCS) bytes of a JSON object of the leaf value domain.
+
+    Within that domain (ASCII keys, strings, booleans, integers of
+    magnitude below 2^53, arrays and objects; no floats) JCS is exactly
+    `json.dumps` with sorted keys, no spaces and UTF-8 output: ASCII keys sort
+    the same by UTF-16 unit and by code point, and both escape only '"', '\\'
+    and control characters, those without a short form as lower-case \\u00xx.
+    This is several times faster than a general JCS encoder, which matters at
+    one leaf per stored result; tests hold it to the `rfc8785` package.
+    """
+    _check_domain(value)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     try:
-        return rfc8785.dumps(dict(value))
-    except rfc8785.CanonicalizationError as exc:
-        raise MalformedLeaf(f"not canonicalisable: {exc}") from exc
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedLeaf("a string is not valid Unicode (a lone surrogate)") from exc
 
 
 class _Reader:
