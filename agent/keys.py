@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from collector.evidence.leaves import observation_signing_bytes, url_sha256
+from collector.evidence.wire import observation_of
+from protos.takedown.v1 import takedown_pb2 as pb
 
 KEY_FILE = "agent.key"
 PUBLIC_FILE = "agent.pub"
@@ -80,6 +86,29 @@ class AgentKey:
                 _create_exclusive(state_dir / PUBLIC_FILE, key.public_pem(), 0o644, replace=True)
                 return key
         return cls.load(path)
+
+
+@dataclass(frozen=True)
+class ResultSigner:
+    """Signs wire results as this agent: its key, its name and network, and its URLs.
+
+    `url_of` maps a URL id to the URL the collector assigned (the agent's
+    assignment); a result whose URL is no longer assigned gets an empty
+    signature, since its URL hash is unknown; the collector drops such a
+    result as unassigned anyway.
+    """
+
+    key: AgentKey
+    agent: str
+    network: str
+    url_of: Callable[[int], str | None]
+
+    def signature(self, result: pb.ProbeResult) -> bytes:
+        url = self.url_of(result.url_id)
+        if url is None:
+            return b""
+        obs = observation_of(self.agent, self.network, url_sha256(url), result)
+        return self.key.sign(observation_signing_bytes(obs))
 
 
 def _create_exclusive(path: Path, data: bytes, mode: int, *, replace: bool = False) -> bool:

@@ -19,7 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.keys import AgentKey, AgentKeyError
+from agent.keys import AgentKey, AgentKeyError, ResultSigner
+from agent.link import encode
+from agent.outbox import Batch
+from agent.result import ErrorClass, ProbeResult
 from collector.evidence.errors import MalformedLeaf
 from collector.evidence.leaves import (
     AgentKeyLeaf,
@@ -282,3 +285,24 @@ class TestAgentKey:
         """Printing the key shows the public half only."""
         key = AgentKey(Ed25519PrivateKey.generate())
         assert repr(key) == f"AgentKey(public_key={key.public_key.hex()})"
+
+
+class TestSignedBatches:
+    def test_each_result_signed_as_the_collector_will_check(self) -> None:
+        """`encode` with a signer adds one signature per result, valid over the received bytes."""
+        key = AgentKey(Ed25519PrivateKey.generate())
+        urls = {1: URL, 2: "http://other.example/x"}
+        signer = ResultSigner(key, "agent-a", "nl-ams-isp1", urls.get)
+        batch = Batch(7, (
+            ProbeResult(1, 1_700_000_000.1234567, 0.085, 200, URL, BODY, 5120, seq=10),
+            ProbeResult(2, 1_700_000_001.5, 2.0, error=ErrorClass.READ_TIMEOUT, seq=11),
+            ProbeResult(3, 1_700_000_002.0, 0.1, 404, seq=12),
+        ))  # fmt: skip
+        sent = pb.AgentMessage.FromString(encode(batch, 1.0, signer).SerializeToString()).batch
+        assert len(sent.signatures) == 3
+        public = Ed25519PublicKey.from_public_bytes(key.public_key)
+        for result, signature in zip(sent.results[:2], sent.signatures[:2], strict=True):
+            obs = observation_of("agent-a", "nl-ams-isp1", url_sha256(urls[result.url_id]), result)
+            public.verify(signature, observation_signing_bytes(obs))
+        assert sent.signatures[2] == b""  # URL 3 is not assigned: no hash to sign
+        assert encode(batch, 1.0).batch.signatures == []
