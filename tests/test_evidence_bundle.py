@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.keys import AgentKey
 from collector.cli import main
@@ -388,3 +391,50 @@ def test_reference_forms_are_known() -> None:
     s, _, _ = scenario()
     notices = [leaf for leaf in s.leaves.values() if isinstance(leaf, NoticeLeaf)]
     assert {n.reference_form for n in notices} == {ReferenceForm.SHA256}
+
+
+def _scalars(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _scalars(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _scalars(v, (*path, i))]
+    return [path]
+
+
+def _changed(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if value == "":
+        return "0" * 64
+    return value[:-1] + ("A" if value[-1] != "A" else "B")
+
+
+class TestAnyChange:
+    BUNDLE = None
+
+    @classmethod
+    def bundle(cls) -> Any:
+        if cls.BUNDLE is None:
+            s, wanted, older = scenario()
+            cls.BUNDLE = build_bundle(
+                s.log, [(i, s.leaves[i]) for i in wanted], s.checkpoint(), LOG.verifier(),
+                urls=[url_sha256(URL)], older=[older],
+            )  # fmt: skip
+        return cls.BUNDLE
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def test_any_one_value_changed_is_detected(self, data: st.DataObject) -> None:
+        """Changing any one value of any entry (leaf, index or proof) makes verification fail."""
+        bundle = self.bundle()
+        rows = copy.deepcopy(bundle.entries)
+        line = data.draw(st.integers(0, len(rows) - 1))
+        path = data.draw(st.sampled_from(_scalars(rows[line])))
+        target = rows[line]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = _changed(target[path[-1]])
+        report = verify_bundle(replace(bundle, entries=rows), LOG.verifier())
+        assert not report.ok, (line, path)
