@@ -26,6 +26,7 @@ from tenacity.wait import wait_base
 
 from agent.assignment import AssignmentChange
 from agent.credentials import ClientTLS, call_metadata, open_channel
+from agent.keys import ResultSigner
 from agent.outbox import Batch, ResultQueue
 from agent.result import ErrorClass, ProbeResult
 from protos.takedown.v1 import takedown_pb2 as pb
@@ -68,13 +69,18 @@ class Identity:
     version: str
 
 
-def encode(batch: Batch, sent_at: float | None = None) -> pb.AgentMessage:
+def encode(
+    batch: Batch, sent_at: float | None = None, signer: ResultSigner | None = None
+) -> pb.AgentMessage:
+    """The wire message of a batch; with `signer`, one signature per result, in order."""
     sent = time.time() if sent_at is None else sent_at
+    results = [_result(r) for r in batch.results]
     return pb.AgentMessage(
         batch=pb.ResultBatch(
             batch_id=batch.batch_id,
-            results=[_result(r) for r in batch.results],
+            results=results,
             sent_at_unix_us=round(sent * 1_000_000),
+            signatures=[signer.signature(r) for r in results] if signer is not None else [],
         )
     )
 

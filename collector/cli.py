@@ -26,6 +26,7 @@ from collector.attribution_sources import build_attributor, parse_asn_list
 from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import parse_duration
+from collector.evidence import cli as evidence_cli
 from collector.importer import import_file
 from collector.method import Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
@@ -470,6 +471,14 @@ def refold_parser() -> configargparse.ArgParser:
     return p
 
 
+def evidence_parser() -> configargparse.ArgParser:
+    return evidence_cli.evidence_options(_parser("evidence", evidence_cli.EVIDENCE_HELP))
+
+
+def log_key_parser() -> configargparse.ArgParser:
+    return evidence_cli.log_key_options(_parser("log-key", evidence_cli.LOG_KEY_HELP))
+
+
 COMMANDS = {
     "serve": serve_parser,
     "refold": refold_parser,
@@ -479,6 +488,8 @@ COMMANDS = {
     "agents": agents_parser,
     "intake-tokens": intake_tokens_parser,
     "ca": ca_parser,
+    "evidence": evidence_parser,
+    "log-key": log_key_parser,
 }
 
 
@@ -529,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return credentials_command(args, Role.INTAKE)
         if command == "ca":
             return ca_command(args)
+        if command in evidence_cli.COMMANDS:
+            return evidence_cli.run(command, args)
         return _report(args)
     except (CredentialError, PKIError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
