@@ -14,11 +14,11 @@ from pathlib import Path
 import configargparse
 
 from agent import __version__
-from agent.credentials import CredentialError, add_client_options, client_security
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.spool import SpoolError
+from client.credentials import CredentialError, add_client_options, client_security
 
 log = logging.getLogger("agent")
 

@@ -25,9 +25,9 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from agent.assignment import AssignmentChange
-from agent.credentials import ClientTLS, call_metadata, open_channel
 from agent.outbox import Batch, ResultQueue
 from agent.result import ErrorClass, ProbeResult
+from client.credentials import ClientTLS, call_metadata, open_channel
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import configargparse
 
-from agent.credentials import CredentialError, add_client_options, client_security
+from client.credentials import CredentialError, add_client_options, client_security
 from collector import __version__
 from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError

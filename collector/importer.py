@@ -17,7 +17,7 @@ from typing import TextIO
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from agent.credentials import ClientTLS, call_metadata, open_channel
+from client.credentials import ClientTLS, call_metadata, open_channel
 from collector.reports_file import ReportFileError, ReportIn, RowError, read_reports, validate_file
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc

@@ -29,11 +29,11 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.credentials import ClientTLS, CredentialError, exposed, read_token
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.result import ProbeResult
+from client.credentials import ClientTLS, CredentialError, exposed, read_token
 from collector.auth import ServerTLS
 from collector.cli import main as collector_main
 from collector.importer import import_file
