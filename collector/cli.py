@@ -18,20 +18,21 @@ from pathlib import Path
 import configargparse
 
 from client.credentials import CredentialError, add_client_options, client_security
+from client.options import ArgParser, host_port, number
 from collector import __version__
 from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError
 from collector.attribution_sources import parse_asn_list
 from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
-from collector.durations import parse_duration
+from collector.durations import duration_label, parse_duration
 from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.pki import PKIError
 from collector.plot import PlotUnavailable, plot_survival
 from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
 from collector.reports_file import parse_time
-from collector.schedule import DEFAULT_PHASES, Phase, Planner, parse_phases
+from collector.schedule import Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
 from collector.store import StoreError
 from collector.store.history import url_history
@@ -43,6 +44,7 @@ from collector.verdict import Policy
 log = logging.getLogger("collector")
 
 INTAKE_ADD_COMMAND = "'takedown-collector intake-tokens add NAME'"
+DEFAULT_SCHEDULE = "5m<2h,15m<48h,1h"  # collector.schedule.DEFAULT_PHASES as written
 
 
 def duration(text: str) -> float:
@@ -81,33 +83,27 @@ def instant(text: str) -> float:
         ) from exc
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise configargparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if value < 1:
-        raise configargparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+positive_int = number(int, 0)
+rate = number(float, 0, open_low=False, unit="results per second", hint="0: no limit")
+probe_rate = number(float, 0, unit="probes per second")
 
 
-def rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if not value >= 0:
-        raise configargparse.ArgumentTypeError(f"{text!r} must be 0 (no limit) or more")
-    return value
+def duration_or_zero(text: str) -> float:
+    """A duration, or 0 ('0', '0s')."""
+    return 0.0 if text.strip() in ("0", "0s") else duration(text)
+
+
+def durations_list(text: str) -> list[float]:
+    """Comma-separated durations, sorted, each once ('1m,5m,1h')."""
+    return sorted({duration(part) for part in text.split(",")})
 
 
 def _parser(command: str, description: str) -> configargparse.ArgParser:
-    p = configargparse.ArgParser(
+    p = ArgParser(
         prog=f"takedown-collector {command}",
         description=description,
         config_file_parser_class=configargparse.TomlConfigParser(["collector"]),
         auto_env_var_prefix="TAKEDOWN_COLLECTOR_",
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("-c", "--config", is_config_file=True, help="TOML file with a [collector] table")
     p.add_argument(
@@ -124,9 +120,14 @@ def serve_parser() -> configargparse.ArgParser:
         "serve", "Run the collector: agent streams and intake over gRPC, /metrics over HTTP."
     )
     p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument("--listen", default="127.0.0.1:7443", help="gRPC address, HOST:PORT")
     p.add_argument(
-        "--metrics-listen", default="127.0.0.1:9464", help="HTTP address for /metrics and /healthz"
+        "--listen", type=host_port, default="127.0.0.1:7443", help="gRPC address, HOST:PORT"
+    )
+    p.add_argument(
+        "--metrics-listen",
+        type=host_port,
+        default="127.0.0.1:9464",
+        help="HTTP address for /metrics and /healthz",
     )
     p.add_argument(
         "--prefixes",
@@ -159,9 +160,8 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--schedule",
         type=_phases,
-        default=DEFAULT_PHASES,
-        help="probe intervals by age of the notice: INTERVAL<AGE,...,INTERVAL"
-        " (default 5m<2h,15m<48h,1h)",
+        default=DEFAULT_SCHEDULE,
+        help="probe intervals by age of the notice: INTERVAL<AGE,...,INTERVAL",
     )
     p.add_argument(
         "--probe-interval",
@@ -172,30 +172,28 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--deadline-window",
         type=duration,
-        default=1800.0,
+        default="30m",
         help="probe densely this long before and after each deadline",
     )
     p.add_argument(
-        "--deadline-interval", type=duration, default=300.0, help="interval near a deadline"
+        "--deadline-interval", type=duration, default="5m", help="interval near a deadline"
     )
-    p.add_argument(
-        "--watch-interval", type=duration, default=6 * 3600.0, help="interval after removal"
-    )
+    p.add_argument("--watch-interval", type=duration, default="6h", help="interval after removal")
     p.add_argument(
         "--watch-period",
         type=duration,
-        default=30 * 86400.0,
+        default="30d",
         help="keep watching removed URLs for reappearance this long",
     )
     p.add_argument(
         "--max-probe-rate",
-        type=float,
+        type=probe_rate,
         help="upper bound on probes per second per agent; intervals stretch to stay under it",
     )
     p.add_argument(
         "--replan-every",
         type=duration,
-        default=60.0,
+        default="1m",
         help="how often probe intervals are recomputed and pushed to agents",
     )
     p.add_argument(
@@ -207,7 +205,7 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--reach-window",
         type=duration,
-        default=6 * 3600.0,
+        default="6h",
         help="an agent whose last conclusive result is older is left out of the quorum",
     )
     p.add_argument(
@@ -231,33 +229,34 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--max-clock-offset",
         type=duration,
-        default=10.0,
+        default="10s",
         help="results from an agent whose clock is estimated further off are flagged clock_suspect",
     )
     p.add_argument(
         "--deadline",
         type=duration,
         action="append",
-        help="deadline regime(s) from the notice, repeatable (default 1h, 12h, 24h)",
+        help="deadline regime(s) from the notice, repeatable (default: 1h, 12h, 24h)",
     )
     p.add_argument(
         "--order-deadline",
         type=duration,
-        default=12 * 3600.0,
+        default="12h",
         help="deadline of a binding removal order when the report gives none",
     )
     p.add_argument(
         "--metrics-max-age",
-        type=lambda s: 0.0 if s.strip() in ("0", "0s") else duration(s),
-        default=10.0,
+        type=duration_or_zero,
+        default="10s",
         help="per-provider figures on /metrics may be this old: a scrape is answered from the"
         " last scan and starts a new one in the background past half of it (a scan reads every"
         " URL's state); 0 scans at every scrape",
     )
     p.add_argument(
         "--buckets",
-        type=lambda s: [duration(x) for x in s.split(",")],
-        help="latency histogram bucket bounds, comma separated (default 1m .. 30d)",
+        type=durations_list,
+        help="latency histogram bucket bounds, comma separated"
+        f" (default: {','.join(duration_label(b) for b in DEFAULT_BUCKETS)})",
     )
     p.add_argument("--cert-file", type=Path, help="the collector's TLS certificate chain, PEM")
     p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM (keep it 0600)")
@@ -282,7 +281,7 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--max-results-per-second",
         type=rate,
-        default=20_000.0,
+        default="20000",
         help="results each agent may send per second (token bucket); a batch over it is"
         " stored and acknowledged late, which slows the agent; one that would wait over 30 s"
         " ends the stream with RESOURCE_EXHAUSTED (unacknowledged); 0 for no limit",
@@ -290,7 +289,8 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--results-burst",
         type=rate,
-        help="results an agent may send at once above the rate (default: one second's worth)",
+        help="results an agent may send at once above the rate (default: one second's worth,"
+        " at least 1000)",
     )
     return p
 
@@ -300,9 +300,13 @@ def import_parser() -> configargparse.ArgParser:
     p.add_argument(
         "file", type=Path, help="CSV (header: url,notified_at[,received_at,reference]) or JSONL"
     )
-    p.add_argument("--collector", default="127.0.0.1:7443", help="collector gRPC address")
     p.add_argument(
-        "--format", choices=["csv", "jsonl"], help="file format (default: from the name)"
+        "--collector", type=host_port, default="127.0.0.1:7443", help="collector gRPC address"
+    )
+    p.add_argument(
+        "--format",
+        choices=["csv", "jsonl"],
+        help="file format (default: from the file name's ending)",
     )
     p.add_argument(
         "--skip-invalid",
@@ -380,26 +384,20 @@ def ca_parser() -> configargparse.ArgParser:
     return p
 
 
-def _table_options(p: configargparse.ArgParser) -> None:
+def _table_options(p: configargparse.ArgParser, deadline_help: str) -> None:
     p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument(
-        "--deadline",
-        type=duration,
-        action="append",
-        help="deadline regime(s) from the notice; the report's overdue column uses the first"
-        " (default 24h); the url timeline shows each (default 1h, 12h, 24h)",
-    )
+    p.add_argument("--deadline", type=duration, action="append", help=deadline_help)
     p.add_argument(
         "--order-deadline",
         type=duration,
-        default=DEFAULT_ORDER_DEADLINE,
+        default=duration_label(DEFAULT_ORDER_DEADLINE),
         help="deadline of a binding removal order when the report gives none",
     )
 
 
 def report_parser() -> configargparse.ArgParser:
     p = _parser("report", "Print the per-provider removal table from the collector database.")
-    _table_options(p)
+    _table_options(p, "deadline from the notice that the overdue column counts (default: 24h)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output")
     p.add_argument(
         "--since",
@@ -423,7 +421,7 @@ def report_parser() -> configargparse.ArgParser:
         choices=LATENCY_ENDS,
         default="first_removed",
         help="which end of the removal interval is the latency: the first probe that saw it"
-        " removed (an upper bound, the default) or the last that saw it present (a lower bound)",
+        " removed (an upper bound) or the last that saw it present (a lower bound)",
     )
     p.add_argument(
         "--plot", type=Path, help="also draw survival curves per provider into this PNG file"
@@ -439,7 +437,8 @@ def url_parser() -> configargparse.ArgParser:
         "url", "Print one URL's timeline: reports, probes per agent, episodes, deadline clock."
     )
     p.add_argument("key", help="URL id (a number) or the exact reported URL")
-    _table_options(p)
+    _table_options(p, "deadline regime(s) from the notice the timeline shows, repeatable"
+                   " (default: 1h, 12h, 24h)")  # fmt: skip
     p.add_argument("--format", choices=["text", "json"], default="text", help="output")
     return p
 
