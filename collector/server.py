@@ -92,6 +92,7 @@ class Collector:
         self._planning: asyncio.Task[None] | None = None
         self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
+        self.decoding = Decoding()
         mutual = mutual_tls(config)
         self.gate: Gate | None = None
         if config.require_tokens or mutual:
@@ -114,7 +115,7 @@ class Collector:
         await self.writer.start()
         server = grpc.aio.server(
             # Outermost first: undecodable bytes are refused before the gate reads a hello.
-            interceptors=[Decoding(), *([self.gate] if self.gate is not None else [])],
+            interceptors=[self.decoding, *([self.gate] if self.gate is not None else [])],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
