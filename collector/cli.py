@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import configargparse
 
@@ -30,7 +31,16 @@ from collector.importer import import_file
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.pki import PKIError
 from collector.plot import PlotUnavailable, plot_survival
-from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
+from collector.report import (
+    FORMATS,
+    LATENCY_ENDS,
+    provider_table,
+    record,
+    render,
+    survival_curve,
+    survival_data,
+)
+from collector.report_html import Window, method_label, render_html
 from collector.reports_file import parse_time
 from collector.schedule import Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
@@ -398,7 +408,13 @@ def _table_options(p: configargparse.ArgParser, deadline_help: str) -> None:
 def report_parser() -> configargparse.ArgParser:
     p = _parser("report", "Print the per-provider removal table from the collector database.")
     _table_options(p, "deadline from the notice that the overdue column counts (default: 24h)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output")
+    p.add_argument(
+        "--format",
+        choices=[*FORMATS, "html"],
+        default="table",
+        help="output; html is one self-contained page with survival curves (give -o FILE)",
+    )
+    p.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
     p.add_argument(
         "--since",
         type=instant,
@@ -427,7 +443,10 @@ def report_parser() -> configargparse.ArgParser:
         "--plot", type=Path, help="also draw survival curves per provider into this PNG file"
     )
     p.add_argument(
-        "--plot-top", type=positive_int, default=8, help="providers drawn by --plot, most reports"
+        "--plot-top",
+        type=positive_int,
+        default=8,
+        help="providers drawn by --plot and on the html page, most reports first",
     )
     return p
 
@@ -613,6 +632,9 @@ def _report(args: configargparse.Namespace) -> int:
         "order_deadline": args.order_deadline,
         "latency_end": args.latency_end,
     }
+    if args.compare and args.format == "html":
+        print("takedown-collector report: --compare has no html format", file=sys.stderr)
+        return 2
     conn = connect_readonly(args.db)
     try:
         if args.compare:
@@ -620,18 +642,24 @@ def _report(args: configargparse.Namespace) -> int:
             rows = compare_windows(
                 url_outcomes(conn, *current), url_outcomes(conn, *previous), now, **options
             )
-            sys.stdout.write(render_comparison(rows, args.format, current, previous))
+            text = render_comparison(rows, args.format, current, previous)
             outcomes = url_outcomes(conn, *current)
         else:
             outcomes = url_outcomes(conn, args.since, args.until)
             table = provider_table(outcomes, now, **options)
-            sys.stdout.write(render(table, args.format, min_reports=args.min_reports))
+            if args.format == "html":
+                text = _html_page(args, table, outcomes, now, options["deadline"])
+            else:
+                text = render(table, args.format, min_reports=args.min_reports)
     finally:
         conn.close()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"report written to {args.output}", file=sys.stderr)
     if args.plot:
-        by_provider: dict[str, list[UrlOutcome]] = {}
-        for o in outcomes:
-            by_provider.setdefault(o.provider, []).append(o)
+        by_provider = _by_provider(outcomes)
         drawn = plot_survival(
             by_provider,
             args.plot,
@@ -642,6 +670,42 @@ def _report(args: configargparse.Namespace) -> int:
         )
         print(f"survival curves of {len(drawn)} providers written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _by_provider(outcomes: Sequence[UrlOutcome]) -> dict[str, list[UrlOutcome]]:
+    by_provider: dict[str, list[UrlOutcome]] = {}
+    for o in outcomes:
+        by_provider.setdefault(o.provider, []).append(o)
+    return by_provider
+
+
+def _html_page(
+    args: configargparse.Namespace,
+    table: Sequence[Any],
+    outcomes: Sequence[UrlOutcome],
+    now: float,
+    deadline: float,
+) -> str:
+    """The html report from the same records --format json prints, with the top curves."""
+    by_provider = _by_provider(outcomes)
+    drawn = sorted(by_provider, key=lambda p: (-sum(o.reports for o in by_provider[p]), p))
+    curves = {}
+    for provider in drawn[: args.plot_top]:
+        items = by_provider[provider]
+        durations, _ = survival_data(items, now, args.latency_end)
+        curves[provider] = (
+            survival_curve(items, now, args.latency_end),
+            max(durations, default=0.0),
+        )
+    return render_html(
+        [record(r) for r in table],
+        curves,
+        Window(args.since, args.until, now),
+        method=method_label(args.latency_end),
+        deadline=deadline,
+        min_reports=args.min_reports,
+        latency_end=args.latency_end,
+    )
 
 
 def _url(args: configargparse.Namespace) -> int:
