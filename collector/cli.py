@@ -161,6 +161,12 @@ def serve_parser() -> configargparse.ArgParser:
         help="AS names for --ipasn: pyasn JSON {asn: name} or CSV asn,name",
     )
     p.add_argument(
+        "--country-mmdb",
+        type=Path,
+        help="MaxMind-format country database (GeoLite2-Country.mmdb or compatible): the"
+        " country of each peer address, where --prefixes gives none",
+    )
+    p.add_argument(
         "--cdn-asns",
         type=asns,
         default=frozenset(),
@@ -602,6 +608,7 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         ipasn=args.ipasn,
         as_names=args.as_names,
         cdn_asns=args.cdn_asns,
+        country_mmdb=args.country_mmdb,
         planner=planner,
         replan_every=args.replan_every,
         policy=Policy(

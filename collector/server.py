@@ -44,6 +44,7 @@ class CollectorConfig:
     ipasn: Path | None = None
     as_names: Path | None = None
     cdn_asns: frozenset[int] = frozenset()
+    country_mmdb: Path | None = None  # where an address is, when --prefixes gives no country
     planner: Planner = field(default_factory=Planner)
     replan_every: float = 60.0
     policy: Policy = field(default_factory=Policy)
@@ -79,7 +80,12 @@ class Collector:
         self.config = config
         self.clock = clock
         self.attribution = build_attributor(
-            config.prefixes, config.asn_mmdb, config.ipasn, config.as_names, config.cdn_asns
+            config.prefixes,
+            config.asn_mmdb,
+            config.ipasn,
+            config.as_names,
+            config.cdn_asns,
+            config.country_mmdb,
         )
         self.writer = Writer(lambda: Store(config.db, self.attribution, config.policy))
         self.hub = AgentHub()

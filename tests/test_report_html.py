@@ -26,22 +26,36 @@ DAY = 86400.0
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KINDS = {key: kind for key, _, kind in COLUMNS}
 
-# provider, asn, [(hours to removal or None if still online), ...]
-PROVIDERS: list[tuple[str, int, list[float | None]]] = [
-    ("Fast Hosting B.V.", 64500, [0.5, 2, 3, 5, 8, 10, 20, 30, 0.2, 1.5, None]),
-    ("Slow Servers Ltd", 64501, [30, 50, 70, 100, 200, None, None, None, None, 26, 40, None]),
-    ("Tiny Host", 64502, [4, None]),
-]
+# provider, asn, countries served from (alternating by URL), [hours to removal or None, ...]
+PROVIDERS: list[tuple[str, int, tuple[str, ...], list[float | None]]] = [
+    ("Fast Hosting B.V.", 64500, ("NL",), [0.5, 2, 3, 5, 8, 10, 20, 30, 0.2, 1.5, None]),
+    ("Slow Servers Ltd", 64501, ("DE", "US", "DE"), [30, 50, 70, 100, 200, None, None, None,
+                                                      None, 26, 40, None]),
+    ("Tiny Host", 64502, (), [4, None]),
+]  # fmt: skip
 
 
 def make_db(path: Path) -> Path:
     """A collector database with verdicts of three providers, written through the schema."""
     conn = sqlite3.connect(path)
     migrations.apply(sqlite_utils.Database(conn))
+    conn.execute(
+        "INSERT INTO agents (id, name, network, version, first_seen, last_seen)"
+        " VALUES (1, 'a1', 'n1', 'x', ?, ?)",
+        (NOW, NOW),
+    )
     url_id = 0
-    for provider, asn, fates in PROVIDERS:
-        for hours in fates:
+    for provider, asn, countries, fates in PROVIDERS:
+        for i, hours in enumerate(fates):
             url_id += 1
+            country = countries[i % len(countries)] if countries else None
+            conn.execute(
+                "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status,"
+                " final_url, body_bytes, truncated, peer_ip, error, redirects, class, provider,"
+                " asn, stored_at, country) VALUES (1, ?, ?, ?, 0.1, 200, '', 10, 0, '192.0.2.1',"
+                " 'none', 0, 'present', ?, ?, ?, ?)",
+                (url_id, url_id, NOW - DAY, provider, asn, NOW, country),
+            )
             notified = NOW - 10 * DAY - url_id * 60
             conn.execute(
                 "INSERT INTO urls (id, url, created_at) VALUES (?, ?, ?)",
@@ -144,6 +158,26 @@ def check_figures(dom: str, records: list[dict[str, Any]]) -> int:
             assert text == cell_text(KINDS[field], r[field]), (field, text)
             checked += 1
     return checked
+
+
+class TestCountries:
+    def test_every_format_says_where_the_content_was_served_from(
+        self, reports: tuple[list[dict[str, Any]], Path], tmp_path: Path
+    ) -> None:
+        """JSON, CSV, text and the page give each provider's countries, most URLs first."""
+        records, page = reports
+        by_provider = {r["provider"]: r["countries"] for r in records}
+        assert by_provider == {
+            "Fast Hosting B.V.": ["NL"],
+            "Slow Servers Ltd": ["DE", "US"],
+            "Tiny Host": [],
+        }
+        db = make_db(tmp_path / "c.db")
+        csv_text = collector("report", "--db", str(db), "--format", "csv")
+        assert csv_text.splitlines()[0].endswith(",countries") and ",DE US\n" in csv_text
+        table = collector("report", "--db", str(db))
+        assert "from" in table.splitlines()[0] and " DE,US " in table
+        assert ">DE, US<" in page.read_text()
 
 
 class TestPage:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from collector.store.model import CorruptDatabase, StoreError, Target
@@ -169,6 +169,7 @@ class UrlOutcome:
     reappearances: int = 0
     order_issued_at: float | None = None
     order_deadline: float | None = None  # None: the collector's default order deadline
+    countries: tuple[str, ...] = ()  # where the content was seen present, most results first
 
 
 def url_outcomes(
@@ -201,7 +202,20 @@ def url_outcomes(
             order_at, order_deadline,
         )  # fmt: skip
         out.append(outcome)
-    return out
+    served = served_from(conn)
+    return [replace(o, countries=served[o.url_id]) if o.url_id in served else o for o in out]
+
+
+def served_from(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+    """Per URL, the countries of the addresses its content was seen present at, most first."""
+    rows = conn.execute(
+        "SELECT url_id, country, COUNT(*) FROM results WHERE class = 'present'"
+        " AND country IS NOT NULL GROUP BY url_id, country ORDER BY url_id, COUNT(*) DESC, country"
+    )
+    out: dict[int, list[str]] = {}
+    for url_id, country, _ in rows:
+        out.setdefault(url_id, []).append(country)
+    return {u: tuple(c) for u, c in out.items()}
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,10 @@ def m002_credentials(db: Any) -> None:
             WHERE revoked_at IS NULL;
         """,
     )
+
+
+@migrations()
+def m003_result_country(db: Any) -> None:
+    """The country of the address each result came from (prefix table or country database),
+    so the report can say where a provider served the content."""
+    _run(db, "ALTER TABLE results ADD COLUMN country TEXT")
