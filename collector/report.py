@@ -86,6 +86,7 @@ class ProviderRow:
     median_interval_seconds: float | None = None  # Turnbull, from both ends of every interval
     removed_within_24h_interval: float | None = None
     method: str = ""
+    countries: tuple[str, ...] = ()  # where the content was served from, most URLs first
 
 
 def latency(o: UrlOutcome, latency_end: str = "first_removed") -> float | None:
@@ -217,12 +218,19 @@ def _row(
         median_interval_seconds=npmle.median(),
         removed_within_24h_interval=npmle.removed_share_by(DAY) if covered_interval else None,
         method=",".join(methods),
+        countries=_countries(items),
     )
 
 
 def rankable(row: ProviderRow, min_reports: int) -> bool:
     """Only companies with enough distinct URLs are ranked; never a CDN or 'unattributed'."""
     return row.urls >= min_reports and not row.cdn and row.provider != UNATTRIBUTED.provider
+
+
+def _countries(items: Sequence[UrlOutcome]) -> tuple[str, ...]:
+    """The countries the provider's content was seen served from, by URLs, most first."""
+    urls = Counter(c for o in items for c in o.countries)
+    return tuple(c for c, _ in sorted(urls.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _rank_key(row: ProviderRow) -> tuple[float, float, str]:
@@ -284,27 +292,30 @@ def record(row: ProviderRow) -> dict[str, Any]:
     """A row as plain JSON values: seconds, fractions, the ASN list as a list."""
     out = asdict(row)
     out["asns"] = list(row.asns)
+    out["countries"] = list(row.countries)
     return out
 
 
 def _flat(row: ProviderRow) -> dict[str, Any]:
     out = record(row)
     out["asns"] = " ".join(row.asns)
+    out["countries"] = " ".join(row.countries)
     return out
 
 
 TABLE_HEADER = (
-    "provider", "asn", "reports", "urls", "removed", "online", "share", "≤1h", "1-12h",
+    "provider", "asn", "from", "reports", "urls", "removed", "online", "share", "≤1h", "1-12h",
     "12-24h", "24-48h", ">48h", "overdue", "geoblocked", "reappeared", "nxdomain", "pending",
     "unseen", "stale", "median", "p90", "≤24h", "rank",
 )  # fmt: skip
-_LEFT = 2
+_LEFT = 3  # provider, asn, from
 
 
 def _cells(row: ProviderRow) -> list[str]:
     asn = row.asn if len(row.asns) < 2 else f"{row.asn}+{len(row.asns) - 1}"
     return [
-        row.provider, asn, str(row.reports), str(row.urls), str(row.removed), str(row.online),
+        row.provider, asn, ",".join(row.countries) or "-", str(row.reports), str(row.urls),
+        str(row.removed), str(row.online),
         percent(row.report_share), count(row.removed_1h), count(row.removed_1h_12h),
         count(row.removed_12h_24h), count(row.removed_24h_48h), count(row.removed_over_48h),
         str(row.overdue), str(row.geoblocked), str(row.reappeared),

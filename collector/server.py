@@ -44,6 +44,7 @@ class CollectorConfig:
     ipasn: Path | None = None
     as_names: Path | None = None
     cdn_asns: frozenset[int] = frozenset()
+    country_mmdb: Path | None = None  # where an address is, when --prefixes gives no country
     planner: Planner = field(default_factory=Planner)
     replan_every: float = 60.0
     policy: Policy = field(default_factory=Policy)
@@ -79,7 +80,12 @@ class Collector:
         self.config = config
         self.clock = clock
         self.attribution = build_attributor(
-            config.prefixes, config.asn_mmdb, config.ipasn, config.as_names, config.cdn_asns
+            config.prefixes,
+            config.asn_mmdb,
+            config.ipasn,
+            config.as_names,
+            config.cdn_asns,
+            config.country_mmdb,
         )
         self.writer = Writer(
             lambda: Store(config.db, self.attribution, config.policy, planner=config.planner)
@@ -94,6 +100,7 @@ class Collector:
         self._planning: asyncio.Task[None] | None = None
         self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
+        self.decoding = Decoding()
         mutual = mutual_tls(config)
         self.gate: Gate | None = None
         if config.require_tokens or mutual:
@@ -120,7 +127,7 @@ class Collector:
             await self.writer.run(lambda s: s.refold(now=self.clock()))
         server = grpc.aio.server(
             # Outermost first: undecodable bytes are refused before the gate reads a hello.
-            interceptors=[Decoding(), *([self.gate] if self.gate is not None else [])],
+            interceptors=[self.decoding, *([self.gate] if self.gate is not None else [])],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from client.digests import BUCKETS, Digests, bucket_of
 from collector.auth import INTAKE_SOURCE
 from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
@@ -37,7 +38,6 @@ from collector.store.reads import (
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
-from protos.takedown.v1.assignment import BUCKETS, Digests, bucket_of
 
 log = logging.getLogger(__name__)
 

@@ -207,8 +207,8 @@ class TestRender:
     def test_markdown_has_a_header_separator_and_escapes_pipes(self) -> None:
         """A GitHub table: header, separator row, one row per provider, `|` escaped."""
         lines = render(sample_rows(), "markdown", min_reports=10).splitlines()
-        assert lines[0].startswith("| provider | asn | reports |")
-        assert lines[1].startswith("| --- | --- | ---: |")
+        assert lines[0].startswith("| provider | asn | from | reports |")
+        assert lines[1].startswith("| --- | --- | --- | ---: |")
         assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
         assert "Slow\\|Co" in lines[3]
         assert any("fewer than 10 distinct URLs" in line for line in lines)
@@ -217,7 +217,8 @@ class TestRender:
         """Text: the CLI's header words, human durations, percent, flags and a rank note."""
         text = render(sample_rows(), "table", min_reports=10)
         lines = text.splitlines()
-        assert lines[0].split()[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
+        assert lines[0].split()[:7] == ["provider", "asn", "from", "reports", "urls", "removed",
+                                        "online"]  # fmt: skip
         assert "median" in lines[0].split()
         assert len(lines[0]) == len(lines[1])
         assert "60m" in lines[2] and "100%" in lines[2]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from collector.method import UrlState, order_overdue_sql, overdue_sql
@@ -187,6 +187,7 @@ class UrlOutcome:
     opened_at: float | None = None  # the current episode's opening
     method: str = ""  # the method version that folded this verdict
     stale: bool = False
+    countries: tuple[str, ...] = ()  # where the content was seen present, most results first
 
 
 def url_outcomes(
@@ -226,7 +227,20 @@ def url_outcomes(
             method, bool(stale),
         )  # fmt: skip
         out.append(outcome)
-    return out
+    served = served_from(conn)
+    return [replace(o, countries=served[o.url_id]) if o.url_id in served else o for o in out]
+
+
+def served_from(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+    """Per URL, the countries of the addresses its content was seen present at, most first."""
+    rows = conn.execute(
+        "SELECT url_id, country, COUNT(*) FROM results WHERE class = 'present'"
+        " AND country IS NOT NULL GROUP BY url_id, country ORDER BY url_id, COUNT(*) DESC, country"
+    )
+    out: dict[int, list[str]] = {}
+    for url_id, country, _ in rows:
+        out.setdefault(url_id, []).append(country)
+    return {u: tuple(c) for u, c in out.items()}
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,10 @@ def m003_witness_fold(db: Any) -> None:
         ) WITHOUT ROWID;
         """,
     )
+
+
+@migrations()
+def m004_result_country(db: Any) -> None:
+    """The country of the address each result came from (prefix table or country database),
+    so the report can say where a provider served the content."""
+    _run(db, "ALTER TABLE results ADD COLUMN country TEXT")

@@ -417,13 +417,13 @@ class Store:
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
                  r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error,
                  r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
-                 r.tls, int(obs.cdn))
+                 r.tls, int(obs.cdn), where.country if where else None)
             )  # fmt: skip
         self.conn.executemany(
             "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
             " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
-            " class, provider, asn, stored_at, tls, cdn)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " class, provider, asn, stored_at, tls, cdn, country)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         for url_id, events in history.items():
