@@ -645,7 +645,7 @@ class TestReport:
         rc, out, err, _ = await run_async(COLLECTOR, "report", "--db", str(db))
         assert rc == 0, err
         header = out.splitlines()[0].split()
-        assert header[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
+        assert header[:7] == ["provider", "asn", "from", "reports", "urls", "removed", "online"]
         assert "median" in header
 
     async def test_markdown_window(self, db: Path) -> None:
