@@ -225,7 +225,7 @@ def serve_parser() -> configargparse.ArgParser:
         type=positive_int,
         default=2,
         help="networks that must each see content removed that nobody saw present"
-        " (and agree on a content hash without a reference); fewer if fewer networks exist",
+        " (and agree on a content hash without a reference); 1 for a single-network deployment",
     )
     p.add_argument(
         "--liveness-intervals",

@@ -18,7 +18,7 @@ witnesses. Removed = every live witness has `k` consecutive removed results afte
 present. An agent that never saw the content present in the episode (blocked, cloaked or late)
 neither confirms nor dates a removal; its confirmed run of removed results does make the URL
 *geoblocked* while a live witness sees the content. Content nobody saw present in the episode is
-removed only when `min_vantage_points` networks (or every network deployed, if fewer) have each
+removed only when `min_vantage_points` networks (every network, if fewer are deployed) have each
 seen it removed `k` times; that removal is flagged `observed_present=False`, its latency an upper
 bound.
 

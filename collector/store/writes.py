@@ -171,7 +171,14 @@ class Store:
         return self.db.atomic()
 
     def _count_networks(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(DISTINCT network) FROM agents").fetchone()[0])
+        """Networks deployed, as the fold counts them: never fewer than `min_vantage_points`.
+
+        A collector cannot know which agents are still to come: counting only those that said
+        hello would let the first agent to start decide alone (its 451s would be a removal).
+        A single-network deployment says so with `--min-vantage-points 1`.
+        """
+        row = self.conn.execute("SELECT COUNT(DISTINCT network) FROM agents").fetchone()
+        return max(int(row[0]), self.policy.min_vantage_points)
 
     def networks_at(self, _at: float) -> int:
         """Networks deployed, for the fold (the current count: see `register_agent`)."""
