@@ -66,7 +66,7 @@ def fill(db: Path, prefixes: Path, providers: int, urls: int) -> None:
                 )
                 for i in range(first, min(urls, first + 10_000))
             ]
-            ids += [o.url_id for o in store.submit_reports(chunk, now, Planner())]
+            ids += [o.url_id for o in store.submit_reports(chunk, start, Planner())]
         seq = 0
         for rnd, at in enumerate((start + 86_400, start + 2 * 86_400, start + 3 * 86_400)):
             for agent in agents:
