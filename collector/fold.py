@@ -39,6 +39,8 @@ No I/O, no clock: time arrives with each input.
 
 from __future__ import annotations
 
+import copy
+from bisect import insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -487,3 +489,65 @@ def refold(
 
 def is_online(fold: UrlFold) -> bool:
     return fold.state in ONLINE_STATES
+
+
+TAIL_LENGTH = 64
+"""Observations a `Tail` keeps to refold from, without reading stored results."""
+
+
+def _event_at(event: Event) -> float:
+    return event.confirmed_at if isinstance(event, Removal) else event.at
+
+
+@dataclass(slots=True)
+class Tail:
+    """A URL's fold with its most recent observations, so a slightly late one costs no reread.
+
+    Results from several agents interleave: one agent's batch often holds a probe a little older
+    than another agent's already folded. `base` is the fold before the kept observations,
+    `head` the fold after them; an observation between the two is inserted in event order and
+    the tail is folded again from `base`. Only one older than `base` needs the stored results
+    (`OutOfOrder`). `events` are the events since `base`, which is what the caller rewrites.
+    """
+
+    base: UrlFold
+    head: UrlFold
+    observations: list[Observation] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fold: UrlFold) -> Tail:
+        return cls(copy.deepcopy(fold), fold)
+
+    def add(self, obs: Observation, networks: int) -> tuple[list[Event], bool]:
+        """Fold `obs` in; return the new events and whether earlier ones since `base` changed.
+
+        When the second value is true, `self.events` replaces every event since `base`.
+        """
+        key = event_order(obs)
+        if key >= self.head.newest_key:
+            events = self.head.observe(obs, networks)
+            self.observations.append(obs)
+            self.events += events
+            changed = False
+        elif key >= self.base.newest_key:
+            insort(self.observations, obs, key=event_order)
+            self.head = copy.deepcopy(self.base)
+            self.events = []
+            for o in self.observations:
+                self.events += self.head.observe(o, networks)
+            events, changed = self.events, True
+        else:
+            raise OutOfOrder(f"input at {obs.at} comes before the kept tail")
+        return events, changed
+
+    def trim(self, networks: int) -> None:
+        """Once the caller wrote the events: past TAIL_LENGTH, fold the older half into `base`."""
+        if len(self.observations) <= TAIL_LENGTH:
+            return
+        half = len(self.observations) // 2
+        for o in self.observations[:half]:
+            self.base.observe(o, networks)
+        del self.observations[:half]
+        cut = self.base.newest_at
+        self.events = [e for e in self.events if _event_at(e) > cut]

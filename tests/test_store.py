@@ -52,7 +52,7 @@ def table(tmp_path: Path) -> PrefixTable:
 
 
 def open_store(path: Path, table: PrefixTable) -> Store:
-    return Store(path, table, Policy(confirmations=2))
+    return Store(path, table, Policy(confirmations=2, min_vantage_points=1))  # one network
 
 
 class TestStore:

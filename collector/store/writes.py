@@ -24,11 +24,13 @@ from collector.fold import (
     Method,
     Notice,
     Observation,
+    OutOfOrder,
     ProviderChange,
     Reappearance,
     Removal,
     Renotified,
     StateChange,
+    Tail,
     UrlFold,
     classify,
     refold,
@@ -100,6 +102,7 @@ class UrlEntry:
     origin_ip: str | None
     created_at: float
     first_notice: float
+    tail: Tail | None = None  # recent observations, in memory only (see fold.Tail)
 
 
 _STATE_COLUMNS = "url_id, memory, provider, asn, cdn, origin_ip, method"
@@ -401,14 +404,11 @@ class Store:
                 )
             else:
                 accepted.append(r)
-        late = {
-            r.url_id
-            for r in accepted
-            if (r.started_at, 1, agent_id, r.seq) < entries[r.url_id].fold.newest_key
-        }
         rows = []
         counts: dict[str, int] = {}
-        history: dict[int, list[Event]] = {}
+        history: dict[int, list[Event]] = {}  # events to append, per URL
+        rewrite: set[int] = set()  # URLs whose events since their tail's base changed
+        late: set[int] = set()  # URLs to refold from the stored results
         for r in accepted:
             entry = entries[r.url_id]
             where = self._attribute(r.peer_ip, entry.origin_ip)
@@ -417,12 +417,21 @@ class Store:
                 r.challenge, r.truncated, r.seq, where.provider if where else "",
                 where.asn if where else None, bool(where and where.cdn),
             )  # fmt: skip
-            cls = ProbeClass.INCONCLUSIVE
+            cls = classify(obs, self.policy) or ProbeClass.INCONCLUSIVE
             if r.url_id not in late:
-                history.setdefault(r.url_id, []).extend(entry.fold.observe(obs, self._networks))
-                cls = entry.fold.last_class or cls
-            else:
-                cls = classify(obs, self.policy) or ProbeClass.INCONCLUSIVE
+                if entry.tail is None:
+                    entry.tail = Tail.of(entry.fold)
+                try:
+                    events, changed = entry.tail.add(obs, self._networks)
+                except OutOfOrder:
+                    late.add(r.url_id)
+                else:
+                    entry.fold = entry.tail.head
+                    history.setdefault(r.url_id, []).extend(events)
+                    if changed:
+                        rewrite.add(r.url_id)
+                    else:
+                        cls = entry.fold.last_class or cls
             counts[cls.value] = counts.get(cls.value, 0) + 1
             rows.append(
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
@@ -438,8 +447,19 @@ class Store:
             rows,
         )
         for url_id, events in history.items():
-            self._record(url_id, entries[url_id], events)
+            if url_id in late:
+                continue
+            if url_id in rewrite:
+                self._rewrite_tail(url_id, entries[url_id])
+            else:
+                self._record(url_id, entries[url_id], events)
         self._refold_urls(sorted(late), now, entries)
+        for url_id in late:
+            history.pop(url_id, None)
+        for url_id in history:
+            tail = entries[url_id].tail
+            if tail is not None:
+                tail.trim(self._networks)
         self.conn.executemany(
             "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
@@ -520,6 +540,30 @@ class Store:
         if f.provider:
             entry.provider, entry.asn, entry.cdn = f.provider, f.asn, f.cdn
 
+    def _rewrite_tail(self, url_id: int, entry: UrlEntry) -> None:
+        """Replace the history written since the tail's base with the tail's events."""
+        tail = entry.tail
+        assert tail is not None
+        base = tail.base
+        marks = ",".join("?" * len(_HISTORY_KINDS))
+        self.conn.execute(
+            f"DELETE FROM url_events WHERE url_id = ? AND at > ? AND kind IN ({marks})",
+            (url_id, base.newest_at, *_HISTORY_KINDS),
+        )
+        self.conn.execute(
+            "DELETE FROM episodes WHERE url_id = ? AND episode > ?", (url_id, base.episode)
+        )
+        r = base.removal
+        self.conn.execute(
+            "UPDATE episodes SET last_present_at = ?, first_removed_at = ?, confirmed_at = ?,"
+            " latency = ?, nxdomain = ?, observed_present = ? WHERE url_id = ? AND episode = ?",
+            (r.last_present_at if r else None, r.first_removed_at if r else None,
+             r.confirmed_at if r else None, r.latency if r else None,
+             int(r.nxdomain) if r else 0, int(r.observed_present) if r else 1,
+             url_id, base.episode),
+        )  # fmt: skip
+        self._record(url_id, entry, tail.events)
+
     def _notices(self, url_id: int) -> list[Notice]:
         return [
             Notice(at, sha256, self.planner.order_due(order_at, deadline))
@@ -584,7 +628,7 @@ class Store:
                 continue
             fold, events = refold(notices, self._observations(url_id), self.method,
                                   self.networks_at)  # fmt: skip
-            entry.fold = fold
+            entry.fold, entry.tail = fold, None
             self.conn.execute("DELETE FROM episodes WHERE url_id = ?", (url_id,))
             marks = ",".join("?" * len(_HISTORY_KINDS))
             self.conn.execute(
