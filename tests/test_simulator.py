@@ -113,8 +113,17 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset({"dynamic-replaced", "unrecognised-451", "dynamic-blockpage", "late-agreement"})
-"""Configurations the random landscapes leave out while they reproduce a finding (F2-F5 in
+PARKED = frozenset(
+    {
+        "dynamic-replaced",
+        "unrecognised-451",
+        "dynamic-blockpage",
+        "late-agreement",
+        "witness-lag",
+        "replaced-first-sighting",
+    }
+)
+"""Configurations the random landscapes leave out while they reproduce a finding (F1-F8 in
 tests/SIM_FINDINGS.md, each kept below as a strict xfail); drop one here once it is fixed."""
 
 
@@ -392,5 +401,54 @@ class TestFindings:
             networks=(Network("net0"), Network("net1")),
             agents=(agent(1, "net0"), agent(2, "net1", minutes(9))),
             end=minutes(45),
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F6: an outage stretches a witness's liveness")
+    def test_witness_up_briefly_after_an_outage_does_not_hold_the_content_online(self) -> None:
+        """A witness back for one probe after an outage is not live for thirty intervals."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(20), "404")),
+            networks=(Network("net0"), Network("net1")),
+            agents=(
+                agent(1, "net0"),
+                agent(
+                    2,
+                    "net1",
+                    downs=(Window(minutes(5), minutes(15)), Window(minutes(16), minutes(40))),
+                ),
+            ),
+            end=minutes(40),
+            reference=True,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F7: a witness back from an outage reopens a removal")
+    def test_witness_back_into_a_glitch_after_the_removal(self) -> None:
+        """A removed URL stays removed when a witness silent since before it comes back to 503s."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(minutes(10), "404")),
+            networks=(
+                Network("net0"),
+                Network("net1", glitches=(Window(minutes(25), minutes(28), "503"),)),
+            ),
+            agents=(agent(1, "net0"), agent(2, "net1", downs=(Window(minutes(5), minutes(25)),))),
+            end=minutes(40),
+            reference=True,
+        )
+        assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(
+        strict=True, reason="F8: a replacement's first sighting leaves its track behind"
+    )
+    @pytest.mark.parametrize("reference", [False, True])
+    def test_stable_replacement_first_seen_by_one_witness(self, reference: bool) -> None:
+        """The witness that first saw the replacement page is not left counting as present."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(1039.0, "replaced")),
+            networks=(Network("net0"), Network("net1")),
+            agents=(agent(1, "net0", phase=934), agent(2, "net1", phase=107)),
+            end=minutes(30),
+            reference=reference,
         )
         assert truth_violations(refold_all(land)) == []
