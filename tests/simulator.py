@@ -317,7 +317,7 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
     second network that must agree on the baseline starts after the first has sighted it often),
     "witness-lag" (a visible network's agent goes quiet or inconclusive near a change of the
     origin, comes back into a glitch, or is up for only a few probes between two downs),
-    "replaced-first-sighting" (any stable replacement page).
+    "replaced-first-sighting" (any stable replacement page; F8 shows only as a geoblocked blip).
     """
     iv = INTERVAL
     dynamic = rng.random() < 0.3
