@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from collector.fold import (
     Event,
     Method,
+    Notice,
     Observation,
     OutOfOrder,
     Reappearance,
@@ -39,6 +40,7 @@ from tests.simulator import (
     Segment,
     Window,
     batches,
+    probe,
     probes,
     random_landscape,
 )
@@ -73,14 +75,20 @@ def networks_at(land: Landscape) -> int:
 
 
 def deliver(land: Landscape) -> Run:
-    """Feed the batches to a store that dedupes by (agent, seq) and refolds on a late result."""
+    """Deliver the landscape's batches, in their arrival order, to the store's fold."""
     made = probes(land)
-    notices = [land.notice()]
-    n = networks_at(land)
+    run = Run(land, made, UrlFold.start(land.notice(), METHOD), [])
+    store = store_fold(run, [land.notice()], batches(land, made), networks_at(land))
+    assert len(store) == len(made)
+    return run
+
+
+def store_fold(
+    run: Run, notices: list[Notice], arriving: Iterable[list[Observation]], n: int
+) -> dict[tuple[int, int], Observation]:
+    """Fold batches as the store does: dedupe by (agent, seq), refold on a late result."""
     store: dict[tuple[int, int], Observation] = {}
-    fold = UrlFold.start(notices[0], METHOD)
-    run = Run(land, made, fold, [])
-    for batch in batches(land, made):
+    for batch in arriving:
         late = False
         for obs in batch:
             key = (obs.agent_id, obs.seq)
@@ -97,8 +105,7 @@ def deliver(land: Landscape) -> Run:
             run.fold, run.events = refold(notices, store.values(), METHOD, lambda t: n)
             run.refolds += 1
         run.states_after_batch.append(run.fold.state)
-    assert len(store) == len(made)
-    return run
+    return store
 
 
 def refold_all(land: Landscape) -> Run:
@@ -494,3 +501,22 @@ class TestFindings:
             reference=reference,
         )
         assert truth_violations(refold_all(land)) == []
+
+    @pytest.mark.xfail(strict=True, reason="F9: results made at the same instant fold by arrival")
+    def test_results_of_one_instant_arriving_in_either_order(self) -> None:
+        """Two agents' results made at the same second give one verdict whatever their arrival."""
+        land = Landscape(
+            segments=(Segment(0.0, PRESENT), Segment(590.0, "404")),
+            networks=(Network("net0", glitches=(Window(595.0, 605.0, "503"),)), Network("net1")),
+            agents=(),
+            end=minutes(15),
+            reference=True,
+        )
+        made = [
+            probe(land, a, minutes(m), m + 1)
+            for m in range(15)
+            for a in (agent(2, "net1"), agent(1, "net0"))
+        ]
+        run = Run(land, made, UrlFold.start(land.notice(), METHOD), [])
+        store_fold(run, [land.notice()], [[p.obs] for p in made], networks_at(land))
+        assert replay_violations(run) == []
