@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.schedule import SharedFloats
-from protos.takedown.v1.assignment import Digests, bucket_of
+from client.digests import Digests, bucket_of
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,18 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import configargparse
 
 from agent import __version__
-from agent.credentials import CredentialError, add_client_options, client_security
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.spool import SpoolError
+from client.credentials import CredentialError, add_client_options, client_security
+from client.options import ArgParser, host_port, ip_address, number, optional_host_port
 
 log = logging.getLogger("agent")
 
@@ -32,46 +33,31 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise configargparse.ArgumentTypeError(f"{text!r} is not a CIDR range") from exc
 
 
-def _number(
-    kind: type[int] | type[float], low: float, high: float = float("inf"), *, open_low: bool = True
-) -> object:
-    """An argparse type: a number of `kind` in (low, high) — or [low, high) with open_low=False."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError as exc:
-            raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-        too_low = value <= low if open_low else value < low
-        if too_low or value >= high:
-            left = "(" if open_low else "["
-            raise configargparse.ArgumentTypeError(f"{text!r} is outside {left}{low}, {high})")
-        return value
-
-    return parse
-
-
-def _positive(kind: type[int] | type[float]) -> object:
-    return _number(kind, 0)
+def _positive(kind: type[int] | type[float], unit: str = "") -> Callable[[str], int | float]:
+    return number(kind, 0, unit=unit)
 
 
 def build_parser() -> configargparse.ArgParser:
-    p = configargparse.ArgParser(
+    p = ArgParser(
         prog="takedown-agent",
         description="Probe the URLs a Takedown Monitor collector assigns (status and body hash"
         " only; bodies are never kept) and stream the results to it.",
         config_file_parser_class=configargparse.TomlConfigParser(["agent"]),
         auto_env_var_prefix="TAKEDOWN_AGENT_",
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("-c", "--config", is_config_file=True, help="TOML file with an [agent] table")
-    p.add_argument("--collector", required=True, help="collector gRPC address, HOST:PORT")
-    p.add_argument("--name", default=socket.gethostname(), help="unique agent name")
+    p.add_argument(
+        "--collector", required=True, type=host_port, help="collector gRPC address, HOST:PORT"
+    )
+    p.add_argument(
+        "--name", default=socket.gethostname(), help="unique agent name (default: the host name)"
+    )
     p.add_argument(
         "--network", required=True, help="vantage point label, e.g. nl-ams-isp1 (metrics label)"
     )
     p.add_argument(
         "--source-address",
+        type=ip_address,
         help="local address outgoing probes are sent from (choose the egress on multi-homed hosts)",
     )
     p.add_argument(
@@ -84,9 +70,15 @@ def build_parser() -> configargparse.ArgParser:
     )
     p.add_argument("--concurrency", type=_positive(int), default=256, help="probes at once")
     p.add_argument("--per-host", type=_positive(int), default=4, help="connections per host")
-    p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per probe")
-    p.add_argument("--connect-timeout", type=_positive(float), default=10.0, help="seconds")
-    p.add_argument("--read-timeout", type=_positive(float), default=20.0, help="seconds idle")
+    p.add_argument(
+        "--timeout", type=_positive(float, "seconds"), default="30", help="seconds per probe"
+    )
+    p.add_argument(
+        "--connect-timeout", type=_positive(float, "seconds"), default="10", help="seconds"
+    )
+    p.add_argument(
+        "--read-timeout", type=_positive(float, "seconds"), default="20", help="seconds idle"
+    )
     p.add_argument(
         "--max-body-bytes",
         type=_positive(int),
@@ -95,7 +87,7 @@ def build_parser() -> configargparse.ArgParser:
     )
     p.add_argument(
         "--max-redirects",
-        type=_number(int, 0, 100, open_low=False),
+        type=number(int, 0, 100, open_low=False),
         default=10,
         help="redirect hops followed",
     )
@@ -123,26 +115,30 @@ def build_parser() -> configargparse.ArgParser:
     )
     p.add_argument("--batch-size", type=_positive(int), default=500, help="results per message")
     p.add_argument(
-        "--flush-interval", type=_positive(float), default=1.0, help="max seconds a result waits"
+        "--flush-interval",
+        type=_positive(float, "seconds"),
+        default="1",
+        help="max seconds a result waits",
     )
     p.add_argument(
         "--max-inflight", type=_positive(int), default=8, help="unacknowledged batches at most"
     )
     p.add_argument(
         "--jitter",
-        type=_number(float, 0, 1, open_low=False),
+        type=number(float, 0, 1, open_low=False),
         default=0.1,
         help="± fraction of a probe interval, in [0, 1)",
     )
     p.add_argument(
         "--first-spread",
-        type=_number(float, 0, open_low=False),
-        default=60.0,
+        type=number(float, 0, open_low=False, unit="seconds"),
+        default="60",
         help="seconds over which the first probes of new URLs are spread",
     )
     add_client_options(p, "this agent's", AGENTS_ADD_COMMAND)
     p.add_argument(
         "--metrics-listen",
+        type=optional_host_port,
         default="127.0.0.1:9465",
         help="HOST:PORT for the agent's /metrics and /healthz; empty to disable",
     )

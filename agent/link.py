@@ -5,11 +5,13 @@ time read (assignment changes, acknowledgements) and write (result batches,
 at most `max_inflight` unacknowledged). When the stream is lost, every
 unacknowledged batch goes back to the outbox to be sent first next time.
 
-Failures are classified once, here: a lost or unavailable collector is
-transient and retried with jittered exponential backoff (tenacity); a refusal
-(bad credentials, invalid argument) is fatal and ends the agent with a clear
-message. A session that stayed healthy for `healthy_after` seconds resets the
-backoff.
+Failures are classified once, here (with `client.failures`): a lost or
+unavailable collector is transient and retried with jittered exponential
+backoff (tenacity), each retry logged with its cause (status code and
+details); a refusal (bad credentials, invalid argument) or a TLS handshake
+that only a configuration change can mend (certificate not trusted) is fatal
+and ends the agent with that cause. A session that stayed healthy for
+`healthy_after` seconds resets the backoff.
 """
 
 from __future__ import annotations
@@ -21,27 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from agent.assignment import AssignmentChange
-from agent.credentials import ClientTLS, call_metadata, open_channel
+from agent.keys import ResultSigner
 from agent.outbox import Batch, ResultQueue
 from agent.result import ErrorClass, ProbeResult
+from client.credentials import ClientTLS, call_metadata, open_channel
+from client.failures import classify
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-FATAL_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    }
-)
 _ERROR_NUMBERS = {e: pb.ErrorClass.Value(f"ERROR_CLASS_{e.name}") for e in ErrorClass}
 
 
@@ -54,7 +49,7 @@ class StreamLost(LinkError):
 
 
 class CollectorRefused(LinkError):
-    """The collector refused this agent; retrying will not help."""
+    """The collector refused this agent, or TLS cannot work as configured; retrying cannot help."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -68,13 +63,18 @@ class Identity:
     version: str
 
 
-def encode(batch: Batch, sent_at: float | None = None) -> pb.AgentMessage:
+def encode(
+    batch: Batch, sent_at: float | None = None, signer: ResultSigner | None = None
+) -> pb.AgentMessage:
+    """The wire message of a batch; with `signer`, one signature per result, in order."""
     sent = time.time() if sent_at is None else sent_at
+    results = [_result(r) for r in batch.results]
     return pb.AgentMessage(
         batch=pb.ResultBatch(
             batch_id=batch.batch_id,
-            results=[_result(r) for r in batch.results],
+            results=results,
             sent_at_unix_us=round(sent * 1_000_000),
+            signatures=[signer.signature(r) for r in results] if signer is not None else [],
         )
     )
 
@@ -153,9 +153,14 @@ class Link:
                 with attempt:
                     await self._session()
 
-    def _before_sleep(self, state: object) -> None:
+    def _before_sleep(self, state: RetryCallState) -> None:
         self.reconnects += 1
-        log.warning("collector_unreachable target=%s retrying=true", self.target)
+        cause = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "collector_unreachable target=%s cause=%r attempt=%d retry_in=%.1fs",
+            self.target, str(cause), state.attempt_number, wait,
+        )  # fmt: skip
 
     async def _session(self) -> None:
         options = [
@@ -193,12 +198,12 @@ class Link:
                     reader.cancel()
             except (grpc.aio.AioRpcError, StreamLost) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):
-                    if exc.code() in FATAL_CODES:
+                    failure = classify(exc)
+                    if failure.fatal:
                         raise CollectorRefused(
-                            f"collector {self.target} refused this agent: {exc.code().name}:"
-                            f" {exc.details()}"
+                            f"collector {self.target} cannot be used: {failure}"
                         ) from exc
-                    lost = StreamLost(f"{exc.code().name}: {exc.details()}")
+                    lost = StreamLost(str(failure))
                 else:
                     lost = exc
                 if welcomed and self.clock() - started >= self.healthy_after:

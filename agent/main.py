@@ -21,7 +21,6 @@ from aiohttp.abc import AbstractResolver
 
 from agent import __version__
 from agent.assignment import Assignment, AssignmentChange
-from agent.credentials import ClientTLS
 from agent.guard import AddressPolicy
 from agent.link import Identity, Link
 from agent.metrics import serve_metrics
@@ -29,6 +28,7 @@ from agent.outbox import Outbox, ResultQueue
 from agent.probe import ProbeConfig, Prober
 from agent.schedule import Schedule
 from agent.spool import Spool, SpoolError
+from client.credentials import ClientTLS
 
 log = logging.getLogger(__name__)
 

@@ -150,8 +150,8 @@ async def _hold(target: str, name: str) -> None:
 def _cache(db: Path, prefixes: Path, count: int) -> None:
     """Load the verdicts of URLs 1..count into a fresh Store's cache; say what it cost."""
     from collector.attribution import PrefixTable
+    from collector.method import Policy
     from collector.store import Store
-    from collector.verdict import Policy
 
     store = Store(db, PrefixTable.from_csv(prefixes), Policy())
     try:

@@ -30,11 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import Deadline, file_size, mib, percentile, run, start_collector, table
 from collector.attribution import PrefixTable
+from collector.method import Policy
 from collector.metrics import StateCollector
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import ResultIn, Store
-from collector.verdict import Policy
 
 TARGET_SECONDS = 0.250
 PROVIDER_FAMILIES = (b"takedown_urls", b"takedown_removal_latency", b"takedown_overdue")
@@ -66,7 +66,7 @@ def fill(db: Path, prefixes: Path, providers: int, urls: int) -> None:
                 )
                 for i in range(first, min(urls, first + 10_000))
             ]
-            ids += [o.url_id for o in store.submit_reports(chunk, now, Planner())]
+            ids += [o.url_id for o in store.submit_reports(chunk, start, Planner())]
         seq = 0
         for rnd, at in enumerate((start + 86_400, start + 2 * 86_400, start + 3 * 86_400)):
             for agent in agents:

@@ -220,19 +220,64 @@ class MmdbAsn:
         self.close()
 
 
+class MmdbCountry:
+    """A MaxMind-format country database (GeoLite2-Country or -City layout): where an
+    address is, as an ISO 3166 two-letter code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._reader = maxminddb.open_database(str(path))
+        except maxminddb.InvalidDatabaseError as exc:
+            raise AttributionFileError(path, 0, f"not a MaxMind DB: {exc}") from exc
+
+    def country(self, ip: str) -> str | None:
+        """The country code of ``ip``, or None if the database does not know it."""
+        try:
+            record = self._reader.get(ip)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        for key in ("country", "registered_country"):
+            entry = record.get(key)
+            code = entry.get("iso_code") if isinstance(entry, dict) else None
+            if isinstance(code, str) and len(code) == 2:
+                return code.upper()
+        return None
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 class LayeredAttributor:
     """Ask each source in order and keep the first hit; CDN ASNs are flagged ``cdn=True``.
 
     Put the operator's CSV overrides first so they always win. Never raises for a string.
     """
 
-    __slots__ = ("_cdn_asns", "_sources")
+    __slots__ = ("_cdn_asns", "_countries", "_sources")
 
-    def __init__(self, sources: Sequence[Source], cdn_asns: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        cdn_asns: frozenset[int] = frozenset(),
+        countries: MmdbCountry | None = None,
+    ) -> None:
         self._sources = tuple(sources)
         self._cdn_asns = cdn_asns
+        self._countries = countries
 
     def lookup(self, ip: str) -> Attribution:
+        """The first source's answer; its country from the country database if it has none."""
+        hit = self._first(ip)
+        if hit.country is None and self._countries is not None:
+            country = self._countries.country(ip)
+            if country is not None:
+                return dataclasses.replace(hit, country=country)
+        return hit
+
+    def _first(self, ip: str) -> Attribution:
         for source in self._sources:
             try:
                 hit = source.lookup(ip)
@@ -251,6 +296,8 @@ class LayeredAttributor:
             close = getattr(source, "close", None)
             if callable(close):
                 close()
+        if self._countries is not None:
+            self._countries.close()
 
 
 def build_attributor(
@@ -259,6 +306,7 @@ def build_attributor(
     ipasn: Path | None = None,
     as_names: Path | None = None,
     cdn_asns: frozenset[int] = frozenset(),
+    country_mmdb: Path | None = None,
 ) -> LayeredAttributor:
     """Layer the configured sources: CSV overrides, then the MaxMind db, then the ipasn table.
 
@@ -268,8 +316,14 @@ def build_attributor(
     names = load_as_names(as_names) if as_names else None
     routes = load_ipasn(ipasn, names) if ipasn else None
     asn_db = MmdbAsn(mmdb) if mmdb else None
+    try:
+        countries = MmdbCountry(country_mmdb) if country_mmdb else None
+    except AttributionFileError:
+        if asn_db is not None:
+            asn_db.close()
+        raise
     layers = (overrides, asn_db, routes)
-    return LayeredAttributor([s for s in layers if s is not None], cdn_asns)
+    return LayeredAttributor([s for s in layers if s is not None], cdn_asns, countries)
 
 
 def parse_asn_list(text: str) -> frozenset[int]:

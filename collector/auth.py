@@ -23,6 +23,7 @@ revoked while it is open is ended with UNAUTHENTICATED at the next
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -140,6 +141,10 @@ async def _until(responses: Any, revoked: asyncio.Event) -> AsyncIterator[Any]:
     finally:
         stop.cancel()
         await responses.aclose()
+
+
+INTAKE_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("intake_source", default="")
+"""The intake credential's name during a Submit call ('' without tokens): whose references."""
 
 
 class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -312,8 +317,12 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         assert inner is not None
 
         async def submit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await self._authenticate(context, Role.INTAKE, SUBMIT)
-            return await inner(request, context)  # type: ignore[arg-type]
+            credential = await self._authenticate(context, Role.INTAKE, SUBMIT)
+            token = INTAKE_SOURCE.set(credential.name if credential is not None else "")
+            try:
+                return await inner(request, context)  # type: ignore[arg-type]
+            finally:
+                INTAKE_SOURCE.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
             submit,

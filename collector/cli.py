@@ -11,38 +11,52 @@ import asyncio
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import configargparse
 
-from agent.credentials import CredentialError, add_client_options, client_security
+from client.credentials import CredentialError, add_client_options, client_security
+from client.options import ArgParser, host_port, number
 from collector import __version__
 from collector.admin import ca_command, credentials_command
 from collector.attribution import AttributionFileError
-from collector.attribution_sources import parse_asn_list
+from collector.attribution_sources import build_attributor, parse_asn_list
 from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
-from collector.durations import parse_duration
+from collector.durations import duration_label, parse_duration
+from collector.evidence import cli as evidence_cli
 from collector.importer import import_file
+from collector.method import Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
 from collector.pki import PKIError
 from collector.plot import PlotUnavailable, plot_survival
-from collector.report import FORMATS, LATENCY_ENDS, provider_table, render
+from collector.report import (
+    FORMATS,
+    LATENCY_ENDS,
+    provider_table,
+    record,
+    render,
+    survival_curve,
+    survival_data,
+)
+from collector.report_html import Window, method_label, render_html
 from collector.reports_file import parse_time
-from collector.schedule import DEFAULT_PHASES, Phase, Planner, parse_phases
+from collector.schedule import Phase, Planner, parse_phases
 from collector.server import CollectorConfig, serve
-from collector.store import StoreError
+from collector.store import Store, StoreError
 from collector.store.history import url_history
 from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
 from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
 from collector.tokens import Role
-from collector.verdict import Policy
 
 log = logging.getLogger("collector")
 
 INTAKE_ADD_COMMAND = "'takedown-collector intake-tokens add NAME'"
+DEFAULT_SCHEDULE = "5m<2h,15m<48h,1h"  # collector.schedule.DEFAULT_PHASES as written
 
 
 def duration(text: str) -> float:
@@ -81,33 +95,27 @@ def instant(text: str) -> float:
         ) from exc
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise configargparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
-    if value < 1:
-        raise configargparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+positive_int = number(int, 0)
+rate = number(float, 0, open_low=False, unit="results per second", hint="0: no limit")
+probe_rate = number(float, 0, unit="probes per second")
 
 
-def rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise configargparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if not value >= 0:
-        raise configargparse.ArgumentTypeError(f"{text!r} must be 0 (no limit) or more")
-    return value
+def duration_or_zero(text: str) -> float:
+    """A duration, or 0 ('0', '0s')."""
+    return 0.0 if text.strip() in ("0", "0s") else duration(text)
+
+
+def durations_list(text: str) -> list[float]:
+    """Comma-separated durations, sorted, each once ('1m,5m,1h')."""
+    return sorted({duration(part) for part in text.split(",")})
 
 
 def _parser(command: str, description: str) -> configargparse.ArgParser:
-    p = configargparse.ArgParser(
+    p = ArgParser(
         prog=f"takedown-collector {command}",
         description=description,
         config_file_parser_class=configargparse.TomlConfigParser(["collector"]),
         auto_env_var_prefix="TAKEDOWN_COLLECTOR_",
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("-c", "--config", is_config_file=True, help="TOML file with a [collector] table")
     p.add_argument(
@@ -124,9 +132,14 @@ def serve_parser() -> configargparse.ArgParser:
         "serve", "Run the collector: agent streams and intake over gRPC, /metrics over HTTP."
     )
     p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument("--listen", default="127.0.0.1:7443", help="gRPC address, HOST:PORT")
     p.add_argument(
-        "--metrics-listen", default="127.0.0.1:9464", help="HTTP address for /metrics and /healthz"
+        "--listen", type=host_port, default="127.0.0.1:7443", help="gRPC address, HOST:PORT"
+    )
+    p.add_argument(
+        "--metrics-listen",
+        type=host_port,
+        default="127.0.0.1:9464",
+        help="HTTP address for /metrics and /healthz",
     )
     p.add_argument(
         "--prefixes",
@@ -150,6 +163,12 @@ def serve_parser() -> configargparse.ArgParser:
         help="AS names for --ipasn: pyasn JSON {asn: name} or CSV asn,name",
     )
     p.add_argument(
+        "--country-mmdb",
+        type=Path,
+        help="MaxMind-format country database (GeoLite2-Country.mmdb or compatible): the"
+        " country of each peer address, where --prefixes gives none",
+    )
+    p.add_argument(
         "--cdn-asns",
         type=asns,
         default=frozenset(),
@@ -159,9 +178,8 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--schedule",
         type=_phases,
-        default=DEFAULT_PHASES,
-        help="probe intervals by age of the notice: INTERVAL<AGE,...,INTERVAL"
-        " (default 5m<2h,15m<48h,1h)",
+        default=DEFAULT_SCHEDULE,
+        help="probe intervals by age of the notice: INTERVAL<AGE,...,INTERVAL",
     )
     p.add_argument(
         "--probe-interval",
@@ -172,30 +190,28 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--deadline-window",
         type=duration,
-        default=1800.0,
+        default="30m",
         help="probe densely this long before and after each deadline",
     )
     p.add_argument(
-        "--deadline-interval", type=duration, default=300.0, help="interval near a deadline"
+        "--deadline-interval", type=duration, default="5m", help="interval near a deadline"
     )
-    p.add_argument(
-        "--watch-interval", type=duration, default=6 * 3600.0, help="interval after removal"
-    )
+    p.add_argument("--watch-interval", type=duration, default="6h", help="interval after removal")
     p.add_argument(
         "--watch-period",
         type=duration,
-        default=30 * 86400.0,
+        default="30d",
         help="keep watching removed URLs for reappearance this long",
     )
     p.add_argument(
         "--max-probe-rate",
-        type=float,
+        type=probe_rate,
         help="upper bound on probes per second per agent; intervals stretch to stay under it",
     )
     p.add_argument(
         "--replan-every",
         type=duration,
-        default=60.0,
+        default="1m",
         help="how often probe intervals are recomputed and pushed to agents",
     )
     p.add_argument(
@@ -205,10 +221,19 @@ def serve_parser() -> configargparse.ArgParser:
         help="consecutive removed results each agent must see before a removal counts",
     )
     p.add_argument(
-        "--reach-window",
-        type=duration,
-        default=6 * 3600.0,
-        help="an agent whose last conclusive result is older is left out of the quorum",
+        "--min-vantage-points",
+        type=positive_int,
+        default=2,
+        help="networks that must each see content removed that nobody saw present"
+        " (and agree on a content hash without a reference); 1 for a single-network deployment",
+    )
+    p.add_argument(
+        "--liveness-intervals",
+        type=float,
+        default=3.0,
+        help="an agent stays live on a URL for this many of its probe intervals after its"
+        " newest result (must be above 1); a silent agent neither holds content online"
+        " nor confirms a removal",
     )
     p.add_argument(
         "--nxdomain-is-removal",
@@ -231,33 +256,34 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--max-clock-offset",
         type=duration,
-        default=10.0,
+        default="10s",
         help="results from an agent whose clock is estimated further off are flagged clock_suspect",
     )
     p.add_argument(
         "--deadline",
         type=duration,
         action="append",
-        help="deadline regime(s) from the notice, repeatable (default 1h, 12h, 24h)",
+        help="deadline regime(s) from the notice, repeatable (default: 1h, 12h, 24h)",
     )
     p.add_argument(
         "--order-deadline",
         type=duration,
-        default=12 * 3600.0,
+        default="12h",
         help="deadline of a binding removal order when the report gives none",
     )
     p.add_argument(
         "--metrics-max-age",
-        type=lambda s: 0.0 if s.strip() in ("0", "0s") else duration(s),
-        default=10.0,
+        type=duration_or_zero,
+        default="10s",
         help="per-provider figures on /metrics may be this old: a scrape is answered from the"
         " last scan and starts a new one in the background past half of it (a scan reads every"
         " URL's state); 0 scans at every scrape",
     )
     p.add_argument(
         "--buckets",
-        type=lambda s: [duration(x) for x in s.split(",")],
-        help="latency histogram bucket bounds, comma separated (default 1m .. 30d)",
+        type=durations_list,
+        help="latency histogram bucket bounds, comma separated"
+        f" (default: {','.join(duration_label(b) for b in DEFAULT_BUCKETS)})",
     )
     p.add_argument("--cert-file", type=Path, help="the collector's TLS certificate chain, PEM")
     p.add_argument("--key-file", type=Path, help="the key of --cert-file, PEM (keep it 0600)")
@@ -282,7 +308,7 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--max-results-per-second",
         type=rate,
-        default=20_000.0,
+        default="20000",
         help="results each agent may send per second (token bucket); a batch over it is"
         " stored and acknowledged late, which slows the agent; one that would wait over 30 s"
         " ends the stream with RESOURCE_EXHAUSTED (unacknowledged); 0 for no limit",
@@ -290,7 +316,8 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--results-burst",
         type=rate,
-        help="results an agent may send at once above the rate (default: one second's worth)",
+        help="results an agent may send at once above the rate (default: one second's worth,"
+        " at least 1000)",
     )
     return p
 
@@ -300,9 +327,13 @@ def import_parser() -> configargparse.ArgParser:
     p.add_argument(
         "file", type=Path, help="CSV (header: url,notified_at[,received_at,reference]) or JSONL"
     )
-    p.add_argument("--collector", default="127.0.0.1:7443", help="collector gRPC address")
     p.add_argument(
-        "--format", choices=["csv", "jsonl"], help="file format (default: from the name)"
+        "--collector", type=host_port, default="127.0.0.1:7443", help="collector gRPC address"
+    )
+    p.add_argument(
+        "--format",
+        choices=["csv", "jsonl"],
+        help="file format (default: from the file name's ending)",
     )
     p.add_argument(
         "--skip-invalid",
@@ -380,27 +411,27 @@ def ca_parser() -> configargparse.ArgParser:
     return p
 
 
-def _table_options(p: configargparse.ArgParser) -> None:
+def _table_options(p: configargparse.ArgParser, deadline_help: str) -> None:
     p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
-    p.add_argument(
-        "--deadline",
-        type=duration,
-        action="append",
-        help="deadline regime(s) from the notice; the report's overdue column uses the first"
-        " (default 24h); the url timeline shows each (default 1h, 12h, 24h)",
-    )
+    p.add_argument("--deadline", type=duration, action="append", help=deadline_help)
     p.add_argument(
         "--order-deadline",
         type=duration,
-        default=DEFAULT_ORDER_DEADLINE,
+        default=duration_label(DEFAULT_ORDER_DEADLINE),
         help="deadline of a binding removal order when the report gives none",
     )
 
 
 def report_parser() -> configargparse.ArgParser:
     p = _parser("report", "Print the per-provider removal table from the collector database.")
-    _table_options(p)
-    p.add_argument("--format", choices=FORMATS, default="table", help="output")
+    _table_options(p, "deadline from the notice that the overdue column counts (default: 24h)")
+    p.add_argument(
+        "--format",
+        choices=[*FORMATS, "html"],
+        default="table",
+        help="output; html is one self-contained page with survival curves (give -o FILE)",
+    )
+    p.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
     p.add_argument(
         "--since",
         type=instant,
@@ -423,13 +454,16 @@ def report_parser() -> configargparse.ArgParser:
         choices=LATENCY_ENDS,
         default="first_removed",
         help="which end of the removal interval is the latency: the first probe that saw it"
-        " removed (an upper bound, the default) or the last that saw it present (a lower bound)",
+        " removed (an upper bound) or the last that saw it present (a lower bound)",
     )
     p.add_argument(
         "--plot", type=Path, help="also draw survival curves per provider into this PNG file"
     )
     p.add_argument(
-        "--plot-top", type=positive_int, default=8, help="providers drawn by --plot, most reports"
+        "--plot-top",
+        type=positive_int,
+        default=8,
+        help="providers drawn by --plot and on the html page, most reports first",
     )
     return p
 
@@ -439,19 +473,47 @@ def url_parser() -> configargparse.ArgParser:
         "url", "Print one URL's timeline: reports, probes per agent, episodes, deadline clock."
     )
     p.add_argument("key", help="URL id (a number) or the exact reported URL")
-    _table_options(p)
+    _table_options(p, "deadline regime(s) from the notice the timeline shows, repeatable"
+                   " (default: 1h, 12h, 24h)")  # fmt: skip
     p.add_argument("--format", choices=["text", "json"], default="text", help="output")
     return p
 
 
+def refold_parser() -> configargparse.ArgParser:
+    """The serve options (the method: policy and schedule) plus --since; same config file."""
+    p = serve_parser()
+    p.prog = "takedown-collector refold"
+    p.description = (
+        "Recompute every verdict, episode and event from the stored results under this"
+        " method; print what changed. Run it with the collector stopped."
+    )
+    p.add_argument(
+        "--since",
+        type=instant,
+        help="only URLs with results probed at or after this time (ISO 8601)",
+    )
+    return p
+
+
+def evidence_parser() -> configargparse.ArgParser:
+    return evidence_cli.evidence_options(_parser("evidence", evidence_cli.EVIDENCE_HELP))
+
+
+def log_key_parser() -> configargparse.ArgParser:
+    return evidence_cli.log_key_options(_parser("log-key", evidence_cli.LOG_KEY_HELP))
+
+
 COMMANDS = {
     "serve": serve_parser,
+    "refold": refold_parser,
     "import": import_parser,
     "report": report_parser,
     "url": url_parser,
     "agents": agents_parser,
     "intake-tokens": intake_tokens_parser,
     "ca": ca_parser,
+    "evidence": evidence_parser,
+    "log-key": log_key_parser,
 }
 
 
@@ -490,6 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "serve":
             return _serve(parser, args)
+        if command == "refold":
+            return _refold(parser, args)
         if command == "import":
             return _import(args)
         if command == "url":
@@ -500,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return credentials_command(args, Role.INTAKE)
         if command == "ca":
             return ca_command(args)
+        if command in evidence_cli.COMMANDS:
+            return evidence_cli.run(command, args)
         return _report(args)
     except (CredentialError, PKIError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
@@ -572,9 +638,48 @@ def _import(args: configargparse.Namespace) -> int:
     )
 
 
+def policy_from(parser: configargparse.ArgParser, args: configargparse.Namespace) -> Policy:
+    """The measurement policy the options give; a bad combination ends with one line."""
+    try:
+        return Policy(
+            confirmations=args.confirmations,
+            nxdomain_is_removal=args.nxdomain_is_removal,
+            forbidden_is_removal=args.forbidden_is_removal,
+            dynamic_after=args.dynamic_after,
+            min_vantage_points=args.min_vantage_points,
+            liveness_intervals=args.liveness_intervals,
+            max_clock_offset=args.max_clock_offset,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits
+
+
+def _refold(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
+    policy, planner = policy_from(parser, args), planner_from(args)
+    attribution = build_attributor(
+        args.prefixes, args.asn_mmdb, args.ipasn, args.as_names, args.cdn_asns
+    )
+    if not args.db.exists():
+        raise StoreError(f"{args.db}: no such database")
+    store = Store(args.db, attribution, policy, planner=planner)
+    try:
+        changes = store.refold(args.since, time.time())
+    finally:
+        store.close()
+    moved = Counter(f"{a.value} -> {b.value}" for _, a, b in changes if a is not b)
+    print(f"refolded {len(changes)} URLs with method {store.method.version}")
+    for what, n in sorted(moved.items()):
+        print(f"  {n:8d}  {what}")
+    if not moved:
+        print("  no state changed")
+    return 0
+
+
 def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> int:
     tls, require_tokens = server_security(parser, args)
     planner = planner_from(args)
+    policy = policy_from(parser, args)
     config = CollectorConfig(
         db=args.db,
         listen=args.listen,
@@ -584,16 +689,10 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         ipasn=args.ipasn,
         as_names=args.as_names,
         cdn_asns=args.cdn_asns,
+        country_mmdb=args.country_mmdb,
         planner=planner,
         replan_every=args.replan_every,
-        policy=Policy(
-            confirmations=args.confirmations,
-            nxdomain_is_removal=args.nxdomain_is_removal,
-            forbidden_is_removal=args.forbidden_is_removal,
-            dynamic_after=args.dynamic_after,
-            reach_window=args.reach_window,
-            max_clock_offset=args.max_clock_offset,
-        ),
+        policy=policy,
         buckets=args.buckets or DEFAULT_BUCKETS,
         deadlines=planner.deadlines,
         metrics_max_age=args.metrics_max_age,
@@ -614,6 +713,9 @@ def _report(args: configargparse.Namespace) -> int:
         "order_deadline": args.order_deadline,
         "latency_end": args.latency_end,
     }
+    if args.compare and args.format == "html":
+        print("takedown-collector report: --compare has no html format", file=sys.stderr)
+        return 2
     conn = connect_readonly(args.db)
     try:
         if args.compare:
@@ -621,18 +723,24 @@ def _report(args: configargparse.Namespace) -> int:
             rows = compare_windows(
                 url_outcomes(conn, *current), url_outcomes(conn, *previous), now, **options
             )
-            sys.stdout.write(render_comparison(rows, args.format, current, previous))
+            text = render_comparison(rows, args.format, current, previous)
             outcomes = url_outcomes(conn, *current)
         else:
             outcomes = url_outcomes(conn, args.since, args.until)
             table = provider_table(outcomes, now, **options)
-            sys.stdout.write(render(table, args.format, min_reports=args.min_reports))
+            if args.format == "html":
+                text = _html_page(args, table, outcomes, now, options["deadline"])
+            else:
+                text = render(table, args.format, min_reports=args.min_reports)
     finally:
         conn.close()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"report written to {args.output}", file=sys.stderr)
     if args.plot:
-        by_provider: dict[str, list[UrlOutcome]] = {}
-        for o in outcomes:
-            by_provider.setdefault(o.provider, []).append(o)
+        by_provider = _by_provider(outcomes)
         drawn = plot_survival(
             by_provider,
             args.plot,
@@ -643,6 +751,42 @@ def _report(args: configargparse.Namespace) -> int:
         )
         print(f"survival curves of {len(drawn)} providers written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _by_provider(outcomes: Sequence[UrlOutcome]) -> dict[str, list[UrlOutcome]]:
+    by_provider: dict[str, list[UrlOutcome]] = {}
+    for o in outcomes:
+        by_provider.setdefault(o.provider, []).append(o)
+    return by_provider
+
+
+def _html_page(
+    args: configargparse.Namespace,
+    table: Sequence[Any],
+    outcomes: Sequence[UrlOutcome],
+    now: float,
+    deadline: float,
+) -> str:
+    """The html report from the same records --format json prints, with the top curves."""
+    by_provider = _by_provider(outcomes)
+    drawn = sorted(by_provider, key=lambda p: (-sum(o.reports for o in by_provider[p]), p))
+    curves = {}
+    for provider in drawn[: args.plot_top]:
+        items = by_provider[provider]
+        durations, _ = survival_data(items, now, args.latency_end)
+        curves[provider] = (
+            survival_curve(items, now, args.latency_end),
+            max(durations, default=0.0),
+        )
+    return render_html(
+        [record(r) for r in table],
+        curves,
+        Window(args.since, args.until, now),
+        method=method_label(args.latency_end),
+        deadline=deadline,
+        min_reports=args.min_reports,
+        latency_end=args.latency_end,
+    )
 
 
 def _url(args: configargparse.Namespace) -> int:

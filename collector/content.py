@@ -7,9 +7,11 @@ was cut at the agent's byte cap.
 
 *Baseline.* With the hotline's reference hash, that hash is the content. Without one, a hash
 becomes the baseline only when vantage points agree: the same hash from `need` different
-networks (two by default), or, in a deployment with a single network, from that network at two
-different times. Until then a 2xx body is a *candidate* and the probe is undecided; so a
-filtering ISP's "blocked" page served with status 200 to one network never becomes the content.
+networks (two by default), or from one network at two different times while no other network
+has seen a different 2xx body there (content served to one network only: the others are
+blocked, with 451 or an error). Until then a 2xx body is a *candidate* and the probe is
+undecided; so a filtering ISP's "blocked" page served with status 200 to one network, while
+another network sees the content, never becomes the content.
 When agreement comes, every earlier sighting of that hash is reported back so that the fold can
 count those probes as present.
 
@@ -51,17 +53,19 @@ class Verdict(enum.Enum):
 
 
 def place(url: str) -> str:
-    """Where a URL points, for redirect-away checks: host, port and path, scheme and query dropped."""
+    """Where a URL points, for redirect-away checks: host, port and path (no scheme, no query)."""
     if not url:
         return ""
     try:
         parts = urlsplit(url)
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+        port = parts.port
     except ValueError:
         return url
+    if port == _DEFAULT_PORTS.get(parts.scheme.lower()):
+        port = None
     host = (parts.hostname or "").lower()
     path = parts.path.rstrip("/") or "/"
-    return f"{host}:{port}{path}"
+    return f"{host}:{port or ''}{path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +153,17 @@ class ContentMemory:
     ) -> Judgement:
         seen = self.candidates.setdefault(sha256, [])
         self.candidate_places.setdefault(sha256, where)
-        if len(seen) < MAX_SIGHTINGS:
-            seen.append(sighting)
+        if len(seen) < MAX_SIGHTINGS or sighting.network not in {s.network for s in seen}:
+            seen.append(sighting)  # bounded by MAX_SIGHTINGS plus one per network
         networks = {s.network for s in seen}
         times = {s.at for s in seen}
-        if len(networks) >= need or (need <= 1 and len(times) >= 2):
+        contested = any(
+            o.network not in networks
+            for h, others in self.candidates.items()
+            if h != sha256
+            for o in others
+        )
+        if len(networks) >= need or (len(times) >= 2 and not contested):
             self.baseline = sha256
             self.baseline_place = self.candidate_places[sha256]
             return self._establish([sha256], sighting)

@@ -1,4 +1,4 @@
-"""The verdict of one URL as a pure left fold over its notices and probe observations, in event time.
+"""One URL's verdict as a pure left fold over its notices and probe observations, in event time.
 
 Theory of operation
 -------------------
@@ -18,7 +18,7 @@ witnesses. Removed = every live witness has `k` consecutive removed results afte
 present. An agent that never saw the content present in the episode (blocked, cloaked or late)
 neither confirms nor dates a removal; its confirmed run of removed results does make the URL
 *geoblocked* while a live witness sees the content. Content nobody saw present in the episode is
-removed only when `min_vantage_points` networks (or every network deployed, if fewer) have each
+removed only when `min_vantage_points` networks (every network, if fewer are deployed) have each
 seen it removed `k` times; that removal is flagged `observed_present=False`, its latency an upper
 bound.
 
@@ -100,7 +100,7 @@ class Observation:
 
 @dataclass(frozen=True)
 class Removal:
-    """A confirmed removal of one episode; the content went in (last_present_at, first_removed_at]."""
+    """A confirmed removal of one episode; the content went between the two ends."""
 
     episode: int
     last_present_at: float | None
@@ -118,6 +118,7 @@ class Reappearance:
 
     episode: int
     at: float
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Renotified:
 
     episode: int
     at: float
+    provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,10 @@ class UrlFold:
         self._open_episode(notice.at)
         self.notified_at = notice.at
         old, self.state = self.state, UrlState.PENDING
-        return [Renotified(self.episode, notice.at), StateChange(old, UrlState.PENDING, notice.at)]
+        return [
+            Renotified(self.episode, notice.at, self.provider),
+            StateChange(old, UrlState.PENDING, notice.at),
+        ]
 
     def observe(self, obs: Observation, networks: int) -> list[Event]:
         """Fold in one observation; `networks` is how many distinct networks had agents then."""
@@ -324,7 +329,7 @@ class UrlFold:
         if self.state is UrlState.REMOVED:
             self._open_episode(obs.at)
             self.reappearances += 1
-            events.append(Reappearance(self.episode, obs.at))
+            events.append(Reappearance(self.episode, obs.at, obs.provider or self.provider))
         track.witness = True
         track.last_present_at = obs.at
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False
@@ -389,16 +394,31 @@ class UrlFold:
         live = self._live(now)
         witnesses = [t for t in live if t.witness]
         confirmed_run = [t for t in live if t.last_class is ProbeClass.REMOVED and t.run >= k]
-        if any(t.last_class is ProbeClass.PRESENT for t in witnesses):
-            new = UrlState.GEOBLOCKED if confirmed_run else UrlState.AVAILABLE
+        seeing = [t for t in witnesses if t.last_class is ProbeClass.PRESENT]
+        if seeing:
+            # Blocked somewhere: a run of removed results that began before a live witness
+            # last saw the content. A witness whose run is newer than every present is seeing
+            # a removal in progress, not a block.
+            latest = max(t.last_present_at or 0.0 for t in seeing)
+            blocked = any(t.run_first_at is not None and t.run_first_at <= latest
+                          for t in confirmed_run)  # fmt: skip
+            new = UrlState.GEOBLOCKED if blocked else UrlState.AVAILABLE
         elif self.state is UrlState.REMOVED:
             new = UrlState.REMOVED
         elif any(t.witness for t in self.tracks.values()):
             done = witnesses and all(t.run >= k for t in witnesses)
             new = UrlState.REMOVED if done else self.state
         else:
+            # Nobody has seen the content yet: gone only if enough networks agree, and no
+            # live network is being served a body not yet understood (it may be the content).
             need = max(1, min(self.policy.min_vantage_points, networks))
-            done = len({t.network for t in confirmed_run}) >= need
+            undecided = {s.agent_id for seen in self.content.candidates.values() for s in seen}
+            served = any(
+                agent in undecided and t.last_class is not ProbeClass.REMOVED
+                for agent, t in self.tracks.items()
+                if t in live
+            )
+            done = len({t.network for t in confirmed_run}) >= need and not served
             new = UrlState.REMOVED if done else self.state
         if new is self.state:
             return []
@@ -447,12 +467,13 @@ def refold(
     networks_at: Callable[[float], int],
 ) -> tuple[UrlFold, list[Event]]:
     """Fold a URL from scratch: its notices and observations in event time, and every event."""
-    ordered = sorted([*notices], key=lambda n: n.at)
+    ordered = sorted(notices, key=lambda n: n.at)
     if not ordered:
         raise ValueError("a URL needs at least one notice")
     fold = UrlFold.start(ordered[0], method)
     events: list[Event] = []
-    for item in sorted([*ordered[1:], *observations], key=event_order):
+    inputs: list[Input] = [*ordered[1:], *observations]
+    for item in sorted(inputs, key=event_order):
         if isinstance(item, Notice):
             events += fold.notice(item)
         else:

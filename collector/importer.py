@@ -10,23 +10,47 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
-from agent.credentials import ClientTLS, call_metadata, open_channel
+from client.credentials import ClientTLS, call_metadata, open_channel
+from client.failures import TRANSIENT_CODES, classify
 from collector.reports_file import ReportFileError, ReportIn, RowError, read_reports, validate_file
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT
+    """Worth another try: the collector is unavailable or slow, and not for a TLS mistake."""
+    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in TRANSIENT_CODES:
+        return False
+    return not classify(exc).fatal
+
+
+def _retrying(out: TextIO, target: str, attempts: int) -> Callable[[RetryCallState], None]:
+    """tenacity's before_sleep: one line naming the cause of each retry."""
+
+    def say(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        cause = classify(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        print(
+            f"import: collector {target} failed ({cause}); attempt {state.attempt_number}"
+            f" of {attempts}, retrying in {wait:.1f} s",
+            file=out,
+        )
+
+    return say
 
 
 def _chunks(path: Path, fmt: str | None, size: int) -> Iterator[list[ReportIn]]:
@@ -103,6 +127,7 @@ async def import_file(
                     stop=stop_after_attempt(attempts),
                     wait=wait_exponential_jitter(multiplier=0.5, max=10),
                     reraise=True,
+                    before_sleep=_retrying(out, target, attempts),
                 ):
                     with attempt:
                         response = await stub.Submit(
@@ -124,7 +149,7 @@ async def import_file(
                     last_progress = time.monotonic()
     except grpc.aio.AioRpcError as exc:
         print(
-            f"import: collector {target} failed: {exc.code().name}: {exc.details()}"
+            f"import: collector {target} failed: {classify(exc)}"
             f" ({sent} of {check.valid} reports were sent before; importing again is safe)",
             file=out,
         )

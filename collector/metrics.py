@@ -31,8 +31,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from collector.durations import duration_label as deadline_label
+from collector.method import METHOD_VERSION, UrlState
 from collector.store import StoreError, reads
-from collector.verdict import UrlState
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,20 @@ class StateCollector(Collector):
         for f in figures:
             reappeared.add_metric([f.provider], f.reappearances)
         yield reappeared
+        stale = GaugeMetricFamily(
+            "takedown_stale_urls",
+            "Watched URLs on which no vantage point that could change the verdict is live"
+            " (the state is held, not guessed)",
+            labels=["provider"],
+        )
+        for f in figures:
+            stale.add_metric([f.provider], f.stale)
+        yield stale
+        info = GaugeMetricFamily(
+            "takedown_method_info", "The measurement method the verdicts follow", labels=["method"]
+        )
+        info.add_metric([METHOD_VERSION], 1)
+        yield info
 
     def _latency(self, figures: Sequence[reads.ProviderFigures]) -> Iterator[Metric]:
         family = HistogramMetricFamily(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from collector.durations import duration_label, parse_duration
-from collector.verdict import UrlState
+from collector.method import UrlState
 
 HOUR = 3600.0
 DAY = 86400.0

@@ -20,13 +20,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from collector.attribution_sources import build_attributor
 from collector.auth import Gate, ServerTLS, server_credentials
 from collector.decoding import Decoding
+from collector.method import METHOD_VERSION, Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.ratelimit import RateLimiter
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
 from collector.store import Store, StoreError, Writer
-from collector.verdict import Policy
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class CollectorConfig:
     ipasn: Path | None = None
     as_names: Path | None = None
     cdn_asns: frozenset[int] = frozenset()
+    country_mmdb: Path | None = None  # where an address is, when --prefixes gives no country
     planner: Planner = field(default_factory=Planner)
     replan_every: float = 60.0
     policy: Policy = field(default_factory=Policy)
@@ -79,9 +80,16 @@ class Collector:
         self.config = config
         self.clock = clock
         self.attribution = build_attributor(
-            config.prefixes, config.asn_mmdb, config.ipasn, config.as_names, config.cdn_asns
+            config.prefixes,
+            config.asn_mmdb,
+            config.ipasn,
+            config.as_names,
+            config.cdn_asns,
+            config.country_mmdb,
         )
-        self.writer = Writer(lambda: Store(config.db, self.attribution, config.policy))
+        self.writer = Writer(
+            lambda: Store(config.db, self.attribution, config.policy, planner=config.planner)
+        )
         self.hub = AgentHub()
         self.registry = CollectorRegistry()
         self.self_metrics = SelfMetrics(self.registry)
@@ -92,6 +100,7 @@ class Collector:
         self._planning: asyncio.Task[None] | None = None
         self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
+        self.decoding = Decoding()
         mutual = mutual_tls(config)
         self.gate: Gate | None = None
         if config.require_tokens or mutual:
@@ -112,9 +121,13 @@ class Collector:
         tls = self.config.tls
         credentials = server_credentials(tls) if tls is not None else None  # files read first
         await self.writer.start()
+        outdated = await self.writer.run(lambda s: s.outdated())
+        if outdated:
+            log.warning("refold_at_start urls=%d method=%s", outdated, METHOD_VERSION)
+            await self.writer.run(lambda s: s.refold(now=self.clock()))
         server = grpc.aio.server(
             # Outermost first: undecodable bytes are refused before the gate reads a hello.
-            interceptors=[Decoding(), *([self.gate] if self.gate is not None else [])],
+            interceptors=[self.decoding, *([self.gate] if self.gate is not None else [])],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

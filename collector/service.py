@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from client.digests import BUCKETS, Digests, bucket_of
+from collector.auth import INTAKE_SOURCE
 from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
@@ -36,7 +38,6 @@ from collector.store.reads import (
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
-from protos.takedown.v1.assignment import BUCKETS, Digests, bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ ASSIGNMENT_CHUNK = 1_000
 MAX_NAME = 128
 MAX_URL = 8192
 EARLIEST = 946_684_800.0  # 2000-01-01: older times are an agent's broken clock
+# A probe time further ahead of the collector's clock is a broken agent clock: folded in event
+# time it would hold liveness and order for hours.
+MAX_FUTURE = 900.0
+_TLS_CHECKS = frozenset(pb.TlsCheck.values())
 SQLITE_MAX_INT = 2**63 - 1  # uint64 fields above it cannot be stored
 
 _ERROR_NAMES = {
@@ -230,8 +235,15 @@ def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
     started = us_to_s(r.started_at_unix_us)
     if r.url_id <= 0:
         return f"url_id {r.url_id} is not a valid id"
-    if not EARLIEST <= started <= now + 86_400:
-        return f"started_at {r.started_at_unix_us} is outside the plausible range"
+    if started < EARLIEST:
+        return f"started_at {r.started_at_unix_us} is before 2000-01-01"
+    if started > now + MAX_FUTURE:
+        return (
+            f"started_at is {started - now:.0f} s ahead of the collector's clock"
+            f" (at most {MAX_FUTURE:.0f} s; check the agent's NTP)"
+        )
+    if r.tls not in _TLS_CHECKS:
+        return f"unknown tls check {r.tls}"
     if r.status > 999:
         return f"status {r.status} is not an HTTP status"
     if r.seq > SQLITE_MAX_INT or r.body_bytes > SQLITE_MAX_INT:
@@ -261,6 +273,7 @@ def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
         error=_ERROR_NAMES[r.error],
         redirects=r.redirects,
         challenge=r.challenge,
+        tls=int(r.tls),
     )
 
 
@@ -433,7 +446,10 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             log.error("batch_not_stored agent=%s error=%s", session.name, exc)
             raise Refused(grpc.StatusCode.UNAVAILABLE, f"results not stored: {exc}") from exc
         if done.rejected:
-            log.warning("results_for_unknown_urls agent=%s count=%d", session.name, done.rejected)
+            log.warning(
+                "results_refused agent=%s count=%d first=%r",
+                session.name, done.rejected, done.refused[0] if done.refused else "",
+            )  # fmt: skip
         session.outbox.put_nowait(
             pb.CollectorMessage(
                 ack=pb.BatchAck(
@@ -452,6 +468,13 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         m.rejected.inc(done.rejected)
         m.invalid.inc(invalid)
         m.ack_seconds.observe(time.monotonic() - arrived)
+
+
+_SUBMITTED = {
+    Submitted.ACCEPTED: pb.SUBMIT_STATUS_ACCEPTED,
+    Submitted.ALREADY_KNOWN: pb.SUBMIT_STATUS_ALREADY_KNOWN,
+    Submitted.REJECTED: pb.SUBMIT_STATUS_REJECTED,
+}
 
 
 class IntakeService(pb_grpc.IntakeServicer):
@@ -492,7 +515,10 @@ class IntakeService(pb_grpc.IntakeServicer):
                 outcomes.append(None)
                 valid.append(checked)
         try:
-            stored = await self.writer.run(lambda s: s.submit_reports(valid, now, self.planner))
+            source = INTAKE_SOURCE.get()
+            stored = await self.writer.run(
+                lambda s: s.submit_reports(valid, now, self.planner, source)
+            )
         except StoreError as exc:
             self.metrics.store_errors.inc()
             log.error("reports_not_stored error=%s", exc)
@@ -507,12 +533,10 @@ class IntakeService(pb_grpc.IntakeServicer):
         for slot in outcomes:
             if slot is None:
                 o = next(it)
-                status = (
-                    pb.SUBMIT_STATUS_ACCEPTED
-                    if o.status is Submitted.ACCEPTED
-                    else pb.SUBMIT_STATUS_ALREADY_KNOWN
+                status = _SUBMITTED[o.status]
+                slot = pb.SubmitOutcome(
+                    status=status, report_id=o.report_id, url_id=o.url_id, error=o.error
                 )
-                slot = pb.SubmitOutcome(status=status, report_id=o.report_id, url_id=o.url_id)
             {
                 pb.SUBMIT_STATUS_ACCEPTED: self.metrics.reports_accepted,
                 pb.SUBMIT_STATUS_ALREADY_KNOWN: self.metrics.reports_known,

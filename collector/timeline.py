@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from collector.durations import duration_label
+from collector.method import ONLINE_STATES
 from collector.report import human_duration
 from collector.store.history import ProbeRun, UrlHistory
-from collector.verdict import ONLINE_STATES
 
 DEFAULT_DEADLINES: tuple[float, ...] = (3600.0, 12 * 3600.0, 86400.0)
 DEFAULT_ORDER_DEADLINE = 12 * 3600.0
@@ -114,6 +114,8 @@ def _event_text(kind: str, d: dict[str, Any]) -> str:
         return f"state {d.get('from')} → {d.get('to')}"
     if kind == "removal":
         nx = " (rests on DNS NXDOMAIN)" if d.get("nxdomain") else ""
+        if d.get("observed_present") is False:
+            nx += " (not observed present: latency is an upper bound)"
         return (
             f"removal of episode {d.get('episode')} confirmed: went between"
             f" {iso(d.get('last_present_at')) or 'the notice (never seen present)'}"
@@ -121,6 +123,8 @@ def _event_text(kind: str, d: dict[str, Any]) -> str:
         )
     if kind == "reappearance":
         return f"reappeared: episode {d.get('episode')} opens"
+    if kind == "renotified":
+        return f"reported again after the removal: episode {d.get('episode')} opens"
     return f"{kind} {json.dumps(d, sort_keys=True)}"
 
 
@@ -154,7 +158,7 @@ def _baseline(h: UrlHistory) -> str:
     if h.baseline_sha256 is None:
         return "none yet (no 2xx body seen)"
     prefix = h.baseline_sha256.hex()[:16]
-    source = "hotline reference hash" if h.baseline_from_reference else "first present body"
+    source = "hotline reference hash" if h.baseline_from_reference else "agreed by vantage points"
     return f"{source} (sha256 {prefix}…)"
 
 
@@ -190,7 +194,7 @@ def timeline_document(
         "active": h.active,
         "baseline": {
             "source": None if h.baseline_sha256 is None
-            else "reference" if h.baseline_from_reference else "first_present",
+            else "reference" if h.baseline_from_reference else "agreed",
             "sha256_prefix": h.baseline_sha256.hex()[:16] if h.baseline_sha256 else None,
         },
         "notified_at": iso(h.notified_at),
@@ -198,12 +202,18 @@ def timeline_document(
         "last_probe_at": iso(last_probe_at(h)),
         "episode": h.episode,
         "reappearances": h.reappearances,
+        "method": h.method,
+        "stale": h.active and h.live_until is not None and now > h.live_until,
+        "live_until": iso(h.live_until),
+        "truncated_vs_reference": h.truncated_vs_reference,
+        "tls_unverified_results": h.tls_unverified,
         "removal": None if h.removal_first_removed_at is None else {
             "last_present_at": iso(h.removal_last_present_at),
             "first_removed_at": iso(h.removal_first_removed_at),
             "confirmed_at": iso(h.removal_confirmed_at),
             "latency_seconds": h.removal_latency,
             "nxdomain": h.removal_nxdomain,
+            "observed_present": h.removal_observed_present,
         },
         "reports": [
             {"reference": r.reference, "notified_at": iso(r.notified_at),
@@ -245,6 +255,19 @@ def render_timeline(
         f"state: {h.state}, provider {h.provider} ({asn}{', CDN' if h.cdn else ''}),"
         f" episode {h.episode}, reappearances {h.reappearances}",
         f"baseline: {_baseline(h)}; dynamic page: {'yes' if h.dynamic else 'no'}",
+        f"method: {h.method or 'not folded yet'}"
+        + (
+            f"; STALE: no vantage point that could change the state is live since"
+            f" {iso(h.live_until)}"
+            if h.active and h.live_until is not None and now > h.live_until
+            else ""
+        )
+        + (f"; {h.tls_unverified} results over TLS that did not verify" if h.tls_unverified else "")
+        + (
+            f"; {h.truncated_vs_reference} truncated bodies not compared with the reference"
+            if h.truncated_vs_reference
+            else ""
+        ),
         f"notified: {iso(h.notified_at)} (earliest notice); last seen present:"
         f" {iso(h.last_present_at) or 'never'}; last probe: {iso(last_probe_at(h)) or 'none yet'}",
         "reports:",

@@ -6,7 +6,7 @@ processes; only the hoster is a stand-in, serving eight pages on two
 addresses that the prefix table maps to two providers. Four pages are removed
 a few seconds after the notice, one is blocked for one agent's network, one
 answers 503 for a while. The demo waits until the removals are measured, then
-prints the metrics and the provider table.
+prints the metrics and the provider table, and writes the table as an html page (--html).
 
 It is secured as in production: a private CA (`takedown-collector ca`) signs
 the collector's certificate and one client certificate per agent (mutual
@@ -118,7 +118,7 @@ def sample_sum(text: str, name: str) -> float:
     )
 
 
-async def run(state: Path, give_up_after: float) -> int:
+async def run(state: Path, give_up_after: float, html_page: Path) -> int:
     hoster = Hoster()
     port = free_port()
     for pages in PAGES.values():
@@ -214,6 +214,9 @@ async def run(state: Path, give_up_after: float) -> int:
         print("\n== takedown-collector report (overdue: the demo's 10 s deadline, as in /metrics)")
         report = [str(BIN / "takedown-collector"), "report", "--db", str(db), "--deadline", "10s"]
         await asyncio.to_thread(subprocess.run, report, check=True)
+        page = [*report, "--format", "html", "-o", str(html_page)]
+        await asyncio.to_thread(subprocess.run, page, check=True, capture_output=True)
+        print(f"\n== the report as a page (open it in a browser): {html_page}")
         return 0
     finally:
         for proc in reversed(procs):
@@ -253,11 +256,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, help="keep database and logs here (default: temp)")
     parser.add_argument("--timeout", type=float, default=90.0, help="give up after this many s")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "takedown-demo-report.html",
+        help="write the html report here (kept after the demo)",
+    )
     args = parser.parse_args()
     state = args.state or Path(tempfile.mkdtemp(prefix="takedown-demo-"))
     state.mkdir(parents=True, exist_ok=True)
     print(f"== state (database, logs) in {state}")
-    code = asyncio.run(run(state, args.timeout))
+    code = asyncio.run(run(state, args.timeout, args.html.resolve()))
     if args.state is None and code == 0 and not os.environ.get("KEEP_DEMO_STATE"):
         shutil.rmtree(state)
     return code

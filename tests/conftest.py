@@ -15,9 +15,9 @@ import pytest
 
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
+from collector.method import Policy
 from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
-from collector.verdict import Policy
 from demo.hoster import Hoster
 from tests.procs import samples_of, until
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.assignment import Assignment, AssignmentChange
+from client.digests import BUCKETS
 from collector.service import (
     ASSIGNMENT_CHUNK,
     assignment_updates,
@@ -18,7 +19,6 @@ from collector.service import (
 )
 from collector.store import Target
 from collector.store.reads import active_intervals, targets_by_bucket
-from protos.takedown.v1.assignment import BUCKETS
 
 entries = st.dictionaries(
     st.integers(min_value=1, max_value=5 * BUCKETS),

@@ -19,8 +19,17 @@ import configargparse
 import pytest
 
 from agent.cli import build_parser
-from collector.cli import duration, import_parser, report_parser, serve_parser, url_parser
+from collector.cli import (
+    COMMANDS,
+    DEFAULT_SCHEDULE,
+    duration,
+    import_parser,
+    report_parser,
+    serve_parser,
+    url_parser,
+)
 from collector.importer import import_file
+from collector.schedule import DEFAULT_PHASES, parse_phases
 from collector.server import Collector
 from collector.store.reads import connect_readonly, url_statuses
 
@@ -156,6 +165,138 @@ class TestHelp:
         done = run(COLLECTOR, "frobnicate")
         assert done.returncode == 2
         assert "unknown command 'frobnicate'" in done.stderr
+
+
+def help_entries(parser: configargparse.ArgParser) -> dict[str, str]:
+    """Each option's help entry (its lines joined), by its first option string."""
+    entries: dict[str, str] = {}
+    current = ""
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("      "):
+            entries[current] += " " + line.strip()
+        else:
+            current = ""
+    return entries
+
+
+ALL_PARSERS = [("takedown-agent", build_parser)] + [
+    (f"takedown-collector {name}", build) for name, build in COMMANDS.items()
+]
+
+
+class TestHelpDefaults:
+    @pytest.mark.parametrize(("program", "build"), ALL_PARSERS)
+    def test_each_option_shows_at_most_one_default_and_no_python_objects(
+        self, program: str, build: Callable[[], configargparse.ArgParser]
+    ) -> None:
+        """No help entry says None, False, frozenset() or a float of seconds, or two defaults."""
+        entries = help_entries(build())
+        assert entries, program
+        for option, text in entries.items():
+            assert text.count("(default") <= 1, (option, text)
+            for junk in ("None", "frozenset", "False)", "True)", "Phase(", "21600.0", "43200"):
+                assert junk not in text, (option, text)
+
+    def test_serve_defaults_read_as_written(self) -> None:
+        """serve --help shows the schedule, durations and rates the way a user types them."""
+        entries = help_entries(serve_parser())
+        expected = {
+            "--schedule": "(default: 5m<2h,15m<48h,1h)",
+            "--watch-interval": "(default: 6h)",
+            "--watch-period": "(default: 30d)",
+            "--reach-window": "(default: 6h)",
+            "--order-deadline": "(default: 12h)",
+            "--deadline": "(default: 1h, 12h, 24h)",
+            "--deadline-window": "(default: 30m)",
+            "--nxdomain-is-removal": "(default: --nxdomain-is-removal)",
+            "--max-results-per-second": "(default: 20000)",
+        }
+        for option, shown in expected.items():
+            assert shown in entries[option], entries[option]
+
+    def test_written_schedule_default_is_the_planner_default(self) -> None:
+        """The schedule help shows is the one the planner uses when none is given."""
+        assert parse_phases(DEFAULT_SCHEDULE) == DEFAULT_PHASES
+        assert serve_parser().parse_args([]).schedule == DEFAULT_PHASES
+
+    def test_string_defaults_are_converted(self) -> None:
+        """Defaults given as text reach the program as the option's type."""
+        args = serve_parser().parse_args([])
+        assert (args.watch_period, args.watch_interval, args.order_deadline) == (
+            30 * 86400.0,
+            6 * 3600.0,
+            12 * 3600.0,
+        )
+        assert args.max_results_per_second == 20_000.0
+        agent = build_parser().parse_args(["--collector", "127.0.0.1:1", "--network", "n"])
+        assert (agent.timeout, agent.first_spread) == (30.0, 60.0)
+
+
+BAD_VALUES = [
+    ("serve", "--max-probe-rate", "0", "probes per second, above 0"),
+    ("serve", "--max-probe-rate", "-1", "probes per second, above 0"),
+    ("serve", "--max-probe-rate", "lots", "probes per second, above 0"),
+    ("serve", "--watch-period", "-3d", "is not a duration"),
+    ("serve", "--listen", "nowhere", "HOST:PORT"),
+    ("serve", "--max-results-per-second", "-5", "0 or more (0: no limit)"),
+    ("serve", "--buckets", "soon", "is not a duration"),
+    ("report", "--min-reports", "0", "whole number, above 0"),
+    ("import", "--collector", "::1:7443", "IPv6 address in brackets"),
+    ("agent", "--concurrency", "-4", "whole number, above 0"),
+    ("agent", "--timeout", "0", "seconds, above 0"),
+    ("agent", "--source-address", "eth0", "IP address"),
+    ("agent", "--max-redirects", "100", "up to (not including) 100"),
+]
+
+
+class TestBadValues:
+    @pytest.mark.parametrize(("command", "option", "value", "allowed"), BAD_VALUES)
+    def test_bad_value_is_one_line_naming_option_and_what_is_allowed(
+        self,
+        command: str,
+        option: str,
+        value: str,
+        allowed: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A bad value exits 2 with one line: the program, the option, the value, what fits."""
+        if command == "agent":
+            parser = build_parser()
+            argv = ["--collector", "127.0.0.1:1", "--network", "n", option, value]
+        else:
+            parser = COMMANDS[command]()
+            argv = (["FILE"] if command == "import" else []) + [option, value]
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(parser.prog + ": argument " + option), lines
+        assert repr(value) in lines[0] and allowed in lines[0], lines
+
+    def test_zero_probe_rate_exits_2_without_traceback(self, tmp_path: Path) -> None:
+        """takedown-collector serve --max-probe-rate 0 is a one-line usage error, not a crash."""
+        done = run(COLLECTOR, "serve", "--max-probe-rate", "0", "--db", str(tmp_path / "c.db"))
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "--max-probe-rate" in done.stderr and "above 0" in done.stderr
+
+    def test_bad_value_from_the_environment_names_the_option(self) -> None:
+        """A bad value in TAKEDOWN_AGENT_CONCURRENCY is refused like the flag."""
+        env = {**clean_env(), "TAKEDOWN_AGENT_CONCURRENCY": "0"}
+        done = subprocess.run(
+            [AGENT, "--collector", "127.0.0.1:1", "--network", "n"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 2
+        assert "--concurrency" in done.stderr and "Traceback" not in done.stderr
 
 
 class TestAgentOptions:
@@ -504,7 +645,7 @@ class TestReport:
         rc, out, err, _ = await run_async(COLLECTOR, "report", "--db", str(db))
         assert rc == 0, err
         header = out.splitlines()[0].split()
-        assert header[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
+        assert header[:7] == ["provider", "asn", "from", "reports", "urls", "removed", "online"]
         assert "median" in header
 
     async def test_markdown_window(self, db: Path) -> None:

@@ -35,7 +35,7 @@ import pytest
 from cryptography import x509
 
 from agent.cli import build_parser
-from agent.credentials import ClientTLS
+from client.credentials import ClientTLS
 from collector.cli import import_parser, serve_parser, server_security
 from collector.server import Collector
 from tests.conftest import eventually, scrape

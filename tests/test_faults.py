@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,11 +42,12 @@ from agent.result import ProbeResult
 from agent.spool import Spool
 from collector.cli import planner_from, serve_parser
 from collector.importer import import_file
+from collector.method import UrlState
 from collector.schedule import Planner
-from collector.verdict import UrlState
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B
 from tests.procs import (
+    BIN,
     Proc,
     Procs,
     Samples,
@@ -162,6 +164,22 @@ class Stack:
 
     async def collector_samples(self) -> Samples | None:
         return await metrics(self.metrics_port)
+
+
+def verdicts(db: Path) -> tuple[list[tuple[object, ...]], ...]:
+    """Every URL's verdict columns, episodes and timeline events (what a refold rewrites)."""
+    with readonly(db) as conn:
+        return (
+            conn.execute(
+                "SELECT url_id, state, episode, last_present_at, removal_last_present_at,"
+                " removal_first_removed_at, removal_confirmed_at, removal_latency,"
+                " reappearances, first_provider, method FROM url_state ORDER BY url_id"
+            ).fetchall(),
+            conn.execute("SELECT * FROM episodes ORDER BY url_id, episode").fetchall(),
+            conn.execute(
+                "SELECT url_id, at, kind, detail FROM url_events ORDER BY url_id, at, kind, detail"
+            ).fetchall(),
+        )
 
 
 def url_ids(db: Path) -> dict[str, int]:
@@ -484,6 +502,18 @@ async def test_kills_and_partition_lose_nothing_and_count_nothing_twice(
     assert all(n > 0 for n in faulty.results.values())
     assert faulty.faults.duplicates_absorbed > 0, "no result was delivered twice: a weak test"
     assert_no_errors(procs)  # e.g. an agent that died of a race when its collector was killed
+    for label in ("clean", "faulty"):
+        db = tmp_path / label / "collector.db"
+        before = verdicts(db)
+        refolded = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "takedown-collector"), "refold", "--db", str(db), "--probe-interval",
+             f"{INTERVAL}s", "--confirmations", "2"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert refolded.returncode == 0, refolded.stderr
+        assert "no state changed" in refolded.stdout, refolded.stdout
+        assert verdicts(db) == before, f"{label}: refold from stored results differs"
     print(
         f"\nseed {SEED}: clean run {clean.seconds:.1f}s {clean.results};"
         f" faulty run {faulty.seconds:.1f}s {faulty.results}; agent kills"

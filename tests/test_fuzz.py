@@ -14,7 +14,9 @@ or stream. Each test asserts (and prints) the count it reached, so lowering `max
 what the promise needs fails instead of silently testing less.
 
 Bytes that do not parse as the request type never reach a servicer: the collector's `Decoding`
-interceptor answers INVALID_ARGUMENT naming the message type (and, in a stream, its position).
+interceptor answers INVALID_ARGUMENT naming the message type (and, in a stream, its position),
+on Intake/Submit, AgentLink/Connect and the open health service's Check and Watch alike, with at
+most one throttled warning per method in the log and never an ERROR traceback.
 
 The gRPC tests run Hypothesis in a worker thread (`drive`) so that each example can make real
 calls on the test's event loop, where the conftest collector serves, and the counts can be
@@ -1046,3 +1048,122 @@ async def test_connect_raw_bytes(collector: Collector) -> None:
         await still_serving(channel)
     print(f"reached connect-raw: {reached}")
     assert reached["payloads"] >= 600, reached
+
+
+# grpc.health.v1: Check (unary) and Watch (server streaming), open to anyone without a token.
+
+CHECK = "/grpc.health.v1.Health/Check"
+WATCH = "/grpc.health.v1.Health/Watch"
+HEALTH_REQUEST = "grpc.health.v1.HealthCheckRequest"
+KNOWN_SERVICES = ("", "takedown.v1.AgentLink", "takedown.v1.Intake")
+
+
+def malformed_warnings(records: list[Any], method: str) -> int:
+    return sum(
+        1
+        for r in records
+        if r.name == "collector.decoding" and f"method={method} " in r.getMessage()
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_health_raw_bytes(collector: Collector, caplog: pytest.LogCaptureFixture) -> None:
+    """>= 400 raw payloads on Health/Check and Health/Watch: a payload that parses is answered
+    like that request (SERVING for the collector's services, NOT_FOUND / SERVICE_UNKNOWN for
+    others), one that does not is INVALID_ARGUMENT naming the type; the log holds no ERROR and
+    at most one throttled warning per method per 10 s; the server keeps serving."""
+    caplog.set_level("WARNING")
+    call_ = caller(asyncio.get_running_loop())
+    reached = {"check": 0, "watch": 0, "undecodable": 0}
+    valid = st.one_of(st.sampled_from(KNOWN_SERVICES), st.just("nope.v1.X"), any_text).map(
+        lambda s: health_pb2.HealthCheckRequest(service=s).SerializeToString()
+    )
+    payloads = st.one_of(st.binary(max_size=60), mutated(valid), valid)
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        check = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
+        watch = channel.unary_stream(WATCH, request_serializer=None, response_deserializer=None)
+
+        async def one(data: bytes) -> None:
+            parsed = decodes(health_pb2.HealthCheckRequest, data)
+            known = parsed is not None and parsed.service in KNOWN_SERVICES
+            try:
+                raw = await check(data, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if parsed is None:
+                    assert undecodable(exc, HEALTH_REQUEST), (data, exc)
+                    reached["undecodable"] += 1
+                else:
+                    assert not known and exc.code() == grpc.StatusCode.NOT_FOUND, (data, exc)
+            else:
+                assert known, data
+                reply = health_pb2.HealthCheckResponse.FromString(raw)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reached["check"] += 1
+            stream = watch(data, timeout=30)
+            try:
+                first = await stream.read()
+            except grpc.aio.AioRpcError as exc:
+                assert parsed is None and undecodable(exc, HEALTH_REQUEST), (data, exc)
+            else:
+                assert parsed is not None, data
+                status = health_pb2.HealthCheckResponse.FromString(first).status
+                want = "SERVING" if known else "SERVICE_UNKNOWN"
+                assert status == health_pb2.HealthCheckResponse.ServingStatus.Value(want)
+            finally:
+                stream.cancel()
+            reached["watch"] += 1
+
+        async def many(batch: list[bytes]) -> None:
+            for data in batch:
+                await one(data)
+
+        @settings(max_examples=100, **BULK)
+        @given(st.lists(payloads, min_size=4, max_size=5))
+        def run(batch: list[bytes]) -> None:
+            call_(many(batch))
+
+        await drive(run)
+        await still_serving(channel)
+    windows = 1 + int((time.monotonic() - started) // 10)
+    print(f"reached health-raw: {reached}")
+    assert reached["check"] >= 400 and reached["undecodable"] > 40, reached
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert errors == [], [r.getMessage() for r in errors]
+    for method in ("Check", "Watch"):
+        assert 1 <= malformed_warnings(caplog.records, method) <= windows, method
+
+
+@pytest.mark.integration
+async def test_malformed_flood_logs_one_warning(
+    collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 undecodable requests on each method are all INVALID_ARGUMENT; while the throttle's
+    window lasts, each method logs one warning and no ERROR or traceback."""
+    caplog.set_level("WARNING")
+    collector.decoding.throttle.every = 3600.0  # the whole test is one window
+    bad = b"\xff\xff\xff"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "Check": lambda: channel.unary_unary(CHECK, None, None)(bad),
+            "Watch": lambda: channel.unary_stream(WATCH, None, None)(bad).read(),
+            "Submit": lambda: channel.unary_unary(SUBMIT, None, None)(bad),
+        }
+
+        async def connect() -> object:
+            call = channel.stream_stream(CONNECT, None, None)()
+            await call.write(bad)
+            return await call.read()
+
+        calls["Connect"] = connect
+        for name, make in calls.items():
+            for _ in range(200):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await make()
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, info.value)
+        await still_serving(channel)
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL") or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+    for name in calls:
+        assert malformed_warnings(caplog.records, name) == 1, name

@@ -30,9 +30,9 @@ from aiohttp import web
 
 from agent.main import Agent
 from collector.importer import import_file
+from collector.method import Policy
 from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
-from collector.verdict import Policy
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B, PREFIXES, agent_config, eventually, scrape
 from tests.test_deploy import (

@@ -24,15 +24,17 @@ OLD = NOW - 10 * DAY
 
 
 def removed(provider: str, seconds: float, notified: float = OLD, **kw: object) -> UrlOutcome:
-    """A URL whose first episode was removed `seconds` after its notice."""
+    """A URL whose first episode was removed `seconds` after its notice (probed just before)."""
     base = UrlOutcome(provider, 64500, "removed", notified, seconds, 1,
-                      removal_first_removed_at=notified + seconds)  # fmt: skip
+                      removal_first_removed_at=notified + seconds,
+                      removal_last_present_at=notified + seconds)  # fmt: skip
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def online(provider: str, notified: float = OLD, **kw: object) -> UrlOutcome:
-    """A URL still available."""
-    return replace(UrlOutcome(provider, 64500, "available", notified, None, 1), **kw)  # type: ignore[arg-type]
+    """A URL still available, seen present at NOW."""
+    base = UrlOutcome(provider, 64500, "available", notified, None, 1, last_conclusive_at=NOW)
+    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def rows_by_provider(rows: list[ProviderRow]) -> dict[str, ProviderRow]:
@@ -92,26 +94,62 @@ class TestProviderTable:
         assert rows[0].median_latency_seconds == rows[1].median_latency_seconds == HOUR
 
     def test_providers_under_min_reports_are_listed_unranked(self) -> None:
-        """A provider with fewer reports than min_reports has rank None and comes after ranked."""
+        """Ranking needs min_reports distinct URLs: many reports of one URL do not count."""
         big = [removed("Big", 3 * DAY) for _ in range(10)]
-        small = [removed("Small", 60, reports=3)]
+        small = [removed("Small", 60, reports=3) for _ in range(3)]
         one_url_many_reports = [removed("Busy", 2 * DAY, reports=10)]
         rows = provider_table([*small, *big, *one_url_many_reports], NOW)
-        assert [(r.provider, r.rank) for r in rows] == [("Busy", 1), ("Big", 2), ("Small", None)]
+        assert [(r.provider, r.rank) for r in rows] == [
+            ("Big", 1), ("Busy", None), ("Small", None)
+        ]  # fmt: skip
         rows = provider_table([*small, *big], NOW, min_reports=3)
         assert [(r.provider, r.rank) for r in rows] == [("Small", 1), ("Big", 2)]
+
+    def test_cdn_and_unattributed_are_listed_never_ranked(self) -> None:
+        """A CDN row and the unattributed row are listed but get no rank, however many URLs."""
+        cdn = [removed("SomeCDN", HOUR, cdn=True) for _ in range(12)]
+        nobody = [removed("unattributed", HOUR) for _ in range(12)]
+        company = [removed("Company", DAY) for _ in range(12)]
+        ranks = {r.provider: r.rank for r in provider_table([*cdn, *nobody, *company], NOW)}
+        assert ranks == {"Company": 1, "SomeCDN": None, "unattributed": None}
+
+    def test_pending_and_unseen_are_listed_not_estimated(self) -> None:
+        """Pending URLs and removals nobody saw present count in columns, not in the KM."""
+        items = [removed("A", DAY) for _ in range(4)]
+        items += [replace(online("A"), state="pending", last_conclusive_at=None)] * 3
+        items += [removed("A", 60, observed_present=False)] * 2
+        (row,) = provider_table(items, NOW)
+        assert (row.pending, row.not_observed_present, row.removed) == (3, 2, 6)
+        assert row.median_latency_seconds == DAY  # the unseen fast ones do not pull it down
+
+    def test_share_within_24h_needs_follow_up_to_24h(self) -> None:
+        """Online URLs followed for 2 h and none removed: no 24 h share, not 0 %."""
+        young = [online("A", NOW - 2 * HOUR) for _ in range(5)]
+        (row,) = provider_table(young, NOW)
+        assert row.removed_within_24h is None and row.removed_within_24h_interval is None
+        (row,) = provider_table([*young, online("A")], NOW)
+        assert row.removed_within_24h == 0.0
+
+    def test_online_is_censored_at_its_last_conclusive_probe(self) -> None:
+        """A URL last seen 3 d after notice (agents gone since) is censored at 3 d, not now."""
+        items = [removed("A", 5 * DAY), online("A", last_conclusive_at=OLD + 3 * DAY)]
+        (row,) = provider_table(items, NOW)
+        # Censored at 3 d it is not at risk at 5 d, so the removal takes S to 0 (at its
+        # current age of 10 d it would hold S at 0.5 and p90 would never be reached).
+        assert row.p90_latency_seconds == 5 * DAY
 
     def test_latency_end_chooses_the_end_of_the_removal_interval(self) -> None:
         """last_present uses last present − notice, 0 when never seen present."""
         seen = removed("A", 2 * HOUR, removal_last_present_at=OLD + 1800)
-        unseen = removed("A", 5 * HOUR)
+        unseen = removed("A", 5 * HOUR, removal_last_present_at=None)
         assert latency(seen) == 2 * HOUR
         assert latency(seen, "last_present") == 1800
         assert latency(unseen, "last_present") == 0.0
         (upper,) = provider_table([seen, unseen], NOW)
         (lower,) = provider_table([seen, unseen], NOW, latency_end="last_present")
-        assert (upper.removed_1h, upper.removed_1h_12h) == (0, 2)
-        assert (lower.removed_1h, lower.removed_1h_12h) == (2, 0)
+        # Bands use the whole interval whichever end the KM figures use.
+        assert (upper.removed_1h, upper.removed_1h_12h) == (lower.removed_1h, lower.removed_1h_12h)
+        assert upper.removed_1h + upper.removed_1h_12h == pytest.approx(2)
         assert upper.median_latency_seconds == 2 * HOUR
         assert lower.median_latency_seconds == 0.0
         with pytest.raises(ValueError, match="latency end"):
@@ -169,22 +207,23 @@ class TestRender:
     def test_markdown_has_a_header_separator_and_escapes_pipes(self) -> None:
         """A GitHub table: header, separator row, one row per provider, `|` escaped."""
         lines = render(sample_rows(), "markdown", min_reports=10).splitlines()
-        assert lines[0].startswith("| provider | asn | reports |")
-        assert lines[1].startswith("| --- | --- | ---: |")
+        assert lines[0].startswith("| provider | asn | from | reports |")
+        assert lines[1].startswith("| --- | --- | --- | ---: |")
         assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
         assert "Slow\\|Co" in lines[3]
-        assert any("fewer than 10 reports" in line for line in lines)
+        assert any("fewer than 10 distinct URLs" in line for line in lines)
 
     def test_table_is_aligned_with_human_durations_and_notes(self) -> None:
         """Text: the CLI's header words, human durations, percent, flags and a rank note."""
         text = render(sample_rows(), "table", min_reports=10)
         lines = text.splitlines()
-        assert lines[0].split()[:6] == ["provider", "asn", "reports", "urls", "removed", "online"]
+        assert lines[0].split()[:7] == ["provider", "asn", "from", "reports", "urls", "removed",
+                                        "online"]  # fmt: skip
         assert "median" in lines[0].split()
         assert len(lines[0]) == len(lines[1])
         assert "60m" in lines[2] and "100%" in lines[2]
         assert "3.0d" in lines[3] and "1!" in lines[3]
-        assert "fewer than 10 reports" in text and "NXDOMAIN" in text
+        assert "fewer than 10 distinct URLs" in text and "NXDOMAIN" in text
 
     def test_unknown_format_is_refused(self) -> None:
         """A format other than the four is a ValueError naming them."""

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from collector.importer import import_file
+from collector.method import Policy
 from collector.report import provider_table
 from collector.schedule import Planner
 from collector.server import Collector, CollectorConfig
 from collector.store.reads import UrlStatus, connect_readonly, url_outcomes, url_statuses
-from collector.verdict import Policy
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B, AgentFactory, eventually, scrape
 

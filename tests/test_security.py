@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import random
+import socket
 import sqlite3
 import stat
 import sys
@@ -29,14 +30,15 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.credentials import ClientTLS, CredentialError, exposed, read_token
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.result import ProbeResult
+from client.credentials import ClientTLS, CredentialError, exposed, read_token
 from collector.auth import ServerTLS
 from collector.cli import main as collector_main
 from collector.importer import import_file
+from collector.method import Policy
 from collector.pki import init_ca, issue
 from collector.ratelimit import RateLimiter, TokenBucket
 from collector.schedule import Planner
@@ -44,7 +46,6 @@ from collector.server import Collector, CollectorConfig
 from collector.store.credentials import add_credential, connect_credentials, revoke_credentials
 from collector.store.reads import connect_readonly, results_count
 from collector.tokens import new_token
-from collector.verdict import Policy
 from demo.hoster import Hoster
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -727,6 +728,117 @@ class TestCommandLine:
             AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n", "--token-file", str(missing)
         )
         assert rc == 2 and str(missing) in err and "Traceback" not in err
+
+
+@pytest.mark.usefixtures("no_takedown_env")
+class TestConfigurationErrors:
+    """A mistake only the operator can mend ends the program with its cause; the rest retry,
+    each retry logged with its cause."""
+
+    @pytest.fixture
+    def reports(self, tmp_path: Path) -> Path:
+        path = tmp_path / "r.csv"
+        path.write_text("url,notified_at\nhttp://a.example/1,2026-01-05T10:00:00Z\n")
+        return path
+
+    @staticmethod
+    def token_file(tmp_path: Path, token: str) -> str:
+        path = tmp_path / "t.token"
+        path.write_text(token)
+        path.chmod(0o600)
+        return str(path)
+
+    async def test_untrusted_certificate_ends_the_agent(
+        self, make_collector: MakeCollector, pki: PKI, tmp_path: Path
+    ) -> None:
+        """An agent whose --ca-file did not sign the collector's certificate exits 2 at once,
+        naming the handshake failure and --ca-file, without a traceback."""
+        collector = await make_collector(tls=pki.server())
+        other = tmp_path / "other-ca"
+        init_ca(other)
+        token = add_token(collector.config.db, "agent", "a1")
+        rc, _, err = await cli(
+            AGENT_BIN, "--collector", f"127.0.0.1:{collector.grpc_port}", "--network", "net",
+            "--name", "a1", "--ca-file", str(other / "ca.pem"),
+            "--token-file", self.token_file(tmp_path, token), "--metrics-listen", "",
+        )  # fmt: skip
+        assert rc == 2, err
+        assert "CERTIFICATE_VERIFY_FAILED" in err and "check --ca-file" in err, err
+        assert "Traceback" not in err and "collector_unreachable" not in err
+
+    async def test_refused_token_ends_the_agent(
+        self, make_collector: MakeCollector, pki: PKI, tmp_path: Path
+    ) -> None:
+        """An agent whose token the collector does not know exits 2 naming UNAUTHENTICATED."""
+        collector = await make_collector(tls=pki.server())
+        rc, _, err = await cli(
+            AGENT_BIN, "--collector", f"127.0.0.1:{collector.grpc_port}", "--network", "net",
+            "--name", "a1", "--ca-file", str(pki.ca),
+            "--token-file", self.token_file(tmp_path, "tdm_00000000_unknown"),
+            "--metrics-listen", "",
+        )  # fmt: skip
+        assert rc == 2, err
+        assert "UNAUTHENTICATED" in err and "--token-file" in err, err
+        assert "Traceback" not in err
+
+    async def test_untrusted_certificate_ends_import_without_retrying(
+        self, make_collector: MakeCollector, pki: PKI, tmp_path: Path, reports: Path
+    ) -> None:
+        """import against a collector its --ca-file does not trust fails once, naming why."""
+        collector = await make_collector(tls=pki.server())
+        other = tmp_path / "other-ca"
+        init_ca(other)
+        token = add_token(collector.config.db, "intake", "hl")
+        rc, _, err = await cli(
+            COLLECTOR_BIN, "import", str(reports), "--collector",
+            f"127.0.0.1:{collector.grpc_port}", "--ca-file", str(other / "ca.pem"),
+            "--token-file", self.token_file(tmp_path, token), "--attempts", "5",
+        )  # fmt: skip
+        assert rc == 1, err
+        assert "CERTIFICATE_VERIFY_FAILED" in err and "check --ca-file" in err, err
+        assert "retrying" not in err and "Traceback" not in err
+
+    async def test_import_retries_name_the_cause(self, tmp_path: Path, reports: Path) -> None:
+        """import to a port nobody listens on says UNAVAILABLE and why at each retry."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+            port = sock.getsockname()[1]
+            rc, _, err = await cli(
+                COLLECTOR_BIN, "import", str(reports), "--collector", f"127.0.0.1:{port}",
+                "--insecure", "--attempts", "2",
+            )  # fmt: skip
+        assert rc == 1, err
+        retries = [line for line in err.splitlines() if "retrying in" in line]
+        assert len(retries) == 1, err
+        assert "UNAVAILABLE" in retries[0] and "attempt 1 of 2" in retries[0], retries
+        assert "Connection refused" in retries[0] or "connect" in retries[0], retries
+
+    async def test_agent_retries_name_the_cause(self) -> None:
+        """An agent whose collector is not there keeps retrying, each log line naming the
+        gRPC status and its details; it stops cleanly on SIGTERM."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            proc = await asyncio.create_subprocess_exec(
+                AGENT_BIN, "--collector", f"127.0.0.1:{port}", "--network", "net", "--insecure",
+                "--metrics-listen", "",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stderr is not None
+            seen: list[str] = []
+            try:
+                async with asyncio.timeout(30):
+                    while len(seen) < 2:
+                        line = (await proc.stderr.readline()).decode()
+                        assert line, "the agent ended while its collector was unreachable"
+                        if "collector_unreachable" in line:
+                            seen.append(line)
+            finally:
+                proc.terminate()
+                await proc.wait()
+        for line in seen:
+            assert "cause='UNAVAILABLE: " in line and "retry_in=" in line, line
+        assert "attempt=1 " in seen[0] and "attempt=2 " in seen[1], seen
 
 
 class TestTokenFile:

@@ -10,11 +10,11 @@ import grpc
 import pytest
 
 from agent.assignment import Assignment, AssignmentChange
+from client.digests import BUCKETS
 from collector.server import Collector
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
-from protos.takedown.v1.assignment import BUCKETS
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from collector.attribution import PrefixTable
+from collector.method import Policy
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
 from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
-from collector.verdict import Policy
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()

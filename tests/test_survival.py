@@ -6,10 +6,10 @@ import itertools
 import math
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from collector.survival import SurvivalCurve, kaplan_meier
+from collector.survival import SurvivalCurve, kaplan_meier, turnbull
 
 durations_st = st.integers(min_value=0, max_value=50).map(float)
 samples = st.lists(st.tuples(durations_st, st.booleans()), max_size=40)
@@ -178,3 +178,58 @@ class TestKaplanMeierProperties:
         curve = curve_of([(d, False) for d, _ in sample])
         assert curve.survival_at(1e12) == 1.0
         assert curve.median() is None
+
+
+class TestTurnbull:
+    @settings(max_examples=100, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.floats(0, 1e5, allow_nan=False), st.booleans()), min_size=1, max_size=40
+        )
+    )
+    def test_right_censored_data_gives_kaplan_meier(self, data: list[tuple[float, bool]]) -> None:
+        """With exact and right-censored times only, the NPMLE is the KM estimate."""
+        durations = [round(d) for d, _ in data]
+        removed = [r for _, r in data]
+        km = kaplan_meier(durations, removed)
+        tb = turnbull(
+            [(d, d) if r else (d, math.inf) for d, r in zip(durations, removed, strict=True)]
+        )
+        for t in sorted(set(durations)):
+            assert tb.removed_share_by(t) == pytest.approx(km.removed_share_by(t), abs=1e-6)
+
+    @settings(max_examples=100, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 1000), st.integers(1, 500), st.booleans()),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    def test_mass_and_allotment_add_up(self, data: list[tuple[int, int, bool]]) -> None:
+        """Masses sum to 1, and each URL's band shares sum to 1 inside its own interval."""
+        intervals = [(float(lo), float(lo + w) if done else math.inf) for lo, w, done in data]
+        tb = turnbull(intervals)
+        assert sum(tb.mass) == pytest.approx(1.0, abs=1e-6)
+        bounds = [100.0, 500.0, 1000.0, math.inf]
+        for lo, hi in intervals:
+            if math.isfinite(hi):
+                shares = tb.allot(lo, hi, bounds)
+                assert sum(shares) == pytest.approx(1.0)
+                assert all(s == 0 for s, b in zip(shares, [0.0, *bounds], strict=False) if b >= hi)
+
+    def test_cadence_does_not_move_a_removal_across_a_band(self) -> None:
+        """Removals at 50 min probed every 15 min: bands by interval keep them under 1 h."""
+        # True removal at 50 min; probes at 45 and 60 min: interval (45 min, 60 min].
+        tb = turnbull([(2700.0, 3600.0)] * 10)
+        shares = tb.allot(2700.0, 3600.0, [3600.0, 43200.0, math.inf])
+        assert shares[0] == pytest.approx(1.0)
+        # Probes at 45 and 65 min: the interval straddles 1 h and splits by its length.
+        tb = turnbull([(2700.0, 3900.0)])
+        shares = tb.allot(2700.0, 3900.0, [3600.0, 43200.0, math.inf])
+        assert shares[0] == pytest.approx(0.75) and shares[1] == pytest.approx(0.25)
+
+    def test_bad_interval_is_refused(self) -> None:
+        """An interval whose lower end is above its upper end names its index."""
+        with pytest.raises(ValueError, match="index 1"):
+            turnbull([(0.0, 1.0), (5.0, 2.0)])

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from collector.attribution import PrefixTable
+from collector.method import Policy
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import ResultIn, Store
 from collector.store.history import url_history
 from collector.store.reads import connect_readonly
 from collector.timeline import build_timeline, deadlines, iso, render_timeline
-from collector.verdict import Policy
 
 T0 = 1_767_607_200.0  # 2026-01-05T10:00:00Z
 NOW = T0 + 50_000
@@ -179,7 +179,7 @@ class TestTimeline:
         assert f"went between {iso(T0 + 4000)} and {iso(T0 + 5000)}, latency 83m" in text
         assert "provider Example → Other" in text
         assert "deadline order: removed after it (13m late); the removal interval straddles" in text
-        assert "baseline: first present body" in text
+        assert "baseline: agreed by vantage points" in text
         assert "2026-01-05T10:00:00Z" in text
 
     def test_json_round_trips(self, conn: sqlite3.Connection) -> None:
@@ -192,7 +192,7 @@ class TestTimeline:
         assert doc["removal"] is None
         assert doc["last_probe_at"] == doc["last_present_at"] == iso(T0 + 100)
         assert [d["verdict"] for d in doc["deadlines"]] == ["overdue", "overdue", "not_yet_due"]
-        assert doc["baseline"]["source"] == "first_present"
+        assert doc["baseline"]["source"] == "agreed"
         assert doc["note"] is None
         assert doc["timeline"][0]["kind"] == "report"
         assert json.loads(json.dumps(doc)) == doc

@@ -1,8 +1,8 @@
-"""The verdict's internal state to and from the `url_state.memory` JSON column.
+"""A URL's fold state to and from the `url_state.memory` JSON column.
 
-Only what the database never needs to query lives in JSON: per-agent tracks
-and the content memory. Queried values (state, provider, latencies) are
-columns of their own.
+The whole `UrlFold` round-trips, so a verdict read back (after a restart, or after it left the
+writer's cache) continues exactly as if it had never left memory. Queried values (state,
+provider, latencies) are also columns of their own; this is the fold's private state.
 """
 
 from __future__ import annotations
@@ -10,60 +10,139 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from collector.content import ContentMemory, Variant
-from collector.verdict import AgentTrack, ProbeClass, UrlVerdict
+from collector.content import ContentMemory, Sighting, Variant
+from collector.fold import Method, Removal, Track, UrlFold
+from collector.method import ProbeClass, UrlState
+
+CODEC_VERSION = 2
 
 
-def dump_memory(v: UrlVerdict) -> str:
-    c = v.content
-    return json.dumps(
-        {
-            "agents": {
-                str(agent): [
-                    t.last_class.value if t.last_class else None,
-                    t.last_conclusive_at,
-                    t.removed_run,
-                    t.run_started_at,
-                    t.last_present_at,
-                    t.removed_by_nxdomain,
-                ]
-                for agent, t in v.agents.items()
+def _removal(r: Removal | None) -> list[Any] | None:
+    if r is None:
+        return None
+    return [r.episode, r.last_present_at, r.first_removed_at, r.confirmed_at, r.latency,
+            r.nxdomain, r.observed_present, r.provider]  # fmt: skip
+
+
+def _load_removal(v: list[Any] | None) -> Removal | None:
+    return None if v is None else Removal(*v)
+
+
+def dump_fold(f: UrlFold) -> str:
+    c = f.content
+    data = {
+        "v": CODEC_VERSION,
+        "notified_at": f.notified_at,
+        "order_due": f.order_due,
+        "state": f.state.value,
+        "episode": f.episode,
+        "opened_at": f.opened_at,
+        "content": {
+            "baseline": c.baseline.hex() if c.baseline else None,
+            "place": c.baseline_place,
+            "reference": c.from_reference,
+            "dynamic": c.dynamic,
+            "candidates": {
+                h.hex(): [[s.agent_id, s.network, s.at] for s in seen]
+                for h, seen in c.candidates.items()
             },
-            "baseline_final_url": c.baseline_final_url,
-            "baseline_count": c.baseline_count,
-            "from_reference": c.from_reference,
+            "places": {h.hex(): p for h, p in c.candidate_places.items()},
             "variants": {h.hex(): [x.first_seen, x.count] for h, x in c.variants.items()},
-            "episode_opened_at": v.episode_opened_at,
-            "first_removed_at": v.first_removed_at,
         },
-        separators=(",", ":"),
-    )
-
-
-def load_memory(v: UrlVerdict, text: str, baseline: bytes | None, dynamic: bool) -> None:
-    """Fill `v` (built from the queried columns) with the state kept in JSON."""
-    data: dict[str, Any] = json.loads(text) if text else {}
-    v.agents = {
-        int(agent): AgentTrack(
-            last_class=ProbeClass(cls) if cls else None,
-            last_conclusive_at=at,
-            removed_run=run,
-            run_started_at=started,
-            last_present_at=present,
-            removed_by_nxdomain=bool(nx),
-        )
-        for agent, (cls, at, run, started, present, nx) in data.get("agents", {}).items()
+        "tracks": {
+            str(agent): [
+                t.network,
+                t.last_at,
+                t.gap,
+                t.witness,
+                t.last_class.value if t.last_class else None,
+                t.last_present_at,
+                t.run,
+                t.run_first_at,
+                t.run_nxdomain,
+            ]
+            for agent, t in f.tracks.items()
+        },
+        "last_present_at": f.last_present_at,
+        "first_removed_at": f.first_removed_at,
+        "first_removed_any": f.first_removed_any,
+        "removal": _removal(f.removal),
+        "first_removal": _removal(f.first_removal),
+        "reappearances": f.reappearances,
+        "provider": [f.provider, f.asn, f.cdn, f.provider_from_present],
+        "newest_at": None if f.newest_at == float("-inf") else f.newest_at,
+        "last_conclusive_at": f.last_conclusive_at,
+        "live_until": f.live_until,
+        "truncated_vs_reference": f.truncated_vs_reference,
+        "last_class": f.last_class.value if f.last_class else None,
     }
-    v.content = ContentMemory(
-        baseline=baseline,
-        baseline_final_url=data.get("baseline_final_url"),
-        from_reference=bool(data.get("from_reference", False)),
-        baseline_count=int(data.get("baseline_count", 0)),
-        dynamic=dynamic,
-        variants={
-            bytes.fromhex(h): Variant(first, count)
-            for h, (first, count) in data.get("variants", {}).items()
+    return json.dumps(data, separators=(",", ":"))
+
+
+class UnreadableState(ValueError):
+    """A stored fold state this version cannot read (older codec, or damaged): refold the URL."""
+
+
+def load_fold(text: str, method: Method) -> UrlFold:
+    try:
+        d: dict[str, Any] = json.loads(text)
+    except ValueError as exc:
+        raise UnreadableState(f"fold state is not JSON: {exc}") from exc
+    if not isinstance(d, dict) or d.get("v") != CODEC_VERSION:
+        raise UnreadableState("fold state from another codec version")
+    c = d["content"]
+    content = ContentMemory(
+        baseline=bytes.fromhex(c["baseline"]) if c["baseline"] else None,
+        baseline_place=c["place"],
+        from_reference=c["reference"],
+        dynamic=c["dynamic"],
+        candidates={
+            bytes.fromhex(h): [Sighting(a, n, at) for a, n, at in seen]
+            for h, seen in c["candidates"].items()
         },
+        candidate_places={bytes.fromhex(h): p for h, p in c["places"].items()},
+        variants={bytes.fromhex(h): Variant(first, n) for h, (first, n) in c["variants"].items()},
     )
-    v.episode_opened_at = data.get("episode_opened_at")
-    v.first_removed_at = data.get("first_removed_at")
+    tracks = {
+        int(agent): Track(
+            net,
+            last_at,
+            gap,
+            witness,
+            ProbeClass(cls) if cls else None,
+            present,
+            run,
+            run_first,
+            nx,
+        )
+        for agent, (net, last_at, gap, witness, cls, present, run, run_first, nx) in d[
+            "tracks"
+        ].items()
+    }
+    provider, asn, cdn, from_present = d["provider"]
+    newest = d["newest_at"]
+    return UrlFold(
+        method=method,
+        notified_at=d["notified_at"],
+        order_due=d["order_due"],
+        state=UrlState(d["state"]),
+        episode=d["episode"],
+        opened_at=d["opened_at"],
+        content=content,
+        tracks=tracks,
+        last_present_at=d["last_present_at"],
+        first_removed_at=d["first_removed_at"],
+        first_removed_any=d["first_removed_any"],
+        removal=_load_removal(d["removal"]),
+        first_removal=_load_removal(d["first_removal"]),
+        reappearances=d["reappearances"],
+        provider=provider,
+        asn=asn,
+        cdn=cdn,
+        provider_from_present=from_present,
+        newest_at=float("-inf") if newest is None else newest,
+        last_conclusive_at=d["last_conclusive_at"],
+        live_until=d["live_until"],
+        truncated_vs_reference=d["truncated_vs_reference"],
+        last_class=ProbeClass(d["last_class"]) if d["last_class"] else None,
+    )

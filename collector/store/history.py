@@ -87,6 +87,11 @@ class UrlHistory:
     removal_confirmed_at: float | None
     removal_latency: float | None
     removal_nxdomain: bool
+    removal_observed_present: bool
+    method: str
+    live_until: float | None
+    truncated_vs_reference: int
+    tls_unverified: int  # results served over TLS whose certificate did not verify
     reports: tuple[ReportRecord, ...]
     episodes: tuple[EpisodeRecord, ...]
     events: tuple[EventRecord, ...]
@@ -99,7 +104,8 @@ _URL_COLUMNS = (
     "u.id, u.url, u.created_at, u.active, s.state, s.provider, s.asn, s.cdn, s.dynamic,"
     " s.notified_at, s.order_issued_at, s.order_deadline, s.baseline, s.memory, s.episode,"
     " s.reappearances, s.last_present_at, s.removal_last_present_at, s.removal_first_removed_at,"
-    " s.removal_confirmed_at, s.removal_latency, s.removal_nxdomain"
+    " s.removal_confirmed_at, s.removal_latency, s.removal_nxdomain,"
+    " s.removal_observed_present, s.method, s.live_until, s.truncated_vs_reference"
 )
 
 _RUNS = """
@@ -131,7 +137,8 @@ def _from_reference(memory: str) -> bool:
         data = json.loads(memory) if memory else {}
     except json.JSONDecodeError:
         return False
-    return isinstance(data, dict) and bool(data.get("from_reference", False))
+    content = data.get("content") if isinstance(data, dict) else None
+    return isinstance(content, dict) and bool(content.get("reference", False))
 
 
 def url_history(
@@ -147,7 +154,12 @@ def url_history(
         return None
     (url_id, url, created_at, active, state, provider, asn, cdn, dynamic, notified_at, order_at,
      order_deadline, baseline, memory, episode, reappearances, last_present, r_present, r_removed,
-     r_confirmed, r_latency, r_nx) = row  # fmt: skip
+     r_confirmed, r_latency, r_nx, r_observed, method, live_until, truncated) = row  # fmt: skip
+    tls_unverified = int(
+        conn.execute(
+            "SELECT COUNT(*) FROM results WHERE url_id = ? AND tls = 3", (url_id,)
+        ).fetchone()[0]
+    )
     reports = tuple(
         ReportRecord(ref, notified, received, submitted, bool(has), o_at, o_deadline)
         for ref, notified, received, submitted, has, o_at, o_deadline in conn.execute(
@@ -190,6 +202,9 @@ def url_history(
         reappearances=reappearances, last_present_at=last_present,
         removal_last_present_at=r_present,
         removal_first_removed_at=r_removed, removal_confirmed_at=r_confirmed,
-        removal_latency=r_latency, removal_nxdomain=bool(r_nx), reports=reports, episodes=episodes,
+        removal_latency=r_latency, removal_nxdomain=bool(r_nx),
+        removal_observed_present=bool(r_observed), method=method, live_until=live_until,
+        truncated_vs_reference=truncated, tls_unverified=tls_unverified,
+        reports=reports, episodes=episodes,
         events=events, runs=runs, results_total=total, results_read=min(total, max_results),
     )  # fmt: skip

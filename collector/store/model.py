@@ -35,6 +35,7 @@ class ResultIn:
     error: str
     redirects: int
     challenge: bool = False
+    tls: int = 0  # TlsCheck: 0 unknown, 1 plaintext, 2 verified, 3 did not verify
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,13 @@ class Ingested:
     stored: int
     duplicates: int
     rejected: int
+    refused: tuple[str, ...] = ()  # why each rejected result was refused
 
 
 class Submitted(enum.Enum):
     ACCEPTED = "accepted"
     ALREADY_KNOWN = "already_known"
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class SubmitOutcome:
     status: Submitted
     report_id: int
     url_id: int
-    new_url: bool
+    new_url: bool  # to be assigned to agents: new, or reactivated by this report
     interval: float = 0.0
+    error: str = ""  # why it was rejected
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ never write.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from collector.method import UrlState, order_overdue_sql, overdue_sql
 from collector.store.model import CorruptDatabase, StoreError, Target
-from collector.verdict import ONLINE_STATES, UrlState
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -70,7 +71,8 @@ class ProviderFigures:
     states: dict[str, int]  # URLs by state, every state of UrlState
     overdue: dict[float, int]  # by deadline: URLs still online past notice + deadline
     order_overdue: int  # URLs still online past their binding order's deadline
-    reappearances: int
+    reappearances: int  # reappearances ever recorded (a counter: never decreases)
+    stale: int  # watched URLs on which no vantage point that matters is live
     # cumulative count per bucket bound, count, sum of latencies; None when no removal
     latency: tuple[list[int], int, float] | None
 
@@ -82,42 +84,52 @@ def provider_figures(
     buckets: Sequence[float],
     now: float,
 ) -> list[ProviderFigures]:
-    """URLs by state, overdue URLs per deadline and per binding order, reappearances and the
-    latency histogram of every provider, in provider order, from one scan of url_state."""
+    """URLs by state, overdue URLs per deadline and per binding order, reappearances, stale URLs
+    and the latency histogram of every provider, in provider order, from one scan of url_state.
+
+    Every figure of a URL goes to the provider that hosted its first episode (`first_provider`),
+    the same rule as the provider table's."""
     states = sorted(UrlState, key=lambda s: s.value)
-    online = ",".join(f"'{s.value}'" for s in sorted(ONLINE_STATES))
-    columns = [f"SUM(state = '{s.value}')" for s in states]
-    columns += [f"SUM(state IN ({online}) AND notified_at + ? < ?)" for _ in deadlines]
-    columns.append(
-        f"SUM(state IN ({online}) AND order_issued_at IS NOT NULL"
-        " AND order_issued_at + COALESCE(order_deadline, ?) < ?)"
-    )
-    columns.append("SUM(reappearances)")
+    columns = [f"SUM(s.state = '{st.value}')" for st in states]
+    columns += [overdue_sql("s.state", "s.opened_at", "?", "?") for _ in deadlines]
+    columns.append(order_overdue_sql("s.state", "s.order_issued_at", "s.order_deadline", "?", "?"))
+    columns.append("SUM(u.active = 1 AND s.live_until < ?)")
     # FILTER: most rows have no latency, and a false filter skips the aggregate step.
-    columns += [f"COUNT(*) FILTER (WHERE removal_latency <= {float(b)!r})" for b in buckets]
-    columns += ["COUNT(removal_latency)", "SUM(removal_latency)"]
+    columns += [f"COUNT(*) FILTER (WHERE s.removal_latency <= {float(b)!r})" for b in buckets]
+    columns += ["COUNT(s.removal_latency)", "SUM(s.removal_latency)"]
     params: list[float] = []
     for deadline in deadlines:
         params += [deadline, now]
-    params += [order_deadline, now]
+    params += [order_deadline, now, now]
+    reappeared = dict(
+        conn.execute("SELECT provider, COUNT(*) FROM reappearance_log GROUP BY provider").fetchall()
+    )
     out: list[ProviderFigures] = []
     for provider, *values in conn.execute(
-        f"SELECT provider, {', '.join(columns)} FROM url_state GROUP BY provider ORDER BY provider",
+        f"SELECT COALESCE(s.first_provider, s.provider), {', '.join(columns)}"
+        " FROM url_state s JOIN urls u ON u.id = s.url_id"
+        " GROUP BY COALESCE(s.first_provider, s.provider) ORDER BY 1",
         params,
     ):
         by_state = values[: len(states)]
         overdue = values[len(states) : len(states) + len(deadlines)]
-        order, reappeared, *latency = values[len(states) + len(deadlines) :]
+        order, stale, *latency = values[len(states) + len(deadlines) :]
         cumulative, count, total = latency[: len(buckets)], latency[-2], latency[-1]
         out.append(
             ProviderFigures(
                 provider=provider,
-                states={s.value: int(n) for s, n in zip(states, by_state, strict=True)},
+                states={st.value: int(n) for st, n in zip(states, by_state, strict=True)},
                 overdue={d: int(n) for d, n in zip(deadlines, overdue, strict=True)},
                 order_overdue=int(order),
-                reappearances=int(reappeared or 0),
+                reappearances=int(reappeared.pop(provider, 0)),
+                stale=int(stale or 0),
                 latency=([int(c) for c in cumulative], int(count), float(total)) if count else None,
             )
+        )
+    for provider, n in sorted(reappeared.items()):  # counters never vanish
+        empty = {st.value: 0 for st in states}
+        out.append(
+            ProviderFigures(provider, empty, dict.fromkeys(deadlines, 0), 0, int(n), 0, None)
         )
     return out
 
@@ -169,22 +181,34 @@ class UrlOutcome:
     reappearances: int = 0
     order_issued_at: float | None = None
     order_deadline: float | None = None  # None: the collector's default order deadline
+    observed_present: bool = True  # False: removed before anyone saw it (latency: upper bound)
+    last_conclusive_at: float | None = None  # newest conclusive probe of the current episode
+    episode: int = 1
+    opened_at: float | None = None  # the current episode's opening
+    method: str = ""  # the method version that folded this verdict
+    stale: bool = False
+    countries: tuple[str, ...] = ()  # where the content was seen present, most results first
 
 
 def url_outcomes(
-    conn: sqlite3.Connection, since: float | None = None, until: float | None = None
+    conn: sqlite3.Connection,
+    since: float | None = None,
+    until: float | None = None,
+    now: float | None = None,
 ) -> list[UrlOutcome]:
     """Every URL's outcome, optionally only those first notified in [since, until)."""
     sql = (
         # The first episode's removal belongs to whoever hosted it then, even if the content
         # later reappeared elsewhere and url_state now names the new provider.
-        "SELECT COALESCE((SELECT e.provider FROM episodes e WHERE e.url_id = s.url_id"
-        " AND e.episode = 1), s.provider), s.asn, s.state, s.notified_at, s.removal_latency,"
-        " (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id), s.url_id, s.cdn,"
-        " s.dynamic, s.removal_last_present_at, s.removal_first_removed_at, s.removal_nxdomain,"
-        " s.reappearances, s.order_issued_at, s.order_deadline FROM url_state s WHERE 1 = 1"
+        "SELECT COALESCE(s.first_provider, s.provider), s.asn, s.state, s.notified_at,"
+        " s.removal_latency, (SELECT COUNT(*) FROM reports r WHERE r.url_id = s.url_id),"
+        " s.url_id, s.cdn, s.dynamic, s.removal_last_present_at, s.removal_first_removed_at,"
+        " s.removal_nxdomain, s.reappearances, s.order_issued_at, s.order_deadline,"
+        " s.removal_observed_present, s.last_conclusive_at, s.episode, s.opened_at, s.method,"
+        " (u.active = 1 AND s.live_until < ?)"
+        " FROM url_state s JOIN urls u ON u.id = s.url_id WHERE 1 = 1"
     )
-    params: list[float] = []
+    params: list[float] = [now if now is not None else time.time()]
     if since is not None:
         sql += " AND s.notified_at >= ?"
         params.append(since)
@@ -194,14 +218,29 @@ def url_outcomes(
     out = []
     for row in conn.execute(sql, params):
         (provider, asn, state, notified, latency, reports, url_id, cdn, dynamic, last_present,
-         first_removed, nxdomain, reappearances, order_at, order_deadline) = row  # fmt: skip
+         first_removed, nxdomain, reappearances, order_at, order_deadline, observed,
+         last_conclusive, episode, opened_at, method, stale) = row  # fmt: skip
         outcome = UrlOutcome(
             provider, asn, state, notified, latency, reports, url_id, bool(cdn),
             bool(dynamic), last_present, first_removed, bool(nxdomain), reappearances,
-            order_at, order_deadline,
+            order_at, order_deadline, bool(observed), last_conclusive, episode, opened_at,
+            method, bool(stale),
         )  # fmt: skip
         out.append(outcome)
-    return out
+    served = served_from(conn)
+    return [replace(o, countries=served[o.url_id]) if o.url_id in served else o for o in out]
+
+
+def served_from(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+    """Per URL, the countries of the addresses its content was seen present at, most first."""
+    rows = conn.execute(
+        "SELECT url_id, country, COUNT(*) FROM results WHERE class = 'present'"
+        " AND country IS NOT NULL GROUP BY url_id, country ORDER BY url_id, COUNT(*) DESC, country"
+    )
+    out: dict[int, list[str]] = {}
+    for url_id, country, _ in rows:
+        out.setdefault(url_id, []).append(country)
+    return {u: tuple(c) for u, c in out.items()}
 
 
 @dataclass(frozen=True)

@@ -153,3 +153,66 @@ def m002_credentials(db: Any) -> None:
             WHERE revoked_at IS NULL;
         """,
     )
+
+
+@migrations()
+def m003_witness_fold(db: Any) -> None:
+    """The event-time fold: per-result TLS and CDN, per-hotline references, fold bookkeeping.
+
+    Verdicts folded under an earlier method keep `method = ''` until `refold` (or the first
+    start of this version, which refolds them) recomputes them from the stored results.
+    """
+    _run(
+        db,
+        """
+        ALTER TABLE results ADD COLUMN tls INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE results ADD COLUMN cdn INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE reports_v3 (
+            id INTEGER PRIMARY KEY,
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            source TEXT NOT NULL DEFAULT '',
+            reference TEXT,
+            notified_at REAL NOT NULL,
+            received_at REAL,
+            submitted_at REAL NOT NULL,
+            sha256 BLOB,
+            order_issued_at REAL,
+            order_deadline REAL,
+            origin_ip TEXT,
+            UNIQUE (source, reference)
+        );
+        INSERT INTO reports_v3 (id, url_id, reference, notified_at, received_at, submitted_at,
+            sha256, order_issued_at, order_deadline, origin_ip)
+            SELECT id, url_id, reference, notified_at, received_at, submitted_at, sha256,
+            order_issued_at, order_deadline, origin_ip FROM reports;
+        DROP TABLE reports;
+        ALTER TABLE reports_v3 RENAME TO reports;
+        CREATE INDEX reports_url ON reports(url_id, notified_at);
+        ALTER TABLE url_state ADD COLUMN method TEXT NOT NULL DEFAULT '';
+        ALTER TABLE url_state ADD COLUMN opened_at REAL;
+        ALTER TABLE url_state ADD COLUMN live_until REAL;
+        ALTER TABLE url_state ADD COLUMN last_conclusive_at REAL;
+        ALTER TABLE url_state ADD COLUMN removal_observed_present INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE url_state ADD COLUMN first_provider TEXT;
+        ALTER TABLE url_state ADD COLUMN truncated_vs_reference INTEGER NOT NULL DEFAULT 0;
+        UPDATE url_state SET opened_at = notified_at, first_provider = provider;
+        DROP INDEX url_state_provider;
+        CREATE INDEX url_state_provider ON url_state(first_provider, state);
+        ALTER TABLE episodes ADD COLUMN observed_present INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE episodes ADD COLUMN opened_by TEXT NOT NULL DEFAULT 'notice';
+        CREATE TABLE reappearance_log (
+            url_id INTEGER NOT NULL REFERENCES urls(id),
+            episode INTEGER NOT NULL,
+            provider TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (url_id, episode)
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+@migrations()
+def m004_result_country(db: Any) -> None:
+    """The country of the address each result came from (prefix table or country database),
+    so the report can say where a provider served the content."""
+    _run(db, "ALTER TABLE results ADD COLUMN country TEXT")

@@ -18,11 +18,25 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from collector.attribution import UNATTRIBUTED, Attribution
-from collector.content import ContentMemory
+from collector.attribution import Attribution
+from collector.fold import (
+    Event,
+    Method,
+    Notice,
+    Observation,
+    ProviderChange,
+    Reappearance,
+    Removal,
+    Renotified,
+    StateChange,
+    UrlFold,
+    classify,
+    refold,
+)
+from collector.method import Policy, ProbeClass, UrlState
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
-from collector.store.codec import dump_memory, load_memory
+from collector.store.codec import UnreadableState, dump_fold, load_fold
 from collector.store.model import (
     CorruptDatabase,
     Ingested,
@@ -34,22 +48,13 @@ from collector.store.model import (
     Target,
 )
 from collector.store.schema import migrations
-from collector.verdict import (
-    Event,
-    Observation,
-    Policy,
-    ProbeClass,
-    Reappearance,
-    Removal,
-    StateChange,
-    UrlState,
-    UrlVerdict,
-)
 
 _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
 # URLs whose verdicts stay in memory: about 2 KB each with ten agents, so the cache stays
 # well under a gigabyte whatever the number of URLs.
 CACHE_URLS = 250_000
+# A result probed this long before its URL was reported cannot be one of ours.
+ANCIENT_SLACK = 86400.0
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -86,66 +91,57 @@ class Attributor(Protocol):
 
 @dataclass(slots=True)
 class UrlEntry:
-    """A URL's verdict and what the store keeps beside it."""
+    """A URL's fold and what the store keeps beside it."""
 
-    verdict: UrlVerdict
+    fold: UrlFold
     provider: str
     asn: int | None
     cdn: bool
     origin_ip: str | None
-    removed_at: float | None
+    created_at: float
+    first_notice: float
 
 
-_STATE_COLUMNS = (
-    "url_id, state, notified_at, baseline, episode, last_present_at, removal_last_present_at,"
-    " removal_first_removed_at, removal_confirmed_at, removal_latency, removal_nxdomain,"
-    " reappearances, memory, provider, asn, cdn, origin_ip, removed_at, dynamic"
-)
-
-
-def _entry(row: Sequence[Any]) -> tuple[int, UrlEntry]:
-    (url_id, state, notified_at, baseline, episode, last_present, r_present, r_removed,
-     r_confirmed, r_latency, r_nx, reappearances, memory, provider, asn, cdn, origin_ip,
-     removed_at, dynamic) = row  # fmt: skip
-    first = None
-    if r_removed is not None:
-        first = Removal(1, r_present, r_removed, r_confirmed, r_latency, bool(r_nx))
-    v = UrlVerdict(
-        notified_at=notified_at,
-        state=UrlState(state),
-        episode=episode,
-        last_present_at=last_present,
-        first_removal=first,
-        removal=first if state == UrlState.REMOVED and episode == 1 else None,
-        reappearances=reappearances,
-    )
-    load_memory(v, memory, baseline, bool(dynamic))
-    return url_id, UrlEntry(v, provider, asn, bool(cdn), origin_ip, removed_at)
+_STATE_COLUMNS = "url_id, memory, provider, asn, cdn, origin_ip, method"
 
 
 _SAVE_STATE = (
     "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, cdn = ?,"
     " dynamic = ?, episode = ?, last_present_at = ?, removal_last_present_at = ?,"
     " removal_first_removed_at = ?, removal_confirmed_at = ?, removal_latency = ?,"
-    " removal_nxdomain = ?, removed_at = ?, reappearances = ?, memory = ?,"
-    " updated_at = ? WHERE url_id = ?"
+    " removal_nxdomain = ?, removal_observed_present = ?, removed_at = ?, reappearances = ?,"
+    " memory = ?, method = ?, opened_at = ?, live_until = ?, last_conclusive_at = ?,"
+    " first_provider = ?, truncated_vs_reference = ?, notified_at = ?, updated_at = ?"
+    " WHERE url_id = ?"
 )
 
 
 def _state_row(url_id: int, entry: UrlEntry, now: float) -> tuple[Any, ...]:
-    """The parameters of _SAVE_STATE for one URL's verdict."""
-    v = entry.verdict
-    first = v.first_removal
-    return (v.state.value, v.baseline, entry.provider, entry.asn, int(entry.cdn),
-            int(v.content.dynamic), v.episode, v.last_present_at,
+    """The parameters of _SAVE_STATE for one URL's fold."""
+    f = entry.fold
+    first = f.first_removal
+    first_provider = first.provider if first and first.provider else entry.provider
+    return (f.state.value, f.content.baseline, entry.provider, entry.asn, int(entry.cdn),
+            int(f.content.dynamic), f.episode, f.last_present_at,
             first.last_present_at if first else None, first.first_removed_at if first else None,
             first.confirmed_at if first else None, first.latency if first else None,
-            int(first.nxdomain) if first else 0, entry.removed_at, v.reappearances,
-            dump_memory(v), now, url_id)  # fmt: skip
+            int(first.nxdomain) if first else 0, int(first.observed_present) if first else 1,
+            f.removed_at, f.reappearances, dump_fold(f), f.method.version, f.opened_at,
+            f.live_until, f.last_conclusive_at, first_provider, f.truncated_vs_reference,
+            entry.first_notice, now, url_id)  # fmt: skip
+
+
+_OBSERVATIONS = (
+    "SELECT r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256, r.final_url,"
+    " r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
+    " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id = ?"
+    " ORDER BY r.started_at, r.agent_id, r.seq"
+)
+_HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
 
 
 class Store:
-    """Writes reports, agents and results, and keeps each URL's verdict up to date."""
+    """Writes reports, agents and results, and keeps each URL's fold up to date."""
 
     def __init__(
         self,
@@ -153,16 +149,20 @@ class Store:
         attribution: Attributor,
         policy: Policy,
         cache_urls: int = CACHE_URLS,
+        planner: Planner | None = None,
     ) -> None:
         self.path = path
         self.db = open_database(path)
         self.conn: sqlite3.Connection = self.db.conn
         self.attribution = attribution
         self.policy = policy
-        # Verdicts of the most recently touched URLs. Every batch persists what it changed,
-        # so an entry dropped here is read back exactly as it was (as after a restart).
+        self.planner = planner or Planner()
+        self.method = method_of(policy, self.planner)
+        # Folds of the most recently touched URLs. Every batch persists what it changed, so an
+        # entry dropped here is read back exactly as it was (as after a restart).
         self._entries: OrderedDict[int, UrlEntry] = OrderedDict()
         self._cache_urls = cache_urls
+        self._networks = self._count_networks()
 
     def close(self) -> None:
         self.conn.close()
@@ -170,8 +170,27 @@ class Store:
     def _transaction(self) -> Any:
         return self.db.atomic()
 
+    def _count_networks(self) -> int:
+        """Networks deployed, as the fold counts them: never fewer than `min_vantage_points`.
+
+        A collector cannot know which agents are still to come: counting only those that said
+        hello would let the first agent to start decide alone (its 451s would be a removal).
+        A single-network deployment says so with `--min-vantage-points 1`.
+        """
+        row = self.conn.execute("SELECT COUNT(DISTINCT network) FROM agents").fetchone()
+        return max(int(row[0]), self.policy.min_vantage_points)
+
+    def networks_at(self, _at: float) -> int:
+        """Networks deployed, for the fold (the current count: see `register_agent`)."""
+        return self._networks
+
     def register_agent(self, name: str, network: str, version: str, now: float) -> int:
-        """Record an agent's hello; return its id (stable across reconnects)."""
+        """Record an agent's hello; return its id (stable across reconnects).
+
+        A verdict depends on the number of networks only while fewer than the policy's
+        `min_vantage_points` exist; when a new one raises a count below that, every active
+        URL is refolded, so the verdicts stay those of a refold from scratch.
+        """
         try:
             with self._transaction():
                 self.conn.execute(
@@ -182,27 +201,49 @@ class Store:
                     (name, network, version, now, now),
                 )
                 row = self.conn.execute("SELECT id FROM agents WHERE name = ?", (name,)).fetchone()
+                before, self._networks = self._networks, self._count_networks()
+                if before != self._networks and before < self.policy.min_vantage_points:
+                    self._refold_urls(self._active_ids(), now)
         except sqlite3.Error as exc:
+            self._entries.clear()
+            self._networks = self._count_networks()
             raise translate(exc, self.path) from exc
         return int(row[0])
 
     def submit_reports(
-        self, reports: Sequence[ReportIn], now: float, planner: Planner
+        self, reports: Sequence[ReportIn], now: float, planner: Planner, source: str = ""
     ) -> list[SubmitOutcome]:
-        """Store reports once: a known reference, or the same URL and notice, is not duplicated."""
+        """Store reports once per (hotline, reference), or per URL and notice without one.
+
+        `source` names the hotline (its intake credential). A report for a URL already known
+        refolds it, so a new notice for removed or retired content opens a new episode and
+        the URL is assigned to agents again.
+        """
         try:
             with self._transaction():
-                return [self._submit_one(r, now, planner) for r in reports]
-        except sqlite3.Error as exc:
+                return [self._submit_one(r, now, planner, source) for r in reports]
+        except BaseException as exc:
             self._entries.clear()
-            raise translate(exc, self.path) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc, self.path) from exc
+            raise
 
-    def _submit_one(self, report: ReportIn, now: float, planner: Planner) -> SubmitOutcome:
+    def _submit_one(
+        self, report: ReportIn, now: float, planner: Planner, source: str
+    ) -> SubmitOutcome:
         c = self.conn
         if report.reference:
             known = c.execute(
-                "SELECT id, url_id FROM reports WHERE reference = ?", (report.reference,)
+                "SELECT r.id, r.url_id, u.url FROM reports r JOIN urls u ON u.id = r.url_id"
+                " WHERE r.source = ? AND r.reference = ?",
+                (source, report.reference),
             ).fetchone()
+            if known and known[2] != report.url:
+                return SubmitOutcome(
+                    Submitted.REJECTED, known[0], known[1], new_url=False,
+                    error=f"reference {report.reference!r} already names URL id {known[1]}"
+                    f" ({known[2]}), not {report.url}",
+                )  # fmt: skip
         else:
             known = c.execute(
                 "SELECT r.id, r.url_id FROM reports r JOIN urls u ON u.id = r.url_id"
@@ -211,7 +252,7 @@ class Store:
             ).fetchone()
         if known:
             return SubmitOutcome(Submitted.ALREADY_KNOWN, known[0], known[1], new_url=False)
-        row = c.execute("SELECT id FROM urls WHERE url = ?", (report.url,)).fetchone()
+        row = c.execute("SELECT id, active FROM urls WHERE url = ?", (report.url,)).fetchone()
         new_url = row is None
         due = planner.order_due(report.order_issued_at, report.order_deadline)
         interval = planner.interval(now, UrlState.PENDING, report.notified_at, due) or 0.0
@@ -220,16 +261,15 @@ class Store:
                 "INSERT INTO urls (url, created_at, interval) VALUES (?, ?, ?)",
                 (report.url, now, interval),
             ).lastrowid
-            memory = "{}"
-            if report.sha256:
-                reference = ContentMemory.with_reference(report.sha256)
-                memory = dump_memory(UrlVerdict(report.notified_at, content=reference))
+            assert url_id is not None
+            fold = UrlFold.start(Notice(report.notified_at, report.sha256, due), self.method)
             c.execute(
-                "INSERT INTO url_state (url_id, state, notified_at, order_issued_at,"
-                " order_deadline, origin_ip, baseline, memory, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (url_id, UrlState.PENDING.value, report.notified_at, report.order_issued_at,
-                 report.order_deadline, report.origin_ip, report.sha256, memory, now),
+                "INSERT INTO url_state (url_id, state, notified_at, opened_at, order_issued_at,"
+                " order_deadline, origin_ip, baseline, memory, method, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (url_id, UrlState.PENDING.value, report.notified_at, report.notified_at,
+                 report.order_issued_at, report.order_deadline, report.origin_ip, report.sha256,
+                 dump_fold(fold), self.method.version, now),
             )  # fmt: skip
             c.execute(
                 "INSERT INTO episodes (url_id, episode, opened_at) VALUES (?, 1, ?)",
@@ -238,24 +278,29 @@ class Store:
         else:
             url_id = row[0]
             c.execute(
-                "UPDATE url_state SET notified_at = MIN(notified_at, ?),"
+                "UPDATE url_state SET"
                 " order_issued_at = COALESCE(MIN(order_issued_at, ?), order_issued_at, ?),"
                 " order_deadline = COALESCE(order_deadline, ?),"
                 " origin_ip = COALESCE(origin_ip, ?) WHERE url_id = ?",
-                (report.notified_at, report.order_issued_at, report.order_issued_at,
-                 report.order_deadline, report.origin_ip, url_id),
+                (report.order_issued_at, report.order_issued_at, report.order_deadline,
+                 report.origin_ip, url_id),
             )  # fmt: skip
-            c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
-            self._entries.pop(url_id, None)
         report_id = c.execute(
-            "INSERT INTO reports (url_id, reference, notified_at, received_at, submitted_at,"
-            " sha256, order_issued_at, order_deadline, origin_ip)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (url_id, report.reference, report.notified_at, report.received_at, now,
+            "INSERT INTO reports (url_id, source, reference, notified_at, received_at,"
+            " submitted_at, sha256, order_issued_at, order_deadline, origin_ip)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (url_id, source, report.reference, report.notified_at, report.received_at, now,
              report.sha256, report.order_issued_at, report.order_deadline, report.origin_ip),
         ).lastrowid  # fmt: skip
-        assert report_id is not None and url_id is not None
-        return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, new_url, interval)
+        assert report_id is not None
+        reassign = new_url
+        if not new_url:
+            self._entries.pop(url_id, None)
+            self._refold_urls([url_id], now)
+            if not row[1]:
+                c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
+                reassign = True
+        return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, reassign, interval)
 
     def ingest(
         self,
@@ -267,15 +312,50 @@ class Store:
         """Store a batch once, fold new results into the verdicts, commit all together.
 
         `clock_offset` is the collector's estimate of the agent's clock minus its own;
-        results from an agent off by more than the policy allows are flagged.
+        results from an agent off by more than the policy allows are flagged. Whatever goes
+        wrong, the folds are left as before the batch (the touched ones are dropped from the
+        cache and read back as committed). A batch that fails for a reason other than the
+        database is retried one result at a time, and a result that fails on its own is
+        refused with the reason, so one poison result never blocks an agent's stream.
         """
         try:
             with self._transaction():
                 return self._ingest(agent_id, results, now, clock_offset)
         except sqlite3.Error as exc:
-            for url_id in {r.url_id for r in results}:
-                self._entries.pop(url_id, None)
+            self._forget(results)
             raise translate(exc, self.path) from exc
+        except Exception:
+            self._forget(results)
+            if len(results) <= 1:
+                raise
+        return self._ingest_one_by_one(agent_id, results, now, clock_offset)
+
+    def _forget(self, results: Sequence[ResultIn]) -> None:
+        for url_id in {r.url_id for r in results}:
+            self._entries.pop(url_id, None)
+
+    def _ingest_one_by_one(
+        self, agent_id: int, results: Sequence[ResultIn], now: float, offset: float | None
+    ) -> Ingested:
+        stored = duplicates = rejected = 0
+        refused: list[str] = []
+        for r in results:
+            try:
+                with self._transaction():
+                    done = self._ingest(agent_id, [r], now, offset)
+            except sqlite3.Error as exc:
+                self._forget([r])
+                raise translate(exc, self.path) from exc
+            except Exception as exc:
+                self._forget([r])
+                rejected += 1
+                refused.append(f"seq {r.seq}: cannot be folded ({type(exc).__name__}: {exc})")
+                continue
+            stored += done.stored
+            duplicates += done.duplicates
+            rejected += done.rejected
+            refused += done.refused
+        return Ingested(stored, duplicates, rejected, tuple(refused))
 
     def _known_seqs(self, agent_id: int, seqs: list[int]) -> set[int]:
         known: set[int] = set()
@@ -291,60 +371,84 @@ class Store:
             )
         return known
 
+    def _network_of(self, agent_id: int) -> str:
+        row = self.conn.execute("SELECT network FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"agent id {agent_id} is not registered")
+        return str(row[0])
+
     def _ingest(
         self, agent_id: int, results: Sequence[ResultIn], now: float, offset: float | None
     ) -> Ingested:
         suspect = int(offset is not None and abs(offset) > self.policy.max_clock_offset)
+        network = self._network_of(agent_id)
         known = self._known_seqs(agent_id, [r.seq for r in results])
         fresh: dict[int, ResultIn] = {}
         for r in results:
             if r.seq not in known:
                 fresh.setdefault(r.seq, r)
         entries = self._load({r.url_id for r in fresh.values()})
-        accepted = sorted(
-            (r for r in fresh.values() if r.url_id in entries), key=lambda r: r.started_at
-        )
+        refused: list[str] = []
+        accepted: list[ResultIn] = []
+        for r in sorted(fresh.values(), key=lambda r: (r.started_at, r.seq)):
+            entry = entries.get(r.url_id)
+            if entry is None:
+                refused.append(f"seq {r.seq}: URL id {r.url_id} is unknown or no longer watched")
+            elif r.started_at < entry.created_at - ANCIENT_SLACK:
+                refused.append(
+                    f"seq {r.seq}: started_at {r.started_at:.0f} is before URL id {r.url_id}"
+                    " was reported"
+                )
+            else:
+                accepted.append(r)
+        late = {r.url_id for r in accepted if r.started_at < entries[r.url_id].fold.newest_at}
         rows = []
         counts: dict[str, int] = {}
+        history: dict[int, list[Event]] = {}
         for r in accepted:
             entry = entries[r.url_id]
-            obs = Observation(agent_id, r.started_at, r.status, r.error, r.sha256,
-                              r.final_url, r.challenge)  # fmt: skip
-            events = entry.verdict.observe(obs, self.policy)
-            cls = entry.verdict.last_class or ProbeClass.INCONCLUSIVE
             where = self._attribute(r.peer_ip, entry.origin_ip)
-            if where is not None:
-                self._maybe_move(r.url_id, entry, where, cls, r.started_at)
-            for event in events:
-                self._record(r.url_id, entry, event)
+            obs = Observation(
+                agent_id, network, r.started_at, r.status, r.error, r.sha256, r.final_url,
+                r.challenge, r.truncated, r.seq, where.provider if where else "",
+                where.asn if where else None, bool(where and where.cdn),
+            )  # fmt: skip
+            cls = ProbeClass.INCONCLUSIVE
+            if r.url_id not in late:
+                history.setdefault(r.url_id, []).extend(entry.fold.observe(obs, self._networks))
+                cls = entry.fold.last_class or cls
+            else:
+                cls = classify(obs, self.policy) or ProbeClass.INCONCLUSIVE
             counts[cls.value] = counts.get(cls.value, 0) + 1
             rows.append(
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
                  r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error,
-                 r.redirects, int(r.challenge), suspect, cls.value,
-                 where.provider if where else "", where.asn if where else None, now)
+                 r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
+                 r.tls, int(obs.cdn), where.country if where else None)
             )  # fmt: skip
         self.conn.executemany(
             "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
             " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
-            " class, provider, asn, stored_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " class, provider, asn, stored_at, tls, cdn, country)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        for url_id, events in history.items():
+            self._record(url_id, entries[url_id], events)
+        self._refold_urls(sorted(late), now, entries)
         self.conn.executemany(
             "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
             [(agent_id, cls, n) for cls, n in counts.items()],
         )
         self.conn.executemany(
-            _SAVE_STATE,
-            [_state_row(u, entries[u], now) for u in sorted({r.url_id for r in accepted})],
+            _SAVE_STATE, [_state_row(u, entries[u], now) for u in sorted(history)]
         )
         if accepted:
             self.conn.execute(
                 "UPDATE agents SET last_result_at = MAX(COALESCE(last_result_at, 0), ?),"
                 " last_seen = ? WHERE id = ?",
-                (accepted[-1].started_at, now, agent_id),
+                (max(r.started_at for r in accepted), now, agent_id),
             )
         if offset is not None:
             self.conn.execute("UPDATE agents SET clock_offset = ? WHERE id = ?", (offset, agent_id))
@@ -352,6 +456,7 @@ class Store:
             stored=len(accepted),
             duplicates=len(results) - len(fresh),
             rejected=len(fresh) - len(accepted),
+            refused=tuple(refused),
         )
 
     def _attribute(self, peer_ip: str, origin_ip: str | None) -> Attribution | None:
@@ -363,16 +468,7 @@ class Store:
             return self.attribution.lookup(origin_ip)
         return where
 
-    def _maybe_move(
-        self, url_id: int, entry: UrlEntry, where: Attribution, cls: ProbeClass, at: float
-    ) -> None:
-        """Attribute the URL to whoever serves the content (or anyone, until someone has)."""
-        unknown = entry.provider == UNATTRIBUTED.provider
-        if cls is not ProbeClass.PRESENT and not unknown:
-            return
-        if where.provider != entry.provider and not unknown:
-            self._event(url_id, at, "provider", {"from": entry.provider, "to": where.provider})
-        entry.provider, entry.asn, entry.cdn = where.provider, where.asn, where.cdn
+    # -- the fold's history in SQL --------------------------------------------------------------
 
     def _event(self, url_id: int, at: float, kind: str, detail: dict[str, Any]) -> None:
         self.conn.execute(
@@ -380,36 +476,162 @@ class Store:
             (url_id, at, kind, json.dumps(detail, separators=(",", ":"))),
         )
 
-    def _record(self, url_id: int, entry: UrlEntry, event: Event) -> None:
-        if isinstance(event, Removal):
-            entry.removed_at = event.confirmed_at
-            self.conn.execute(
-                "UPDATE episodes SET last_present_at = ?, first_removed_at = ?, confirmed_at = ?,"
-                " latency = ?, nxdomain = ?, provider = ? WHERE url_id = ? AND episode = ?",
-                (event.last_present_at, event.first_removed_at, event.confirmed_at,
-                 event.latency, int(event.nxdomain), entry.provider, url_id, event.episode),
-            )  # fmt: skip
-            self._event(url_id, event.confirmed_at, "removal", {
-                "episode": event.episode, "last_present_at": event.last_present_at,
-                "first_removed_at": event.first_removed_at, "latency": event.latency,
-                "nxdomain": event.nxdomain})  # fmt: skip
-        elif isinstance(event, Reappearance):
-            entry.removed_at = None
-            self.conn.execute(
-                "INSERT INTO episodes (url_id, episode, opened_at, provider) VALUES (?, ?, ?, ?)",
-                (url_id, event.episode, event.at, entry.provider),
-            )
-            self._event(url_id, event.at, "reappearance", {"episode": event.episode})
-        elif isinstance(event, StateChange):
-            self._event(url_id, event.at, "state", {"from": event.old.value, "to": event.new.value})
+    def _record(self, url_id: int, entry: UrlEntry, events: Sequence[Event]) -> None:
+        """Write what the fold reported: episodes, the timeline, the reappearance log."""
+        c = self.conn
+        for event in events:
+            if isinstance(event, Removal):
+                c.execute(
+                    "UPDATE episodes SET last_present_at = ?, first_removed_at = ?,"
+                    " confirmed_at = ?, latency = ?, nxdomain = ?, observed_present = ?,"
+                    " provider = ? WHERE url_id = ? AND episode = ?",
+                    (event.last_present_at, event.first_removed_at, event.confirmed_at,
+                     event.latency, int(event.nxdomain), int(event.observed_present),
+                     event.provider or entry.provider, url_id, event.episode),
+                )  # fmt: skip
+                self._event(url_id, event.confirmed_at, "removal", {
+                    "episode": event.episode, "last_present_at": event.last_present_at,
+                    "first_removed_at": event.first_removed_at, "latency": event.latency,
+                    "nxdomain": event.nxdomain, "observed_present": event.observed_present,
+                    "method": entry.fold.method.version})  # fmt: skip
+            elif isinstance(event, Reappearance | Renotified):
+                kind = "reappearance" if isinstance(event, Reappearance) else "renotified"
+                c.execute(
+                    "INSERT INTO episodes (url_id, episode, opened_at, provider, opened_by)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (url_id, event.episode, event.at, event.provider or entry.provider, kind),
+                )
+                if isinstance(event, Reappearance):
+                    c.execute(
+                        "INSERT OR IGNORE INTO reappearance_log (url_id, episode, provider, at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (url_id, event.episode, event.provider or entry.provider, event.at),
+                    )
+                self._event(url_id, event.at, kind, {"episode": event.episode})
+            elif isinstance(event, StateChange):
+                self._event(url_id, event.at, "state", {"from": event.old, "to": event.new})
+            elif isinstance(event, ProviderChange):
+                self._event(url_id, event.at, "provider", {"from": event.old, "to": event.new})
+        f = entry.fold
+        if f.provider:
+            entry.provider, entry.asn, entry.cdn = f.provider, f.asn, f.cdn
 
-    def _load(self, url_ids: set[int]) -> dict[int, UrlEntry]:
-        """The verdicts of those of `url_ids` that agents are assigned; others get no entry.
+    def _notices(self, url_id: int) -> list[Notice]:
+        return [
+            Notice(at, sha256, self.planner.order_due(order_at, deadline))
+            for at, sha256, order_at, deadline in self.conn.execute(
+                "SELECT notified_at, sha256, order_issued_at, order_deadline FROM reports"
+                " WHERE url_id = ? ORDER BY notified_at, id",
+                (url_id,),
+            )
+        ]
+
+    def _observations(self, url_id: int) -> list[Observation]:
+        return [
+            Observation(
+                agent,
+                network,
+                at,
+                status,
+                error,
+                sha or b"",
+                final,
+                bool(challenge),
+                bool(truncated),
+                seq,
+                provider,
+                asn,
+                bool(cdn),
+            )
+            for (
+                agent,
+                network,
+                at,
+                status,
+                error,
+                sha,
+                final,
+                challenge,
+                truncated,
+                seq,
+                provider,
+                asn,
+                cdn,
+            ) in self.conn.execute(_OBSERVATIONS, (url_id,))
+        ]
+
+    def _refold_urls(
+        self, url_ids: Sequence[int], now: float, entries: dict[int, UrlEntry] | None = None
+    ) -> list[tuple[int, UrlState, UrlState]]:
+        """Recompute URLs from their stored notices and results; rewrite their history.
+
+        Returns (url id, state before, state after) of each URL refolded.
+        """
+        changed = []
+        for url_id in url_ids:
+            entry = (entries or {}).get(url_id) or self._load({url_id}, active_only=False).get(
+                url_id
+            )
+            if entry is None:
+                continue
+            before = entry.fold.state
+            notices = self._notices(url_id)
+            if not notices:
+                continue
+            fold, events = refold(notices, self._observations(url_id), self.method,
+                                  self.networks_at)  # fmt: skip
+            entry.fold = fold
+            self.conn.execute("DELETE FROM episodes WHERE url_id = ?", (url_id,))
+            marks = ",".join("?" * len(_HISTORY_KINDS))
+            self.conn.execute(
+                f"DELETE FROM url_events WHERE url_id = ? AND kind IN ({marks})",
+                (url_id, *_HISTORY_KINDS),
+            )
+            self.conn.execute(
+                "INSERT INTO episodes (url_id, episode, opened_at) VALUES (?, 1, ?)",
+                (url_id, notices[0].at),
+            )
+            self._record(url_id, entry, events)
+            self.conn.execute(*_save(url_id, entry, now))
+            changed.append((url_id, before, fold.state))
+        return changed
+
+    def _active_ids(self) -> list[int]:
+        return [u for (u,) in self.conn.execute("SELECT id FROM urls WHERE active = 1")]
+
+    def refold(
+        self, since: float | None = None, now: float = 0.0
+    ) -> list[tuple[int, UrlState, UrlState]]:
+        """Recompute every URL's verdict (or those with results probed at or after `since`)."""
+        sql = "SELECT id FROM urls ORDER BY id"
+        params: tuple[Any, ...] = ()
+        if since is not None:
+            sql = "SELECT DISTINCT url_id FROM results WHERE started_at >= ? ORDER BY url_id"
+            params = (since,)
+        ids = [u for (u,) in self.conn.execute(sql, params)]
+        try:
+            with self._transaction():
+                self._entries.clear()
+                return self._refold_urls(ids, now)
+        except sqlite3.Error as exc:
+            self._entries.clear()
+            raise translate(exc, self.path) from exc
+
+    def outdated(self) -> int:
+        """URLs whose verdict was folded by another method version than this one."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM url_state WHERE method != ?", (self.method.version,)
+        ).fetchone()
+        return int(row[0])
+
+    def _load(self, url_ids: set[int], active_only: bool = True) -> dict[int, UrlEntry]:
+        """The folds of those of `url_ids` that agents are assigned; others get no entry.
 
         Every agent is assigned every active URL (the quorum needs all vantage points), so an
         unknown id, or a URL retired since (after its watch period), is not assigned and its
-        results are rejected, never stored. The cache holds active URLs only (`plan` drops
+        results are refused, never stored. The cache holds active URLs only (`plan` drops
         the ones it retires), so only the ids missing from it are checked in the database.
+        A fold state this version cannot read is refolded from the stored results.
         """
         cached = self._entries
         out: dict[int, UrlEntry] = {}
@@ -421,16 +643,30 @@ class Store:
             else:
                 out[u] = entry
                 cached.move_to_end(u)
+        active = " AND u.active = 1" if active_only else ""
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(
-                f"SELECT {_STATE_COLUMNS} FROM url_state WHERE url_id IN ({marks})"
-                " AND url_id IN (SELECT id FROM urls WHERE active = 1)",
+            for (url_id, memory, provider, asn, cdn, origin_ip, method, created, notified
+                 ) in self.conn.execute(
+                "SELECT s.url_id, s.memory, s.provider, s.asn, s.cdn, s.origin_ip, s.method,"
+                " u.created_at, s.notified_at FROM url_state s JOIN urls u ON u.id = s.url_id"
+                f" WHERE s.url_id IN ({marks}){active}",
                 chunk,
-            ):
-                url_id, loaded = _entry(row)
-                out[url_id] = cached[url_id] = loaded
+            ).fetchall():  # fmt: skip
+                try:
+                    if method != self.method.version:
+                        raise UnreadableState(f"folded by method {method!r}")
+                    fold = load_fold(memory, self.method)
+                except UnreadableState:
+                    fold = UrlFold.start(Notice(notified), self.method)
+                    entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
+                    self._refold_urls([url_id], 0.0, {url_id: entry})
+                else:
+                    entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
+                out[url_id] = entry
+                if active_only:
+                    cached[url_id] = entry
         while len(cached) > self._cache_urls:
             cached.popitem(last=False)
         return out
@@ -445,7 +681,7 @@ class Store:
 
     def _plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
         rows = self.conn.execute(
-            "SELECT u.id, u.url, u.interval, s.state, s.notified_at, s.order_issued_at,"
+            "SELECT u.id, u.url, u.interval, s.state, s.opened_at, s.order_issued_at,"
             " s.order_deadline, s.removed_at FROM urls u JOIN url_state s ON s.url_id = u.id"
             " WHERE u.active = 1"
         ).fetchall()
@@ -473,3 +709,19 @@ class Store:
         for url_id in stop:  # the cache holds active URLs only (see _load)
             self._entries.pop(url_id, None)
         return changed, stop
+
+
+def _save(url_id: int, entry: UrlEntry, now: float) -> tuple[str, tuple[Any, ...]]:
+    return _SAVE_STATE, _state_row(url_id, entry, now)
+
+
+def method_of(policy: Policy, planner: Planner) -> Method:
+    """The method the collector folds with: its policy and its planned probe intervals."""
+
+    def planned(
+        now: float, state: UrlState, opened_at: float, due: float | None, removed: float | None
+    ) -> float:
+        interval = planner.interval(now, state, opened_at, due, removed)
+        return planner.watch_interval if interval is None else interval
+
+    return Method(policy, planned)

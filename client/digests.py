@@ -1,6 +1,6 @@
 """Assignment digests: how an agent and the collector tell which parts of an assignment differ.
 
-Part of the wire contract (hand-written, not generated). URLs fall into
+Part of the wire contract, hand-written (protos/ holds generated code only). URLs fall into
 BUCKETS buckets by id; a bucket's digest is the XOR of a 64-bit hash of each
 (url_id, interval_ms) in it, so it can be kept up to date incrementally and
 does not depend on order. On reconnect the agent sends its digests in Hello;
