@@ -51,7 +51,6 @@ METHOD = Method(
     POLICY,
     lambda now, st, op, od, ra: PLANNER.interval(now, st, op, od, ra) or PLANNER.watch_interval,
 )
-F1 = "F1: a lagging witness turns a removal into a geoblock (tests/SIM_FINDINGS.md)"
 F2 = "F2: the replacement's first sighting counts as present (tests/SIM_FINDINGS.md)"
 STEP = INTERVAL * (1 + JITTER)
 """The longest gap between two probes of one running agent."""
@@ -120,24 +119,15 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset(
-    {
-        "dynamic-replaced",
-        "unrecognised-451",
-        "dynamic-blockpage",
-        "late-agreement",
-        "witness-lag",
-    }
-)
-"""Configurations the random landscapes leave out while they reproduce a finding (F2-F7 in
-tests/SIM_FINDINGS.md, each kept below as a strict xfail); drop one here once it is fixed."""
+PARKED = frozenset({"dynamic-replaced", "dynamic-blockpage", "witness-lag"})
+"""Configurations the random landscapes leave out while they reproduce an open finding (F2, F4,
+F6, F7 in tests/SIM_FINDINGS.md, each kept below as a strict xfail); drop one once it is fixed."""
 
 
 def truth_violations(run: Run, blips: bool = True) -> list[str]:
     """Every way the fold's verdicts contradict the landscape's truth.
 
-    `blips=False` leaves out the two "geoblocked without a block" checks (after an event, after a
-    batch) while finding F1 is open: jitter alone triggers it, so no landscape can avoid it.
+    `blips=False` leaves out the check of the state after each batch (only `deliver` records it).
     """
     land, events, bad = run.land, run.events, []
     removals = removal_events(events)
@@ -160,7 +150,7 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
             seg = land.segment_at(e.at)
             if seg.kind != PRESENT or last_removed_seg is None or seg.start <= last_removed_seg:
                 bad.append(f"invented reappearance {e}: truth there is {seg}")
-        elif blips and isinstance(e, StateChange) and e.new is UrlState.GEOBLOCKED:
+        elif isinstance(e, StateChange) and e.new is UrlState.GEOBLOCKED:
             visible_lately = land.present_at(e.at) or land.present_at(e.at - STEP)
             if not land.blocked(conclusive_only=True) or not visible_lately:
                 bad.append(f"geoblocked at {e.at} without a block while the content was served")
@@ -236,7 +226,7 @@ class TestRandomLandscapes:
         """No false removal or reappearance, every removal dated and the end state right."""
         land = random_landscape(rng, PARKED)
         note(describe(land))
-        assert truth_violations(refold_all(land), blips=False) == []
+        assert truth_violations(refold_all(land)) == []
 
     @settings(max_examples=25, deadline=None)
     @given(st.randoms(use_true_random=False))
@@ -273,7 +263,7 @@ class TestWhatWasSeen:
         "block",
         [
             "451",
-            pytest.param("403", marks=pytest.mark.xfail(strict=True, reason=F1)),
+            "403",
             "page_same",
             "page_elsewhere",
         ],
@@ -344,7 +334,6 @@ class TestWhatWasSeen:
 class TestFindings:
     """Minimal reproductions of the fold disagreeing with the truth (tests/SIM_FINDINGS.md)."""
 
-    @pytest.mark.xfail(strict=True, reason=F1)
     def test_removal_seen_by_one_witness_a_little_before_another(self) -> None:
         """With jitter, one witness's k removed results before another's next probe: no geoblock."""
         land = Landscape(
@@ -356,7 +345,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason=F1)
     def test_removal_while_a_witness_is_inconclusive_is_no_geoblock(self) -> None:
         """A witness in a 503 window after the removal does not make the URL geoblocked."""
         land = Landscape(
@@ -380,7 +368,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F3: 'nobody saw it present' while a network gets 200s")
     @pytest.mark.parametrize("dynamic", [True, False])
     def test_two_451_networks_before_the_content_is_recognised(self, dynamic: bool) -> None:
         """Two networks blocked by 451 are no removal while a third is served the content."""
@@ -427,7 +414,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F5: the parking page becomes the baseline")
     def test_parking_page_is_not_the_content_after_a_late_second_network(self) -> None:
         """Without agreement on the content, a parking page two networks see is not the content."""
         land = Landscape(
@@ -442,7 +428,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F5: sightings capped at 8 before a second network")
     def test_second_network_agrees_after_eight_sightings(self) -> None:
         """A second network seeing the same hash after eight sightings by the first still agrees."""
         land = Landscape(
@@ -487,9 +472,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(
-        strict=True, reason="F8: a replacement's first sighting leaves its track behind"
-    )
     @pytest.mark.parametrize("reference", [False, True])
     def test_stable_replacement_first_seen_by_one_witness(self, reference: bool) -> None:
         """The witness that first saw the replacement page is not left counting as present."""
@@ -502,7 +484,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F9: results made at the same instant fold by arrival")
     def test_results_of_one_instant_arriving_in_either_order(self) -> None:
         """Two agents' results made at the same second give one verdict whatever their arrival."""
         land = Landscape(
