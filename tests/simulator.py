@@ -317,7 +317,8 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
     second network that must agree on the baseline starts after the first has sighted it often),
     "witness-lag" (a visible network's agent goes quiet or inconclusive near a change of the
     origin, comes back into a glitch, or is up for only a few probes between two downs),
-    "replaced-first-sighting" (any stable replacement page; F8 shows only as a geoblocked blip).
+    "replaced-first-sighting" (any stable replacement page), "cloaked-pages" (two networks served
+    their own 200 block pages at the URL, without a reference hash).
     """
     iv = INTERVAL
     dynamic = rng.random() < 0.3
@@ -348,6 +349,9 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
             if block == "451" and not reference and "unrecognised-451" in parked:
                 block = "403" if "451" in blocks else block
             if block == "page_same" and dynamic and "dynamic-blockpage" in parked:
+                block = "page_elsewhere"
+            cloaked = not reference and "page_same" in blocks and "cloaked-pages" in parked
+            if block == "page_same" and cloaked:
                 block = "page_elsewhere"
             blocks[i] = block
     agents = [Agent(1, "net0", 0.0, phase=rng.randrange(1000))]
