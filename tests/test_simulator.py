@@ -22,6 +22,7 @@ from collector.fold import (
     OutOfOrder,
     Reappearance,
     Removal,
+    Renotified,
     StateChange,
     UrlFold,
     refold,
@@ -143,7 +144,14 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
         if r.nxdomain != (seg.kind == "nxdomain"):
             bad.append(f"removal {r}: nxdomain flag wrong for a {seg.kind} removal")
     last_removed_seg: float | None = None
+    reopened = False
     for e in events:
+        if isinstance(e, Reappearance | Renotified):
+            reopened = True
+        elif isinstance(e, StateChange):
+            if e.old is UrlState.REMOVED and not reopened:
+                bad.append(f"left removed at {e.at} without a reappearance: {e}")
+            reopened = False
         if isinstance(e, Removal):
             last_removed_seg = land.segment_at(e.first_removed_at).start
         elif isinstance(e, Reappearance):
