@@ -176,6 +176,10 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
             bad.append(
                 f"removal at {start} ({mode}) confirmed only after the content came back: {r}"
             )
+    last = max((p.obs.at for p in run.made), default=land.notice_at)
+    watched = any(land.running_at_end(a) and not land.network(a.network).block for a in land.agents)
+    if watched and run.fold.stale(last):
+        bad.append(f"stale at {last} while an agent that sees the URL is still probing")
     expected = expected_final_state(land)
     if run.fold.state is not expected:
         bad.append(f"final state {run.fold.state}, truth {expected}")
