@@ -69,7 +69,9 @@ ASN = 64500
 PRESENT = "present"
 REMOVAL_MODES = ("404", "410", "451", "replaced", "redirect", "refused", "nxdomain")
 BLOCK_KINDS = ("451", "403", "page_same", "page_elsewhere")
-GLITCH_KINDS = ("500", "503", "429", "challenge", "timeout", "reset", "tls")
+GLITCH_KINDS = ("500", "503", "429", "challenge", "timeout", "reset", "tls", "truncated")
+"""Inconclusive answers; "truncated" is the content cut at the agent's byte cap (only while the
+content is served to that network; otherwise that network gets what it would have got)."""
 CONCLUSIVE_BLOCKS = frozenset({"451", "page_same", "page_elsewhere"})
 """Blocks that read as "not present" to a network; a 403 is inconclusive by the rules (rule 2)."""
 
@@ -208,19 +210,23 @@ def probe(land: Landscape, agent: Agent, t: float, seq: int) -> Probe:
 
     def obs(
         status: int, error: str = "none", sha: bytes = b"", final_url: str = URL,
-        challenge: bool = False,
+        challenge: bool = False, truncated: bool = False,
     ) -> Observation:  # fmt: skip
         return Observation(
-            agent.agent_id, agent.network, t, status, error, sha, final_url, challenge,
+            agent.agent_id, agent.network, t, status, error, sha, final_url, challenge, truncated,
             seq=seq, provider=PROVIDER, asn=ASN,
         )  # fmt: skip
 
     glitch = next((g for g in net.glitches if g.covers(t)), None)
-    if glitch is not None:
+    kind = land.segment_at(t).kind
+    cut = glitch is not None and glitch.kind == "truncated"
+    if cut and net.block is None and kind == PRESENT:
+        sha = digest(f"cut {agent.agent_id} {seq}") if land.dynamic else digest("cut content")
+        return Probe(obs(200, sha=sha, truncated=True), Label.GLITCH)
+    if glitch is not None and not cut:
         return Probe(_glitch(glitch.kind, obs), Label.GLITCH)
     if net.block is not None:
         return Probe(_blocked(net, obs), Label.BLOCKED)
-    kind = land.segment_at(t).kind
     if kind == PRESENT:
         sha = digest(f"dynamic {agent.agent_id} {seq}") if land.dynamic else CONTENT_HASH
         return Probe(obs(200, sha=sha), Label.CONTENT)
@@ -325,7 +331,8 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
     "witness-lag" (a visible network's agent goes quiet or inconclusive near a change of the
     origin, comes back into a glitch, or is up for only a few probes between two downs),
     "replaced-first-sighting" (any stable replacement page), "cloaked-pages" (two networks served
-    their own 200 block pages at the URL, without a reference hash).
+    their own 200 block pages at the URL, without a reference hash), "truncated-baseline" (bodies
+    cut at the byte cap in the first intervals, without a reference hash).
     """
     iv = INTERVAL
     dynamic = rng.random() < 0.3
@@ -398,6 +405,8 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
             returns = [d.end for a in agents if a.network == name for d in a.downs]
             keep = [*keep, *(Window(r - iv, r + 3 * iv) for r in returns)]
         glitches = _windows_avoiding(rng, end, rng.randint(0, 3), 3 * iv, keep)
+        if not reference and "truncated-baseline" in parked:
+            glitches = tuple(g for g in glitches if g.kind != "truncated" or g.start > 6 * iv)
         networks.append(Network(name, blocks[i], glitches))
     return Landscape(
         tuple(segments), tuple(networks), tuple(agents), end, dynamic, reference,
