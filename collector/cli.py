@@ -230,7 +230,7 @@ def serve_parser() -> configargparse.ArgParser:
     p.add_argument(
         "--liveness-intervals",
         type=float,
-        default=3.0,
+        default="3",
         help="an agent stays live on a URL for this many of its probe intervals after its"
         " newest result (must be above 1); a silent agent neither holds content online"
         " nor confirms a removal",

@@ -214,7 +214,7 @@ class UrlFold:
     asn: int | None = None
     cdn: bool = False
     provider_from_present: bool = False
-    newest_at: float = float("-inf")  # newest input folded
+    newest_key: tuple[float, int, int, int] = (float("-inf"), 0, 0, 0)  # of the newest input
     last_conclusive_at: float | None = None  # newest conclusive result of the current episode
     live_until: float | None = None  # after this, no vantage point that matters is live
     truncated_vs_reference: int = 0
@@ -239,14 +239,18 @@ class UrlFold:
         """No vantage point that could change the state is live any more."""
         return self.live_until is not None and now > self.live_until
 
-    def _check_order(self, at: float) -> None:
-        if at < self.newest_at:
-            raise OutOfOrder(f"input at {at} is older than {self.newest_at}, already folded")
-        self.newest_at = at
+    @property
+    def newest_at(self) -> float:
+        return self.newest_key[0]
+
+    def _check_order(self, key: tuple[float, int, int, int]) -> None:
+        if key < self.newest_key:
+            raise OutOfOrder(f"input at {key[0]} comes before one already folded")
+        self.newest_key = key
 
     def notice(self, notice: Notice) -> list[Event]:
         """Fold in a further report of this URL."""
-        self._check_order(notice.at)
+        self._check_order(event_order(notice))
         if notice.order_due is not None:
             self.order_due = (
                 notice.order_due
@@ -265,7 +269,7 @@ class UrlFold:
 
     def observe(self, obs: Observation, networks: int) -> list[Event]:
         """Fold in one observation; `networks` is how many distinct networks had agents then."""
-        self._check_order(obs.at)
+        self._check_order(event_order(obs))
         policy = self.policy
         track = self.tracks.get(obs.agent_id)
         if track is None:

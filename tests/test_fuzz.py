@@ -634,6 +634,20 @@ async def still_serving(channel: grpc.aio.Channel) -> None:
     assert response.outcomes[0].status == pb.SUBMIT_STATUS_ACCEPTED
 
 
+def stored_reference(collector: Collector, reference: str) -> str | None:
+    """The URL a reference (of the unauthenticated intake) already names, if any."""
+    conn = connect_readonly(collector.config.db)
+    try:
+        row = conn.execute(
+            "SELECT u.url FROM reports r JOIN urls u ON u.id = r.url_id"
+            " WHERE r.source = '' AND r.reference = ?",
+            (reference,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+    finally:
+        conn.close()
+
+
 def check_outcomes(
     collector: Collector, sent: list[pb.Report], got: pb.SubmitResponse, now: float
 ) -> int:
@@ -644,6 +658,12 @@ def check_outcomes(
         verdict = check_report(report, now)
         if isinstance(verdict, str):
             assert (outcome.status, outcome.error) == (pb.SUBMIT_STATUS_REJECTED, verdict), report
+        elif outcome.status == pb.SUBMIT_STATUS_REJECTED:
+            # A reference this hotline already used for another URL: refused, naming both.
+            assert verdict.reference and "already names URL id" in outcome.error, outcome
+            known = stored_reference(collector, verdict.reference)
+            assert known is not None and known != verdict.url, (known, verdict.url)
+            assert known in outcome.error and verdict.url in outcome.error
         else:
             assert outcome.status in (pb.SUBMIT_STATUS_ACCEPTED, pb.SUBMIT_STATUS_ALREADY_KNOWN)
             assert outcome.report_id > 0 and not outcome.error

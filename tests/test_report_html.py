@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import sqlite_utils
 
+from collector.method import METHOD_VERSION
 from collector.report_html import COLUMNS, cell_text, nice_ticks, time_unit
 from collector.store.schema import migrations
 
@@ -205,7 +206,7 @@ class TestPage:
         records, page = reports
         text = page.read_text()
         assert 'id="window"' in text and "the first report" in text
-        assert 'id="method"' in text and "takedown-monitor" in text
+        assert 'id="method"' in text and METHOD_VERSION in text
         assert "How to read this" in text and "Kaplan–Meier" in text
         assert text.count('<polyline class="curve"') == len(records) == 3
 

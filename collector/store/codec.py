@@ -14,7 +14,7 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 2
+CODEC_VERSION = 3
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
@@ -70,7 +70,7 @@ def dump_fold(f: UrlFold) -> str:
         "first_removal": _removal(f.first_removal),
         "reappearances": f.reappearances,
         "provider": [f.provider, f.asn, f.cdn, f.provider_from_present],
-        "newest_at": None if f.newest_at == float("-inf") else f.newest_at,
+        "newest": None if f.newest_at == float("-inf") else list(f.newest_key),
         "last_conclusive_at": f.last_conclusive_at,
         "live_until": f.live_until,
         "truncated_vs_reference": f.truncated_vs_reference,
@@ -120,7 +120,7 @@ def load_fold(text: str, method: Method) -> UrlFold:
         ].items()
     }
     provider, asn, cdn, from_present = d["provider"]
-    newest = d["newest_at"]
+    newest = d["newest"]
     return UrlFold(
         method=method,
         notified_at=d["notified_at"],
@@ -140,7 +140,7 @@ def load_fold(text: str, method: Method) -> UrlFold:
         asn=asn,
         cdn=cdn,
         provider_from_present=from_present,
-        newest_at=float("-inf") if newest is None else newest,
+        newest_key=(float("-inf"), 0, 0, 0) if newest is None else tuple(newest),
         last_conclusive_at=d["last_conclusive_at"],
         live_until=d["live_until"],
         truncated_vs_reference=d["truncated_vs_reference"],

@@ -401,7 +401,11 @@ class Store:
                 )
             else:
                 accepted.append(r)
-        late = {r.url_id for r in accepted if r.started_at < entries[r.url_id].fold.newest_at}
+        late = {
+            r.url_id
+            for r in accepted
+            if (r.started_at, 1, agent_id, r.seq) < entries[r.url_id].fold.newest_key
+        }
         rows = []
         counts: dict[str, int] = {}
         history: dict[int, list[Event]] = {}

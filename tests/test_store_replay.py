@@ -1,0 +1,115 @@
+"""The store's incremental fold equals a refold from its stored results, however batches arrive."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.attribution import PrefixTable
+from collector.method import Policy
+from collector.reports_file import ReportIn
+from collector.schedule import Planner
+from collector.store import ResultIn, Store
+
+T0 = 1_800_000_000.0
+PLANNER = Planner.fixed(10.0)
+CONTENT = hashlib.sha256(b"content").digest()
+OTHER = hashlib.sha256(b"suspended").digest()
+PEERS = ("192.0.2.1", "198.51.100.1")
+
+
+def table(tmp: Path) -> PrefixTable:
+    path = tmp / "prefixes.csv"
+    path.write_text("prefix,asn,provider\n192.0.2.0/24,64500,One\n198.51.100.0/24,64501,Two\n")
+    return PrefixTable.from_csv(path)
+
+
+def snapshot(db: Path) -> tuple[list[tuple[object, ...]], ...]:
+    conn = sqlite3.connect(db)
+    try:
+        return (
+            conn.execute(
+                "SELECT url_id, state, episode, last_present_at, removal_last_present_at,"
+                " removal_first_removed_at, removal_confirmed_at, reappearances, first_provider,"
+                " live_until, last_conclusive_at FROM url_state ORDER BY url_id"
+            ).fetchall(),
+            conn.execute("SELECT * FROM episodes ORDER BY url_id, episode").fetchall(),
+            conn.execute(
+                "SELECT url_id, at, kind, detail FROM url_events ORDER BY url_id, at, kind, detail"
+            ).fetchall(),
+        )
+    finally:
+        conn.close()
+
+
+@st.composite
+def deliveries(draw: st.DrawFn) -> tuple[list[tuple[int, list[ResultIn]]], int]:
+    """Three agents' results on two URLs, cut into batches, shuffled, some delivered twice."""
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    removed_at = {1: draw(st.sampled_from([200.0, 400.0, None])), 2: 300.0}
+    blocked = draw(st.sampled_from([set(), {1}]))
+    batches: list[tuple[int, list[ResultIn]]] = []
+    for agent in (1, 2, 3):
+        start = draw(st.sampled_from([0.0, 50.0, 150.0]))
+        stop = draw(st.sampled_from([600.0, 250.0]))
+        out: list[ResultIn] = []
+        seq = 0
+        t = start + agent
+        while t < stop:
+            for url_id in (1, 2):
+                seq += 1
+                gone = removed_at[url_id] is not None and t >= removed_at[url_id]  # type: ignore[operator]
+                if agent in blocked:
+                    status, sha = 451, b""
+                elif gone:
+                    status, sha = (200, OTHER) if url_id == 2 else (404, b"")
+                else:
+                    status, sha = 200, CONTENT
+                if rng.random() < 0.1:
+                    status, sha = 503, b""
+                out.append(ResultIn(url_id, seq, t + rng.random(), 0.01, status, "http://x/a",
+                                    sha, 7, False, PEERS[url_id - 1], "none", 0))  # fmt: skip
+            t += 10.0
+        size = draw(st.integers(1, 8))
+        batches += [(agent, out[i : i + size]) for i in range(0, len(out), size)]
+    rng.shuffle(batches)
+    again = draw(st.integers(0, 3))
+    batches += rng.sample(batches, min(again, len(batches)))
+    return batches, draw(st.integers(1, 3))
+
+
+class TestStoreReplay:
+    @settings(max_examples=15, deadline=None)
+    @given(deliveries())
+    def test_incremental_equals_refold(
+        self, case: tuple[list[tuple[int, list[ResultIn]]], int]
+    ) -> None:
+        """Batches in any order, some twice, a small cache: the stored verdicts equal a refold."""
+        batches, cache = case
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "c.db"
+            store = Store(db, table(Path(tmp)), Policy(), cache_urls=cache, planner=PLANNER)
+            try:
+                ids = {a: store.register_agent(f"a{a}", f"n{a}", "t", T0) for a in (1, 2, 3)}
+                reports = [ReportIn("http://x/a", T0, None, "r1"),
+                           ReportIn("http://x/b", T0, None, "r2")]  # fmt: skip
+                store.submit_reports(reports, T0, PLANNER)
+                for agent, batch in batches:
+                    store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000)
+                incremental = snapshot(db)
+                changes = store.refold(now=T0 + 2000)
+            finally:
+                store.close()
+            assert all(before is after for _, before, after in changes)
+            assert snapshot(db) == incremental
+
+
+def _shift(r: ResultIn) -> ResultIn:
+    return dataclasses.replace(r, started_at=T0 + r.started_at)
