@@ -336,7 +336,7 @@ def random_landscape(rng: random.Random, parked: frozenset[str] = frozenset()) -
     """
     iv = INTERVAL
     dynamic = rng.random() < 0.3
-    modes = REMOVAL_MODES
+    modes: tuple[str, ...] = REMOVAL_MODES
     if (dynamic and "dynamic-replaced" in parked) or "replaced-first-sighting" in parked:
         modes = tuple(m for m in modes if m != "replaced")
     reference = not dynamic and rng.random() < 0.4
