@@ -55,6 +55,18 @@ async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
     await c.stop(grace=1)
 
 
+def opened_at(db: Path, path: str) -> float:
+    conn = connect_readonly(db)
+    try:
+        row = conn.execute(
+            "SELECT s.opened_at FROM url_state s JOIN urls u ON u.id = s.url_id WHERE u.url LIKE ?",
+            (f"%{path}",),
+        ).fetchone()
+        return float(row[0])
+    finally:
+        conn.close()
+
+
 def statuses(db: Path) -> dict[str, UrlStatus]:
     conn = connect_readonly(db)
     try:
@@ -111,8 +123,12 @@ async def test_rules_hold_across_vantage_points(
     await eventually(measured, 30, "three removals confirmed")
     hoster.set_fate("/reappear", Fate.ONLINE)
     await eventually(lambda: statuses(db)["/reappear"].reappearances == 1, 20, "reappearance")
+    # Overdue runs from the episode's opening: the notice, or for /reappear its reappearance.
+    reopened = opened_at(db, "/reappear")
     await eventually(
-        lambda: time.time() > notified + SHORT_DEADLINE + 1, 15, "the short deadline to pass"
+        lambda: time.time() > max(notified, reopened) + SHORT_DEADLINE + 1,
+        15,
+        "the short deadline to pass for every episode",
     )
     await _probed(hoster, "/dynamic", 6)
     await _probed(hoster, "/challenge", 6)

@@ -509,7 +509,7 @@ class TestAssignment:
         }
         assert outcomes["rejected"] == 2 and outcomes["stored"] == 1
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-        assert "results_for_unknown_urls agent=a1 count=2" in warnings
+        assert any(w.startswith("results_refused agent=a1 count=2 ") for w in warnings)
         above_debug = " ".join(r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG)
         assert not any(u in above_debug for u in urls)
 

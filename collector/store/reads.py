@@ -91,8 +91,9 @@ def provider_figures(
     the same rule as the provider table's."""
     states = sorted(UrlState, key=lambda s: s.value)
     columns = [f"SUM(s.state = '{st.value}')" for st in states]
-    columns += [overdue_sql("s.state", "s.opened_at", "?", "?") for _ in deadlines]
-    columns.append(order_overdue_sql("s.state", "s.order_issued_at", "s.order_deadline", "?", "?"))
+    columns += [f"SUM{overdue_sql('s.state', 's.opened_at', '?', '?')}" for _ in deadlines]
+    order = order_overdue_sql("s.state", "s.order_issued_at", "s.order_deadline", "?", "?")
+    columns.append(f"SUM{order}")
     columns.append("SUM(u.active = 1 AND s.live_until < ?)")
     # FILTER: most rows have no latency, and a false filter skips the aggregate step.
     columns += [f"COUNT(*) FILTER (WHERE s.removal_latency <= {float(b)!r})" for b in buckets]
