@@ -38,6 +38,7 @@ Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -52,6 +53,7 @@ class Verdict(enum.Enum):
     UNDECIDED = "undecided"
 
 
+@functools.lru_cache(maxsize=4096)
 def place(url: str) -> str:
     """Where a URL points, for redirect-away checks: host, port and path (no scheme, no query)."""
     if not url:
@@ -107,6 +109,17 @@ class ContentMemory:
     def with_reference(cls, sha256: bytes) -> ContentMemory:
         """Memory whose baseline is the hotline's reference hash."""
         return cls(baseline=sha256, from_reference=True)
+
+    def clone(self) -> ContentMemory:
+        return ContentMemory(
+            baseline=self.baseline,
+            baseline_place=self.baseline_place,
+            from_reference=self.from_reference,
+            dynamic=self.dynamic,
+            candidates={h: list(seen) for h, seen in self.candidates.items()},
+            candidate_places=dict(self.candidate_places),
+            variants={h: Variant(v.first_seen, v.count) for h, v in self.variants.items()},
+        )
 
     @property
     def known(self) -> bool:

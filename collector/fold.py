@@ -39,7 +39,7 @@ No I/O, no clock: time arrives with each input.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from bisect import insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -241,6 +241,14 @@ class UrlFold:
         """No vantage point that could change the state is live any more."""
         return self.live_until is not None and now > self.live_until
 
+    def clone(self) -> UrlFold:
+        """An independent copy (its mutable parts copied, its frozen values shared)."""
+        return dataclasses.replace(
+            self,
+            content=self.content.clone(),
+            tracks={a: dataclasses.replace(t) for a, t in self.tracks.items()},
+        )
+
     @property
     def newest_at(self) -> float:
         return self.newest_key[0]
@@ -385,7 +393,12 @@ class UrlFold:
 
     def _live(self, now: float) -> list[Track]:
         planned, horizon = self._planned(now), self.policy.horizon
-        return [t for t in self.tracks.values() if now - t.last_at <= horizon(max(planned, t.gap))]
+        floor = horizon(planned)
+        return [
+            t
+            for t in self.tracks.values()
+            if now - t.last_at <= (floor if t.gap <= planned else horizon(t.gap))
+        ]
 
     def _update_liveness(self, now: float) -> None:
         planned, horizon = self._planned(now), self.policy.horizon
@@ -491,7 +504,7 @@ def is_online(fold: UrlFold) -> bool:
     return fold.state in ONLINE_STATES
 
 
-TAIL_LENGTH = 64
+TAIL_LENGTH = 8
 """Observations a `Tail` keeps to refold from, without reading stored results."""
 
 
@@ -517,7 +530,7 @@ class Tail:
 
     @classmethod
     def of(cls, fold: UrlFold) -> Tail:
-        return cls(copy.deepcopy(fold), fold)
+        return cls(fold.clone(), fold)
 
     def add(self, obs: Observation, networks: int) -> tuple[list[Event], bool]:
         """Fold `obs` in; return the new events and whether earlier ones since `base` changed.
@@ -532,7 +545,7 @@ class Tail:
             changed = False
         elif key >= self.base.newest_key:
             insort(self.observations, obs, key=event_order)
-            self.head = copy.deepcopy(self.base)
+            self.head = self.base.clone()
             self.events = []
             for o in self.observations:
                 self.events += self.head.observe(o, networks)
