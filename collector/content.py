@@ -103,6 +103,8 @@ class ContentMemory:
     dynamic: bool = False
     candidates: dict[bytes, list[Sighting]] = field(default_factory=dict)
     candidate_places: dict[bytes, str] = field(default_factory=dict)
+    baseline_truncated: bool = False  # agreed on bodies cut at the byte cap
+    candidate_truncated: dict[bytes, bool] = field(default_factory=dict)
     variants: dict[bytes, Variant] = field(default_factory=dict)
 
     @classmethod
@@ -118,6 +120,8 @@ class ContentMemory:
             dynamic=self.dynamic,
             candidates={h: list(seen) for h, seen in self.candidates.items()},
             candidate_places=dict(self.candidate_places),
+            baseline_truncated=self.baseline_truncated,
+            candidate_truncated=dict(self.candidate_truncated),
             variants={h: Variant(v.first_seen, v.count) for h, v in self.variants.items()},
         )
 
@@ -139,14 +143,16 @@ class ContentMemory:
         at = sighting.at
         where = place(final_url)
         if not self.known:
-            return self._candidate(sha256, where, sighting, need, dynamic_after)
+            return self._candidate(sha256, where, truncated, sighting, need, dynamic_after)
         if truncated and self.from_reference:
             return Judgement(Verdict.UNDECIDED, at, truncated_vs_reference=True)
         if sha256 == self.baseline:
             return Judgement(Verdict.PRESENT, at)
         if self.baseline_place and where and where != self.baseline_place:
             return Judgement(Verdict.REMOVED, at)
-        if truncated:
+        if truncated or self.baseline_truncated:
+            # A cut body against a full baseline, or a full body against a cut one: the hashes
+            # cannot be compared.
             return Judgement(Verdict.UNDECIDED, at)
         known = self.variants.get(sha256)
         if known is not None:
@@ -162,10 +168,17 @@ class ContentMemory:
         return Judgement(Verdict.PRESENT, at)
 
     def _candidate(
-        self, sha256: bytes, where: str, sighting: Sighting, need: int, dynamic_after: int
+        self,
+        sha256: bytes,
+        where: str,
+        truncated: bool,
+        sighting: Sighting,
+        need: int,
+        dynamic_after: int,
     ) -> Judgement:
         seen = self.candidates.setdefault(sha256, [])
         self.candidate_places.setdefault(sha256, where)
+        self.candidate_truncated.setdefault(sha256, truncated)
         if len(seen) < MAX_SIGHTINGS or sighting.network not in {s.network for s in seen}:
             seen.append(sighting)  # bounded by MAX_SIGHTINGS plus one per network
         networks = {s.network for s in seen}
@@ -179,9 +192,21 @@ class ContentMemory:
         if len(networks) >= need or (len(times) >= 2 and not contested):
             self.baseline = sha256
             self.baseline_place = self.candidate_places[sha256]
+            self.baseline_truncated = self.candidate_truncated.get(sha256, truncated)
             return self._establish([sha256], sighting)
         here = [h for h, p in self.candidate_places.items() if p == where]
-        if len(here) >= dynamic_after and all(len(self.candidates[h]) == 1 for h in here):
+        # Dynamic: one network's loads differ from each other. Different bodies to different
+        # networks, one each, are block pages or cloaking, not a changing page.
+        bodies: dict[str, set[bytes]] = {}
+        for h in here:
+            for s in self.candidates[h]:
+                bodies.setdefault(s.network, set()).add(h)
+        changing = any(len(hs) >= 2 for hs in bodies.values())
+        if (
+            changing
+            and len(here) >= dynamic_after
+            and all(len(self.candidates[h]) == 1 for h in here)
+        ):
             self.dynamic = True
             self.baseline_place = where
             for h in here:
@@ -191,12 +216,14 @@ class ContentMemory:
             oldest = min(self.candidates, key=lambda h: self.candidates[h][0].at)
             del self.candidates[oldest]
             del self.candidate_places[oldest]
+            self.candidate_truncated.pop(oldest, None)
         return Judgement(Verdict.UNDECIDED, sighting.at)
 
     def _establish(self, hashes: list[bytes], now: Sighting) -> Judgement:
         earlier = tuple(s for h in hashes for s in self.candidates[h] if s != now)
         self.candidates.clear()
         self.candidate_places.clear()
+        self.candidate_truncated.clear()
         return Judgement(Verdict.PRESENT, now.at, established=earlier)
 
     def _remember(self, sha256: bytes, at: float) -> None:

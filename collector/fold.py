@@ -179,7 +179,8 @@ class Track:
 
     network: str
     last_at: float
-    gap: float = 0.0  # the agent's newest interval between two results on this URL
+    gap: float = 0.0  # the smaller of the agent's last two intervals on this URL (a stretch)
+    last_gap: float = 0.0  # its newest interval (one long one is an outage, not a stretch)
     witness: bool = False
     last_class: ProbeClass | None = None  # last conclusive
     last_present_at: float | None = None
@@ -286,7 +287,9 @@ class UrlFold:
             track = self.tracks[obs.agent_id] = Track(obs.network, obs.at)
         else:
             if obs.at > track.last_at:
-                track.gap = obs.at - track.last_at
+                gap = obs.at - track.last_at
+                track.gap = min(gap, track.last_gap) if track.last_gap else gap
+                track.last_gap = gap
             track.last_at = obs.at
             track.network = obs.network
         cls, judged = self._classify(obs, networks)
@@ -414,6 +417,10 @@ class UrlFold:
         witnesses = [t for t in live if t.witness]
         confirmed_run = [t for t in live if t.last_class is ProbeClass.REMOVED and t.run >= k]
         seeing = [t for t in witnesses if t.last_class is ProbeClass.PRESENT]
+        if self.state is UrlState.REMOVED and self.removal is not None:
+            # Confirmed in this episode: only content seen again (a new episode) reopens it,
+            # never a witness's present from before the removal.
+            return []
         if seeing:
             # Blocked somewhere: a run of removed results that began before a live witness
             # last saw the content. A witness whose run is newer than every present is seeing

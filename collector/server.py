@@ -216,6 +216,7 @@ class Collector:
     async def replan(self) -> None:
         """Recompute probe intervals from stored state and push the changes to the agents."""
         now = self.clock()
+        await self.writer.run(lambda s: s.refold_due(now))
         changed, retired = await self.writer.run(lambda s: s.plan(now, self.config.planner))
         self.hub.publish(changed, retired)
         if changed or retired:

@@ -56,7 +56,7 @@ def db(tmp_path: Path) -> Path:
         "prefix,asn,provider\n192.0.2.0/24,64500,Example\n198.51.100.0/24,64501,Other\n"
     )
     path = tmp_path / "c.db"
-    store = Store(path, PrefixTable.from_csv(prefixes), Policy())
+    store = Store(path, PrefixTable.from_csv(prefixes), Policy(min_vantage_points=1))  # one network
     reports = [
         ReportIn(URL, T0, None, "R-1", order_issued_at=T0 + 600, order_deadline=3600.0),
         ReportIn(STILL_ONLINE, T0, None, "R-2"),

@@ -14,7 +14,7 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 3
+CODEC_VERSION = 4
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
@@ -47,6 +47,8 @@ def dump_fold(f: UrlFold) -> str:
                 for h, seen in c.candidates.items()
             },
             "places": {h.hex(): p for h, p in c.candidate_places.items()},
+            "cut": c.baseline_truncated,
+            "cut_candidates": {h.hex(): t for h, t in c.candidate_truncated.items()},
             "variants": {h.hex(): [x.first_seen, x.count] for h, x in c.variants.items()},
         },
         "tracks": {
@@ -54,6 +56,7 @@ def dump_fold(f: UrlFold) -> str:
                 t.network,
                 t.last_at,
                 t.gap,
+                t.last_gap,
                 t.witness,
                 t.last_class.value if t.last_class else None,
                 t.last_present_at,
@@ -101,6 +104,8 @@ def load_fold(text: str, method: Method) -> UrlFold:
             for h, seen in c["candidates"].items()
         },
         candidate_places={bytes.fromhex(h): p for h, p in c["places"].items()},
+        baseline_truncated=c["cut"],
+        candidate_truncated={bytes.fromhex(h): t for h, t in c["cut_candidates"].items()},
         variants={bytes.fromhex(h): Variant(first, n) for h, (first, n) in c["variants"].items()},
     )
     tracks = {
@@ -108,6 +113,7 @@ def load_fold(text: str, method: Method) -> UrlFold:
             net,
             last_at,
             gap,
+            last_gap,
             witness,
             ProbeClass(cls) if cls else None,
             present,
@@ -115,7 +121,7 @@ def load_fold(text: str, method: Method) -> UrlFold:
             run_first,
             nx,
         )
-        for agent, (net, last_at, gap, witness, cls, present, run, run_first, nx) in d[
+        for agent, (net, last_at, gap, last_gap, witness, cls, present, run, run_first, nx) in d[
             "tracks"
         ].items()
     }

@@ -216,3 +216,9 @@ def m004_result_country(db: Any) -> None:
     """The country of the address each result came from (prefix table or country database),
     so the report can say where a provider served the content."""
     _run(db, "ALTER TABLE results ADD COLUMN country TEXT")
+
+
+@migrations()
+def m005_refold_pending(db: Any) -> None:
+    """URLs holding a result older than their fold's tail: refolded within seconds, or at start."""
+    _run(db, "ALTER TABLE url_state ADD COLUMN refold_pending INTEGER NOT NULL DEFAULT 0")

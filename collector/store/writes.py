@@ -55,6 +55,8 @@ _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
 # URLs whose verdicts stay in memory: about 2 KB each with ten agents, so the cache stays
 # well under a gigabyte whatever the number of URLs.
 CACHE_URLS = 250_000
+# How long a URL that got a result older than its tail waits for its refold (see ingest).
+REFOLD_DELAY = 2.0
 # A result probed this long before its URL was reported cannot be one of ours.
 ANCIENT_SLACK = 86400.0
 
@@ -166,9 +168,18 @@ class Store:
         self._entries: OrderedDict[int, UrlEntry] = OrderedDict()
         self._cache_urls = cache_urls
         self._networks = self._count_networks()
+        self._pending: dict[int, float] = {}
+        self._last_now = 0.0
+        self._pending_reload()
+        if self._pending:  # a crash left refolds due
+            self.refold_due(0.0)
 
     def close(self) -> None:
-        self.conn.close()
+        """Refold what is due (a clean stop leaves no refold for the next start), then close."""
+        try:
+            self.refold_due(self._last_now)
+        finally:
+            self.conn.close()
 
     def _transaction(self) -> Any:
         return self.db.atomic()
@@ -323,15 +334,52 @@ class Store:
         """
         try:
             with self._transaction():
-                return self._ingest(agent_id, results, now, clock_offset)
+                done = self._ingest(agent_id, results, now, clock_offset)
+                self._refold_pending(now)
+                return done
         except sqlite3.Error as exc:
             self._forget(results)
+            self._pending_reload()
             raise translate(exc, self.path) from exc
         except Exception:
             self._forget(results)
             if len(results) <= 1:
                 raise
         return self._ingest_one_by_one(agent_id, results, now, clock_offset)
+
+    def _refold_pending(self, now: float, everything: bool = False) -> None:
+        """Refold the URLs that got a result older than their tail, once it waited REFOLD_DELAY.
+
+        A spool delivered late arrives in many batches; refolding its URLs from the stored
+        results after each would cost a read of their whole history per batch. Meanwhile the
+        late results are stored, the URL's newer ones keep folding, and `refold_pending` in the
+        database says a refold is due (done at start after a crash).
+        """
+        self._last_now = max(self._last_now, now)
+        due = [u for u, since in self._pending.items() if everything or now - since >= REFOLD_DELAY]
+        if not due:
+            return
+        self._refold_urls(sorted(due), now, None)
+
+    def _pending_reload(self) -> None:
+        """After a rollback: the pending set is what the database says."""
+        self._pending = {
+            u: 0.0
+            for (u,) in self.conn.execute("SELECT url_id FROM url_state WHERE refold_pending = 1")
+        }
+
+    def refold_due(self, now: float) -> int:
+        """Refold every URL waiting for one (the planner calls this); return how many."""
+        n = len(self._pending)
+        if n:
+            try:
+                with self._transaction():
+                    self._refold_pending(now, everything=True)
+            except sqlite3.Error as exc:
+                self._entries.clear()
+                self._pending_reload()
+                raise translate(exc, self.path) from exc
+        return n
 
     def _forget(self, results: Sequence[ResultIn]) -> None:
         for url_id in {r.url_id for r in results}:
@@ -453,9 +501,13 @@ class Store:
                 self._rewrite_tail(url_id, entries[url_id])
             else:
                 self._record(url_id, entries[url_id], events)
-        self._refold_urls(sorted(late), now, entries)
         for url_id in late:
             history.pop(url_id, None)
+            self._pending.setdefault(url_id, now)
+        if late:
+            self.conn.executemany(
+                "UPDATE url_state SET refold_pending = 1 WHERE url_id = ?", [(u,) for u in late]
+            )
         for url_id in history:
             tail = entries[url_id].tail
             if tail is not None:
@@ -629,6 +681,10 @@ class Store:
             fold, events = refold(notices, self._observations(url_id), self.method,
                                   self.networks_at)  # fmt: skip
             entry.fold, entry.tail = fold, None
+            if self._pending.pop(url_id, None) is not None:
+                self.conn.execute(
+                    "UPDATE url_state SET refold_pending = 0 WHERE url_id = ?", (url_id,)
+                )
             self.conn.execute("DELETE FROM episodes WHERE url_id = ?", (url_id,))
             marks = ",".join("?" * len(_HISTORY_KINDS))
             self.conn.execute(
