@@ -132,9 +132,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
+from agent.migrations import Migrations
 from agent.outbox import Batch
 from agent.result import ErrorClass, ProbeResult
 
@@ -165,7 +163,7 @@ migrations = Migrations("takedown.agent.spool")
 
 
 @migrations()
-def m001_initial(db: Any) -> None:
+def m001_initial(db: sqlite3.Connection) -> None:
     for statement in (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         """CREATE TABLE results (
@@ -203,7 +201,7 @@ def m001_initial(db: Any) -> None:
 
 
 @migrations()
-def m002_assignment_and_journal(db: Any) -> None:
+def m002_assignment_and_journal(db: sqlite3.Connection) -> None:
     """The URLs assigned (so a restart probes on without the collector) and a seq journal."""
     db.execute(
         "CREATE TABLE assignment (url_id INTEGER PRIMARY KEY, url TEXT NOT NULL,"
@@ -319,7 +317,7 @@ class Spool:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise SpoolError(f"spool {self.path}: an SQLite file of another program")
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            migrations.apply(sqlite_utils.Database(conn))
+            migrations.apply(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise SpoolError(f"spool {self.path}: not a usable spool file: {exc}") from exc

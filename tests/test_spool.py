@@ -393,6 +393,40 @@ class TestBadFiles:
         with pytest.raises(SpoolError, match=str(path)):
             Spool(path)
 
+    def test_file_migrated_by_sqlite_utils_is_read(self, tmp_path: Path) -> None:
+        """A spool whose schema sqlite_utils' Migrations recorded opens without re-running it."""
+        sqlite_utils = pytest.importorskip("sqlite_utils")
+        from sqlite_utils.migrations import Migrations
+
+        from agent import spool as module
+
+        path = tmp_path / "spool.db"
+        old = Migrations("takedown.agent.spool")
+        old()(module.m001_initial)
+        old()(module.m002_assignment_and_journal)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(f"PRAGMA application_id={module.APPLICATION_ID}")
+        old.apply(sqlite_utils.Database(conn))
+        conn.close()
+        with open_spool(path) as s:
+            s.record_assignment([(1, "http://a.example/1", 300.0)], [])
+            s.add(present())
+        with open_spool(path) as s:
+            assert len(s) == 1 and s.assignment() == [(1, "http://a.example/1", 300.0)]
+
+
+class TestImports:
+    def test_the_agent_imports_neither_sqlite_utils_nor_numpy(self) -> None:
+        """The agent's modules stay off sqlite_utils, which pulls numpy and pandas in (RSS)."""
+        script = (
+            "import sys, agent.cli, agent.main;"
+            " print(sorted(m for m in ('sqlite_utils', 'numpy', 'pandas') if m in sys.modules))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip() == "[]"
+
 
 OUTCOMES = [present, removed, timeout, lambda u: present(u, sha=b"b" * 32)]
 
