@@ -130,12 +130,17 @@ Assignment and journal. The spool also keeps the agent's assignment (url_id,
 URL, interval), updated as the collector's changes arrive and committed with
 the next flush, so an agent that restarts while the collector is unreachable
 goes on probing; on reconnect its bucket digests tell the collector what to
-resend. The file therefore holds reported URLs: keep the state directory
-private (the agent creates it 0700). With `journal=True`, every result kept is
-also written to `journal` (seq, url_id) in the same transaction, and never
-deleted except when the drop policy drops the result: an audit of exactly
-which results this agent produced, to set against what the collector stored.
-It grows with every result; enable it for audits and tests only.
+resend. It is also where the agent keeps its URL texts: `url()` reads one
+back by primary key when it is due (in the open transaction, so a change
+shows before its commit), and the agent's memory holds only ids, intervals
+and digests (agent/assignment.py). The file therefore holds reported URLs:
+keep the state directory private (the agent creates it 0700).
+
+With `journal=True`, every result kept is also written to `journal` (seq,
+url_id) in the same transaction, and never deleted except when the drop
+policy drops the result: an audit of exactly which results this agent
+produced, to set against what the collector stored. It grows with every
+result; enable it for audits and tests only.
 
 Threads. Calls are synchronous and short (an insert; a commit without
 fsync), so the agent calls them from its event loop; calls must not overlap.
@@ -150,6 +155,7 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -643,6 +649,30 @@ class Spool:
         try:
             rows = self._conn.execute("SELECT url_id, url, interval_ms FROM assignment")
             return [(url_id, url, ms / 1000) for url_id, url, ms in rows]
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
+
+    def url(self, url_id: int) -> str | None:
+        """The assigned URL's text, or None (read in the open transaction: recorded changes
+        show before they are committed). This is where an agent keeps its URL texts."""
+        self._check_usable()
+        try:
+            row = self._conn.execute(
+                "SELECT url FROM assignment WHERE url_id = ?", (url_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
+        return None if row is None else str(row[0])
+
+    def held(self) -> Iterator[tuple[int, int, int]]:
+        """(url_id, interval_ms, CRC-32 of the URL) of the assignment last recorded, streamed
+        (a million URLs are never in memory at once); for `Assignment.resume`."""
+        self._check_usable()
+        try:
+            cursor = self._conn.execute("SELECT url_id, interval_ms, url FROM assignment")
+            while rows := cursor.fetchmany(1000):
+                for url_id, interval_ms, url in rows:
+                    yield url_id, interval_ms, zlib.crc32(url.encode())
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
 
