@@ -150,13 +150,11 @@ The checkpointer thread only checkpoints, through its own connection.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sqlite3
 import threading
 import time
 import zlib
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -167,10 +165,12 @@ from typing import Any, Literal
 
 from agent.migrations import Migrations
 from agent.outbox import Batch
+from agent.repeats import UrlMemory, evidence, is_inconclusive, outcome
 from agent.result import ErrorClass, ProbeResult
-from agent.slots import Slots
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Spool", "SpoolError", "evidence", "is_inconclusive", "outcome", "row_size"]
 
 APPLICATION_ID = 0x54444D53  # "TDMS" in the SQLite header: this file is a takedown spool
 INCONCLUSIVE_REPEAT = "inconclusive_repeat"
@@ -178,9 +178,6 @@ REPEAT = "repeat"
 REFUSED_REPEAT = "refused_repeat"
 _REASONS = {1: INCONCLUSIVE_REPEAT, 2: REPEAT}  # the `rank` column: drop order
 _ROW_OVERHEAD = 96  # bytes per row besides its strings, roughly, index entries included
-_CONCLUSIVE_ERRORS = frozenset(
-    {ErrorClass.NONE, ErrorClass.DNS_NXDOMAIN, ErrorClass.CONNECT_REFUSED}
-)
 _SELECT = (
     "SELECT seq, url_id, started_at, elapsed, status, final_url, body_sha256, body_bytes,"
     " truncated, peer_ip, error, redirects, challenge FROM results"
@@ -262,81 +259,9 @@ class SpoolError(Exception):
     """The spool file cannot be opened, read or written; the message names the file."""
 
 
-def evidence(result: ProbeResult) -> str:
-    """What the agent can tell a result says: the class the collector will give it, as far as
-    status and error show it, without the reference hashes only the collector holds.
-
-    `inconclusive`, `nxdomain`, `removed` (404/410/451, connection refused), `present URL`
-    for a 2xx at its final URL (a redirect elsewhere is another final URL), `status N URL`
-    for any other response. The body hash is left out on purpose: a page that changes on
-    every load would otherwise make every result news, and the bound would never bite.
-    """
-    if is_inconclusive(result):
-        return "inconclusive"
-    if result.error is ErrorClass.DNS_NXDOMAIN:
-        return "nxdomain"
-    if result.error is ErrorClass.CONNECT_REFUSED or result.status in (404, 410, 451):
-        return "removed"
-    if 200 <= result.status < 300:
-        return f"present {result.final_url}"
-    return f"status {result.status} {result.final_url}"
-
-
-def outcome(result: ProbeResult) -> int:
-    """A stable 64-bit hash of `evidence`: two results of a URL are repeats when it is equal."""
-    digest = hashlib.blake2b(evidence(result).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def is_inconclusive(result: ProbeResult) -> bool:
-    """A result that carries no evidence of presence or removal (see collector.verdict)."""
-    if result.challenge or result.error not in _CONCLUSIVE_ERRORS:
-        return True
-    return result.error is ErrorClass.NONE and (result.status == 429 or result.status >= 500)
-
-
 def row_size(result: ProbeResult) -> int:
     """An estimate of the bytes one result occupies in the file."""
     return _ROW_OVERHEAD + len(result.final_url) + len(result.peer_ip) + len(result.body_sha256)
-
-
-class _UrlMemory:
-    """Per URL: its last outcome, the seq of the newest result kept (or sent) for it, and
-    whether that result was a repeat; in arrays (about 21 bytes per URL, not ~200)."""
-
-    __slots__ = ("_last_seq", "_outcome", "_repeat", "_slots")
-
-    def __init__(self) -> None:
-        self._slots = Slots()
-        self._outcome = array("q")
-        self._last_seq = array("q")
-        self._repeat = bytearray()
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __getitem__(self, url_id: int) -> tuple[int, int, bool]:
-        got = self.get(url_id)
-        if got is None:
-            raise KeyError(url_id)
-        return got
-
-    def get(self, url_id: int) -> tuple[int, int, bool] | None:
-        slot = self._slots.get(url_id)
-        if slot < 0:
-            return None
-        return self._outcome[slot], self._last_seq[slot], bool(self._repeat[slot])
-
-    def set(self, url_id: int, outcome: int, last_seq: int, repeat: bool) -> None:
-        slot, _ = self._slots.add(url_id)
-        if slot == len(self._outcome):
-            self._outcome.append(outcome)
-            self._last_seq.append(last_seq)
-            self._repeat.append(repeat)
-        else:
-            self._outcome[slot], self._last_seq[slot], self._repeat[slot] = (
-                outcome, last_seq, repeat,
-            )  # fmt: skip
 
 
 def _from_row(row: tuple[Any, ...]) -> ProbeResult:
@@ -459,7 +384,7 @@ class Spool:
         self._resend: deque[int] = deque(self._batches)
         self._inflight: set[int] = set()
         self._unsent: int = held - sum(n for n, _ in self._batches.values())
-        self._urls = _UrlMemory()
+        self._urls = UrlMemory()
         for url_id, out, last_seq, last_repeat in c.execute(
             "SELECT url_id, outcome, last_seq, last_repeat FROM url_outcomes"
         ):
