@@ -46,6 +46,7 @@ from agent.slots import Slots
 _Ready = tuple[float, int, int]  # (due, url_id, slot)
 
 _MIN_STALE_BEFORE_COMPACT = 64
+_FAR_BUCKETS = 1024  # a far bucket spans this many near ones
 
 
 class SharedFloats:
@@ -67,11 +68,44 @@ class SharedFloats:
         return shared
 
 
+class _Wheel:
+    """One level of the timing wheel: buckets of slots keyed by floor(due / width)."""
+
+    __slots__ = ("buckets", "entries", "keys", "width")
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self.buckets: dict[int, array[int]] = {}
+        self.keys: list[int] = []  # heap of the keys of buckets
+        self.entries = 0  # slots in all buckets, stale ones included
+
+    def key(self, due: float) -> int:
+        return math.floor(due / self.width)
+
+    def add(self, key: int, slot: int) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = array("i")
+            heapq.heappush(self.keys, key)
+        bucket.append(slot)
+        self.entries += 1
+
+    def first_start(self) -> float:
+        """Where the earliest bucket begins (a lower bound of every due time in it)."""
+        return self.keys[0] * self.width if self.keys else math.inf
+
+    def pop_first(self) -> tuple[int, array[int]]:
+        key = heapq.heappop(self.keys)
+        bucket = self.buckets.pop(key)
+        self.entries -= len(bucket)
+        return key, bucket
+
+
 class Schedule:
     """Due times for a set of URL ids, each with its own probe interval in seconds."""
 
-    __slots__ = ("_buckets", "_due", "_entries", "_first_spread", "_interval", "_jitter",
-                 "_keys", "_loaded", "_ready", "_resolution", "_rng", "_slots")  # fmt: skip
+    __slots__ = ("_due", "_far", "_first_spread", "_horizon", "_interval", "_jitter",
+                 "_loaded", "_near", "_now", "_ready", "_rng", "_slots")  # fmt: skip
 
     def __init__(
         self,
@@ -81,7 +115,7 @@ class Schedule:
         resolution: float = 1.0,
     ) -> None:
         """Jitter is the +/- fraction of an interval; first_spread caps a new URL's first delay;
-        resolution is the width of a wheel bucket in seconds (order within one is exact)."""
+        resolution is the width of a near bucket in seconds (order within one is exact)."""
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
         if not (math.isfinite(first_spread) and first_spread >= 0.0):
@@ -91,15 +125,15 @@ class Schedule:
         self._rng = rng
         self._jitter = jitter
         self._first_spread = first_spread
-        self._resolution = resolution
         self._slots = Slots()
         self._due = array("d")
         self._interval = array("d")
-        self._buckets: dict[int, array[int]] = {}
-        self._keys: list[int] = []  # heap of the keys of _buckets
-        self._loaded: set[int] = set()  # keys whose URLs are in _ready
+        self._near = _Wheel(resolution)
+        self._far = _Wheel(resolution * _FAR_BUCKETS)
+        self._now = -math.inf  # the latest `now` seen
+        self._horizon = -math.inf  # due times from here on go to the far wheel
+        self._loaded: set[int] = set()  # near keys whose URLs are in _ready
         self._ready: list[_Ready] = []
-        self._entries = 0  # bucket entries, stale ones included
 
     def set(self, url_id: int, interval: float, now: float) -> None:
         """Add a URL, or change its interval; a shorter interval can make it due sooner.
@@ -111,7 +145,7 @@ class Schedule:
         if not (math.isfinite(interval) and interval > 0.0):
             raise ValueError(f"interval must be finite and > 0, got {interval!r}")
         interval = float(interval)
-        _check_now(now)
+        self._advance(now)
         slot, new = self._slots.add(url_id)
         if new:
             due = now + self._rng.uniform(0.0, min(interval, self._first_spread))
@@ -140,11 +174,10 @@ class Schedule:
         self._slots = Slots()
         self._due = array("d")
         self._interval = array("d")
-        self._buckets = {}
-        self._keys = []
+        self._near = _Wheel(self._near.width)
+        self._far = _Wheel(self._far.width)
         self._loaded = set()
         self._ready = []
-        self._entries = 0
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -164,7 +197,7 @@ class Schedule:
     @property
     def heap_size(self) -> int:
         """Entries held, stale ones included; at most 2 x len(self) plus a small constant."""
-        return self._entries + len(self._ready)
+        return self._near.entries + self._far.entries + len(self._ready)
 
     def pop_due(self, now: float, limit: int | None = None) -> list[int]:
         """Return ids due at or before now, earliest first, at most limit, and reschedule them.
@@ -172,9 +205,9 @@ class Schedule:
         The next due time is the old due time plus a jittered interval, but never
         before now + interval * (1 - jitter), so a late agent does not burst.
         """
-        _check_now(now)
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit!r}")
+        self._advance(now)
         ready = self._ready
         due_of = self._due
         floor_factor = 1.0 - self._jitter
@@ -196,63 +229,82 @@ class Schedule:
         self._settle()
         return self._ready[0][0] if self._ready else None
 
-    def _key(self, due: float) -> int:
-        return math.floor(due / self._resolution)
+    def _advance(self, now: float) -> None:
+        _check_now(now)
+        if now > self._now:
+            self._now = now
+            self._horizon = (self._far.key(now) + 2) * self._far.width
 
     def _live(self, entry: _Ready) -> bool:
         due, url_id, slot = entry
         return self._slots.ids[slot] == url_id and self._due[slot] == due
 
     def _place(self, due: float, url_id: int, slot: int) -> None:
-        """File a (new) due time of a slot: in the ready heap if its bucket is loaded."""
-        key = self._key(due)
+        """File a (new) due time of a slot: far ahead in the far wheel, else near."""
+        if due >= self._horizon:
+            self._far.add(self._far.key(due), slot)
+        else:
+            self._place_near(due, url_id, slot)
+
+    def _place_near(self, due: float, url_id: int, slot: int) -> None:
+        key = self._near.key(due)
         if key in self._loaded:
             heapq.heappush(self._ready, (due, url_id, slot))
-            return
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = array("i")
-            heapq.heappush(self._keys, key)
-        bucket.append(slot)
-        self._entries += 1
+        else:
+            self._near.add(key, slot)
 
     def _settle(self) -> None:
-        """Drop stale entries off the ready heap's top and load buckets until its top is the
-        earliest live due time (or nothing is scheduled)."""
-        ready, keys = self._ready, self._keys
+        """Drop stale entries off the ready heap's top, and cascade far buckets and load near
+        ones until its top is the earliest live due time (or nothing is scheduled)."""
+        ready, near, far = self._ready, self._near, self._far
         while True:
             while ready and not self._live(ready[0]):
                 heapq.heappop(ready)
             if not ready:
                 self._loaded.clear()
-            if not keys or (ready and keys[0] > self._key(ready[0][0])):
+            best = ready[0][0] if ready else math.inf
+            near_start = near.first_start()
+            if far.keys and far.first_start() <= min(best, near_start):
+                self._cascade(*far.pop_first())
+            elif near.keys and near_start <= best:
+                self._load(*near.pop_first())
+            else:
                 return
-            self._load(heapq.heappop(keys))
 
-    def _load(self, key: int) -> None:
-        """Move a bucket's live entries into the ready heap."""
-        bucket = self._buckets.pop(key)
-        self._entries -= len(bucket)
-        self._loaded.add(key)
-        ids, due_of, ready = self._slots.ids, self._due, self._ready
+    def _live_slots(self, wheel: _Wheel, key: int, bucket: array[int]) -> Iterator[int]:
+        """The live slots of a bucket just taken off `wheel`, each once."""
+        ids, due_of = self._slots.ids, self._due
         seen: set[int] = set()
         for slot in bucket:
-            url_id = ids[slot]
-            if url_id < 0 or slot in seen or self._key(due_of[slot]) != key:
-                continue
-            seen.add(slot)
-            heapq.heappush(ready, (due_of[slot], url_id, slot))
+            if ids[slot] >= 0 and slot not in seen and wheel.key(due_of[slot]) == key:
+                seen.add(slot)
+                yield slot
+
+    def _cascade(self, key: int, bucket: array[int]) -> None:
+        """Move a far bucket's live entries into the near wheel."""
+        ids, due_of = self._slots.ids, self._due
+        for slot in self._live_slots(self._far, key, bucket):
+            self._place_near(due_of[slot], ids[slot], slot)
+
+    def _load(self, key: int, bucket: array[int]) -> None:
+        """Move a near bucket's live entries into the ready heap."""
+        self._loaded.add(key)
+        ids, due_of, ready = self._slots.ids, self._due, self._ready
+        for slot in self._live_slots(self._near, key, bucket):
+            heapq.heappush(ready, (due_of[slot], ids[slot], slot))
 
     def _jittered(self) -> float:
         return 1.0 + self._rng.uniform(-self._jitter, self._jitter)
 
     def _maybe_compact(self) -> None:
-        """Rebuild the wheel and the ready heap from the slots once stale entries outnumber
+        """Rebuild the wheels and the ready heap from the slots once stale entries outnumber
         live ones."""
         live = len(self._slots)
         if self.heap_size - live <= max(live, _MIN_STALE_BEFORE_COMPACT):
             return
-        self._buckets, self._keys, self._ready, self._entries = {}, [], [], 0
+        self._near = _Wheel(self._near.width)
+        self._far = _Wheel(self._far.width)
+        self._ready = []
         ids, due_of = self._slots.ids, self._due
         for slot, url_id in enumerate(ids):
             if url_id >= 0:

@@ -274,6 +274,20 @@ class TestWheel:
             tracemalloc.stop()
         assert used / 100_000 < 48, f"{used / 100_000:.0f} bytes per URL"
 
+    def test_far_due_times_share_buckets(self) -> None:
+        """URLs due over a month take a few far buckets, not one bucket each."""
+        schedule = _schedule(first_spread=30 * 86400.0)
+        for url_id in range(10_000):
+            schedule.set(url_id, 30 * 86400.0, now=0.0)
+        assert len(schedule._far.buckets) + len(schedule._near.buckets) < 2600
+        seen = []
+        for _ in range(50):
+            due = schedule.next_due()
+            assert due is not None
+            seen.append(due)
+            schedule.pop_due(due, limit=1)
+        assert seen == sorted(seen)
+
     def test_bad_resolution(self) -> None:
         """A wheel bucket must have a positive, finite width."""
         with pytest.raises(ValueError, match="resolution"):
@@ -287,9 +301,13 @@ SPREAD = 5.0
 class ScheduleMachine(RuleBasedStateMachine):
     """Random set/remove/pop_due sequences against a model of deadlines per id."""
 
+    resolution = 1.0  # everything in the near wheel
+
     def __init__(self) -> None:
         super().__init__()
-        self.schedule = Schedule(random.Random(0), jitter=JITTER, first_spread=SPREAD)
+        self.schedule = Schedule(
+            random.Random(0), jitter=JITTER, first_spread=SPREAD, resolution=self.resolution
+        )
         self.now = 0.0
         self.intervals: dict[int, float] = {}
         self.earliest: dict[int, float] = {}
@@ -338,3 +356,12 @@ class ScheduleMachine(RuleBasedStateMachine):
 
 
 TestScheduleMachine = ScheduleMachine.TestCase
+
+
+class FineWheelMachine(ScheduleMachine):
+    """The same with 10 ms near buckets: far buckets of 10.24 s, cascaded all the time."""
+
+    resolution = 0.01
+
+
+TestFineWheelMachine = FineWheelMachine.TestCase
