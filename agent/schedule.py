@@ -6,18 +6,21 @@ simulated time instantly and reproducibly.
 
 Theory of operation: an agent may hold a million URLs, so nothing here is a
 Python object per URL. A URL has a slot (`agent.slots.Slots`), and per slot
-its due time and interval sit in ``array('d')``: about 32 bytes per URL in all,
+its due time and interval sit in ``array('d')``: about 33 bytes per URL in all,
 where a heap of ``(due, url_id, interval)`` tuples and a dict cost 140.
 
-Due times are kept in a timing wheel of ``resolution``-second buckets
+Due times are kept in a two-level timing wheel. Near due times (before a
+horizon two far buckets past ``now``) sit in ``resolution``-second buckets
 (``array('i')`` of slots, keyed by ``floor(due / resolution)``, with a heap of
-the bucket keys). Only the earliest buckets are *loaded*: their entries move
-into a small heap of ``(due, url_id, slot)`` tuples (``_ready``), which gives
-exact earliest-first order; a URL whose due time falls into a loaded bucket
-goes straight to that heap. A bucket is loaded when it is the earliest one not
-loaded and its keys are not after the earliest ready entry's, so the ready heap
-holds about one bucket of URLs, and the loaded set is forgotten whenever the
-ready heap runs empty.
+the bucket keys); later ones in far buckets 1,024 times as wide, which
+*cascade* into near buckets once they are the earliest. So a month of spread
+due times takes a few thousand buckets, not one per URL. Only the earliest
+near buckets are *loaded*: their entries move into a small heap of
+``(due, url_id, slot)`` tuples (``_ready``), which gives exact earliest-first
+order; a URL whose due time falls into a loaded bucket goes straight to that
+heap. A bucket is loaded (or cascaded) when it begins no later than the
+earliest entry known so far, so the ready heap holds about one bucket of URLs,
+and the loaded set is forgotten whenever the ready heap runs empty.
 
 Removing a URL or changing its due time does not search anything: the old
 entry turns stale, because an entry is live only if its slot still holds that
