@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     Deadline,
+    cpu_seconds,
     memory,
     mib,
     require_loopback,
@@ -182,6 +183,7 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
         f["import_s"] = time.perf_counter() - started
         spooled = start("spooled", workdir / "spooled")
         f["assign_s"] = await _holding(spooled, n, seconds)
+        f["assign_cpu_s"] = cpu_seconds(spooled.pid)
         f["spooled_rss"], f["spooled_peak"] = await _steady_rss(spooled.pid)
         f["probes"] = spooled.samples().get("takedown_agent_probes_total", 0.0)
         f["spool_bytes"] = sum(
@@ -193,12 +195,14 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
         # 3. the same agent restarted: resumes from its spool, then reconciles
         resumed = start("spooled", workdir / "spooled", port)
         f["resume_s"] = await _holding(resumed, n, seconds)
+        f["resume_cpu_s"] = cpu_seconds(resumed.pid)
         f["resumed_rss"], f["resumed_peak"] = await _steady_rss(resumed.pid)
         resumed.stop()
 
         # 4. without --state-dir: the URL texts in the in-memory arena
         memory_only = start("memory-only", None)
         f["memory_assign_s"] = await _holding(memory_only, n, seconds)
+        f["memory_assign_cpu_s"] = cpu_seconds(memory_only.pid)
         f["memory_rss"], f["memory_peak"] = await _steady_rss(memory_only.pid)
         memory_only.stop()
     finally:
@@ -241,13 +245,15 @@ def _render(r: MemoryReport) -> str:
          f"{per_url(f['spooled_rss'], f['empty_rss'], n):.0f} B/URL;"
          f" peak {mib(f['spooled_peak'])}"],
         ["  assignment received (s)", f["assign_s"],
-         f"spool file {mib(f['spool_bytes'])}; {f['probes']:.0f} probes made"],
+         f"agent CPU {f['assign_cpu_s']:.1f} s; spool file {mib(f['spool_bytes'])};"
+         f" {f['probes']:.0f} probes made"],
         ["--state-dir: restarted, resumed", size(f["resumed_rss"]),
          f"{per_url(f['resumed_rss'], f['empty_rss'], n):.0f} B/URL; peak {mib(f['resumed_peak'])}"
-         f"; holding and in sync after {f['resume_s']:.1f} s"],
+         f"; in sync after {f['resume_s']:.1f} s, agent CPU {f['resume_cpu_s']:.1f} s"],
         [f"no --state-dir: holding {n:,} URLs", size(f["memory_rss"]),
          f"{per_url(f['memory_rss'], f['empty_rss'], n):.0f} B/URL (texts in memory); "
-         f"peak {mib(f['memory_peak'])}; received in {f['memory_assign_s']:.1f} s"],
+         f"peak {mib(f['memory_peak'])}; received in {f['memory_assign_s']:.1f} s,"
+         f" agent CPU {f['memory_assign_cpu_s']:.1f} s"],
     ]  # fmt: skip
     return table(f"agent memory: the takedown-agent process, {n:,} URLs", ["figure", "value",
                  "note"], rows)  # fmt: skip
