@@ -72,7 +72,6 @@ class Agent:
         self.clock = clock
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
-        self.assignment = Assignment()
         self.outbox: ResultQueue
         self.spool: Spool | None = None
         if config.state_dir is not None:
@@ -85,8 +84,10 @@ class Agent:
                 journal=config.journal,
             )
             self.outbox = self.spool
+            self.assignment = Assignment(texts=self.spool)  # URL texts stay in the file
         else:
             self.outbox = Outbox(limit=config.outbox_limit)
+            self.assignment = Assignment()  # URL texts in a compact in-memory arena
         self.link = Link(
             config.collector,
             Identity(config.name, config.network, __version__),
@@ -106,25 +107,23 @@ class Agent:
         self.metrics_port = 0
         self._fatal: SpoolError | None = None
         if self.spool is not None:
-            resumed = self.spool.assignment()
-            if resumed:
-                self._assign(AssignmentChange(upsert=tuple(resumed)), record=False)
-                log.info("assignment_resumed urls=%d", len(resumed))
+            now = clock()
+            for url_id, interval in self.assignment.resume(self.spool.held()):
+                self.schedule.set(url_id, interval, now)
+            if len(self.assignment):
+                log.info("assignment_resumed urls=%d", len(self.assignment))
 
-    def _assign(self, change: AssignmentChange, record: bool = True) -> None:
+    def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()
-        applied = self.assignment.apply(change)
+        try:
+            applied = self.assignment.apply(change)  # records it in the spool, if any
+        except SpoolError as exc:
+            self._fail(exc)
+            return
         for url_id in applied.stop:
             self.schedule.remove(url_id)
         for url_id, interval in applied.schedule:
             self.schedule.set(url_id, interval, now)
-        if record and self.spool is not None and (applied.stop or applied.schedule):
-            urls = self.assignment.urls
-            upsert = [(u, urls[u][0], interval) for u, interval in applied.schedule]
-            try:
-                self.spool.record_assignment(upsert, applied.stop)
-            except SpoolError as exc:
-                self._fail(exc)
         if applied.stop or applied.schedule or change.in_sync:
             log.info(
                 "assignment_changed urls=%d scheduled=%d stopped=%d in_sync=%s",

@@ -15,36 +15,50 @@ once).
 
 What is durable when. `add` inserts the row into an open SQLite transaction
 before it returns, so the row is in SQLite but not yet committed. A *flush*
-commits the transaction; a result is durable once it is flushed. Flushes
-happen:
+commits the transaction; a result is committed once it is flushed. This is a
+group commit: one commit covers every result added since the last one, and
+every transaction is committed at most `flush_interval` (default 50 ms) after
+it began, by whichever comes first of
 
-* in `take`, before a batch is handed out: `take` never returns a result that
-  is not committed, and the batch's id is committed together with it, so
-  nothing the collector has seen can be renumbered or forgotten by a crash;
-* in `add`, after `flush_every` results (default 500) or when the last flush
-  is `flush_interval` seconds old (default 1 s): this bounds what a crash can
-  lose while the collector is unreachable and nothing is being taken;
-* in `flush()` and `close()`, which the caller may invoke at any time (the
-  agent should call `close()` at shutdown and may call `flush()` on a timer).
+* a timer the first write of a transaction arms (`call_later`, by default on
+  the running asyncio loop), which commits a quiet transaction;
+* `add`, when the transaction is `flush_interval` old or holds `flush_every`
+  (500) results;
+* `take`, before a batch is handed out: `take` never returns a result that is
+  not committed, and the batch's id is committed together with it, so nothing
+  the collector has seen can be renumbered or forgotten by a crash;
+* `flush()` and `close()`, which the caller may invoke at any time.
 
-So a crash loses at most the results added since the last flush, none of
-which had been sent. One commit per flush, not one per result, is what lets
-`add` run tens of thousands of times a second. An acknowledgement's delete is
-committed by the next flush; if a crash loses it, the batch is sent again
-after the restart, which the collector absorbs.
+So a result is committed within `flush_interval` plus however late the event
+loop runs the timer: under 100 ms while the agent is healthy (tests/test_faults.py
+measures it with SIGKILL). An acknowledgement's delete is committed by the next
+flush; if a crash loses it, the batch is sent again after the restart, which the
+collector absorbs.
 
-The file runs in WAL mode with `synchronous=NORMAL`: a commit is a write to
-the WAL without an fsync, and the WAL is fsynced at checkpoints. A committed
-result therefore survives the agent process crashing or being killed (the
-data is in the operating system's cache), and the file is never corrupted by
-a power cut; a power cut or kernel crash may roll back the last commits since
-the previous checkpoint. For an agent spool that is the right trade: the
-agent keeps probing, so a lost minute of results costs a minute of
-observations, while an fsync per flush blocks the event loop: measured on a
-virtio ext4 disk, a flush costs about 0.07 ms with NORMAL and 0.4 ms with
-FULL, and on SD cards or network volumes an fsync can take tens of
-milliseconds. `synchronous="FULL"` is there for a fast disk where power loss
-is the concern (at one flush per 500 results its cost is small there).
+What survives what. The file runs in WAL mode with `synchronous=NORMAL` and
+automatic checkpoints off; a thread with its own connection (`_Checkpointer`)
+checkpoints the WAL every `checkpoint_interval` (default 1 s).
+
+* SIGTERM (and any orderly exit: `close()`): everything added, acknowledged or
+  assigned; close commits and checkpoints.
+* SIGKILL, or the agent crashing: every committed result (a commit is a write
+  into the WAL, in the operating system's cache, which outlives the process):
+  at most the last `flush_interval` of results is lost, none of them sent.
+* Power loss or a kernel crash: with NORMAL a commit is not fsynced; the
+  checkpoint fsyncs the WAL, copies it into the database and fsyncs that. So
+  everything committed before the last completed checkpoint survives, and at
+  most about `checkpoint_interval` + `flush_interval` (about 1 s) of results is
+  lost. The file is never corrupted (WAL), provided the disk honours fsync.
+
+Why NORMAL, and checkpoints in a thread: `FULL` fsyncs the WAL at every
+commit, and commits happen on the event loop (the agent's only thread that
+probes): 20 fsyncs a second would stall probing by 0.4 ms each on a virtio
+disk, and by tens of milliseconds each on the SD cards and network volumes
+small agents run on. A commit with NORMAL costs about 0.07 ms. The one fsync
+a second happens in the checkpointer thread, which never blocks the writer
+(PASSIVE checkpoints). A lost second of results costs a second of
+observations, which the agent goes on making. `synchronous="FULL"` remains
+for a fast disk where even that second matters.
 
 Ordering. After a restart, the unacknowledged batches of the previous run
 are pending again, oldest (lowest batch id) first, with their original ids
@@ -65,12 +79,21 @@ restart leaves a gap of at most `flush_every` numbers, which is harmless.
 
 Bounds and the drop policy. The spool holds at most `limit` results and, if
 `max_bytes` is given, at most that many bytes (the sum of an estimate of each
-row's size). Each result's *outcome* is (status, error class, body hash,
-final URL). A result is a *repeat* when its outcome equals that of the
-previous result added for the same url_id ("nothing new"), otherwise it is a
-*state change*; the first result for a URL is a change. Per URL the spool
-keeps the last outcome, the seq of the last result kept and whether that
-result was a repeat (table `urls`, committed with each flush), so this
+row's size). Each result's *outcome* is its class as the agent can tell it
+from status and error (`evidence`): inconclusive, nxdomain, removed
+(404/410/451, connection refused), present at its final URL (any 2xx), or
+another status at its final URL. The body hash is not part of it: the agent
+does not hold the reference hashes, and a page whose body changes on every
+load would make every result a change, so the bound would never bite. A
+result is a *repeat* when its outcome equals that of the previous result added
+for the same url_id ("nothing new"), otherwise it is a *state change*; the
+first result for a URL is a change. The price: a 2xx that turns into another
+2xx (content replaced by a parked page, same URL) is a repeat to the spool, so
+when full the spool may drop the results between the last baseline and the
+first replacement, and the collector then dates that removal less precisely.
+Per URL the spool keeps the last outcome (a 64-bit hash of the class), the seq
+of the last result kept and whether that result was a repeat (in arrays in
+memory, table `url_outcomes` in the file, committed with each flush), so this
 survives restarts and acknowledgements.
 
 When a new result does not fit, unsent rows are dropped in this order:
@@ -107,38 +130,47 @@ Assignment and journal. The spool also keeps the agent's assignment (url_id,
 URL, interval), updated as the collector's changes arrive and committed with
 the next flush, so an agent that restarts while the collector is unreachable
 goes on probing; on reconnect its bucket digests tell the collector what to
-resend. The file therefore holds reported URLs: keep the state directory
-private (the agent creates it 0700). With `journal=True`, every result kept is
-also written to `journal` (seq, url_id) in the same transaction, and never
-deleted except when the drop policy drops the result: an audit of exactly
-which results this agent produced, to set against what the collector stored.
-It grows with every result; enable it for audits and tests only.
+resend. It is also where the agent keeps its URL texts: `url()` reads one
+back by primary key when it is due (in the open transaction, so a change
+shows before its commit), and the agent's memory holds only ids, intervals
+and digests (agent/assignment.py). The file therefore holds reported URLs:
+keep the state directory private (the agent creates it 0700).
 
-Threads. Calls are synchronous and short (an insert; a flush is one commit
-without fsync), so the agent calls them from its event loop; the connection
-allows another thread, but calls must not overlap.
+With `journal=True`, every result kept is also written to `journal` (seq,
+url_id) in the same transaction, and never deleted except when the drop
+policy drops the result: an audit of exactly which results this agent
+produced, to set against what the collector stored. It grows with every
+result; enable it for audits and tests only.
+
+Threads. Calls are synchronous and short (an insert; a commit without
+fsync), so the agent calls them from its event loop; calls must not overlap.
+The checkpointer thread only checkpoints, through its own connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
+import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
+from agent.migrations import Migrations
 from agent.outbox import Batch
+from agent.repeats import UrlMemory, evidence, is_inconclusive, outcome
 from agent.result import ErrorClass, ProbeResult
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Spool", "SpoolError", "evidence", "is_inconclusive", "outcome", "row_size"]
 
 APPLICATION_ID = 0x54444D53  # "TDMS" in the SQLite header: this file is a takedown spool
 INCONCLUSIVE_REPEAT = "inconclusive_repeat"
@@ -146,9 +178,6 @@ REPEAT = "repeat"
 REFUSED_REPEAT = "refused_repeat"
 _REASONS = {1: INCONCLUSIVE_REPEAT, 2: REPEAT}  # the `rank` column: drop order
 _ROW_OVERHEAD = 96  # bytes per row besides its strings, roughly, index entries included
-_CONCLUSIVE_ERRORS = frozenset(
-    {ErrorClass.NONE, ErrorClass.DNS_NXDOMAIN, ErrorClass.CONNECT_REFUSED}
-)
 _SELECT = (
     "SELECT seq, url_id, started_at, elapsed, status, final_url, body_sha256, body_bytes,"
     " truncated, peer_ip, error, redirects, challenge FROM results"
@@ -165,7 +194,7 @@ migrations = Migrations("takedown.agent.spool")
 
 
 @migrations()
-def m001_initial(db: Any) -> None:
+def m001_initial(db: sqlite3.Connection) -> None:
     for statement in (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         """CREATE TABLE results (
@@ -203,7 +232,7 @@ def m001_initial(db: Any) -> None:
 
 
 @migrations()
-def m002_assignment_and_journal(db: Any) -> None:
+def m002_assignment_and_journal(db: sqlite3.Connection) -> None:
     """The URLs assigned (so a restart probes on without the collector) and a seq journal."""
     db.execute(
         "CREATE TABLE assignment (url_id INTEGER PRIMARY KEY, url TEXT NOT NULL,"
@@ -212,35 +241,27 @@ def m002_assignment_and_journal(db: Any) -> None:
     db.execute("CREATE TABLE journal (seq INTEGER PRIMARY KEY, url_id INTEGER NOT NULL)")
 
 
+@migrations()
+def m003_outcome_by_class(db: sqlite3.Connection) -> None:
+    """Repeats are judged by what the agent can tell (present, removed, ...), not by body hash.
+
+    The per-hash outcomes of `urls` are not carried over: each URL's next result counts as a
+    change once, which only keeps one more result.
+    """
+    db.execute(
+        "CREATE TABLE url_outcomes (url_id INTEGER PRIMARY KEY, outcome INTEGER NOT NULL,"
+        " last_seq INTEGER NOT NULL, last_repeat INTEGER NOT NULL)"
+    )
+    db.execute("DROP TABLE urls")
+
+
 class SpoolError(Exception):
     """The spool file cannot be opened, read or written; the message names the file."""
-
-
-Outcome = tuple[int, str, bytes, str]
-
-
-def outcome(result: ProbeResult) -> Outcome:
-    """What must differ between two results of one URL for the second to be news."""
-    return (result.status, result.error.value, result.body_sha256, result.final_url)
-
-
-def is_inconclusive(result: ProbeResult) -> bool:
-    """A result that carries no evidence of presence or removal (see collector.verdict)."""
-    if result.challenge or result.error not in _CONCLUSIVE_ERRORS:
-        return True
-    return result.error is ErrorClass.NONE and (result.status == 429 or result.status >= 500)
 
 
 def row_size(result: ProbeResult) -> int:
     """An estimate of the bytes one result occupies in the file."""
     return _ROW_OVERHEAD + len(result.final_url) + len(result.peer_ip) + len(result.body_sha256)
-
-
-@dataclass(slots=True)
-class _Url:
-    outcome: Outcome
-    last_seq: int  # the newest result kept (or sent) for this URL
-    last_repeat: bool  # whether that result was a repeat
 
 
 def _from_row(row: tuple[Any, ...]) -> ProbeResult:
@@ -274,10 +295,17 @@ class Spool:
         max_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
         flush_every: int = 500,
-        flush_interval: float = 1.0,
+        flush_interval: float = 0.05,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         journal: bool = False,
+        checkpoint_interval: float | None = 1.0,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
+        """`flush_interval`: the longest a write waits for its commit (the group commit);
+        `checkpoint_interval`: how often a background thread checkpoints the WAL (the fsync
+        that makes commits survive power loss), None for never (only at close);
+        `call_later(delay, fn)`: the timer that commits a quiet transaction, by default the
+        running asyncio loop's (without one, the next call on the spool commits)."""
         self.path = path
         self.journal = journal
         self.limit = limit
@@ -294,14 +322,19 @@ class Spool:
         self._closed = False
         self._in_txn = False
         self._dirty: set[int] = set()
+        self._call_later = call_later or _loop_timer
+        self._timer: object | None = None
+        self._txn_began = 0.0
         self._conn = self._open(synchronous)
         try:
             self._load()
         except sqlite3.Error as exc:
             self._conn.close()
             raise SpoolError(f"spool {path}: cannot read: {exc}") from exc
-        self._last_flush = clock()
         self._flushed_seq = self._next_seq
+        self._checkpointer: _Checkpointer | None = None
+        if checkpoint_interval is not None:
+            self._checkpointer = _Checkpointer(path, checkpoint_interval)
 
     def _open(self, synchronous: str) -> sqlite3.Connection:
         try:
@@ -311,6 +344,7 @@ class Spool:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise SpoolError(f"spool {self.path}: integrity check failed: {check}")
@@ -319,7 +353,7 @@ class Spool:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise SpoolError(f"spool {self.path}: an SQLite file of another program")
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            migrations.apply(sqlite_utils.Database(conn))
+            migrations.apply(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise SpoolError(f"spool {self.path}: not a usable spool file: {exc}") from exc
@@ -350,13 +384,11 @@ class Spool:
         self._resend: deque[int] = deque(self._batches)
         self._inflight: set[int] = set()
         self._unsent: int = held - sum(n for n, _ in self._batches.values())
-        self._urls: dict[int, _Url] = {
-            url_id: _Url((status, error, bytes(sha), final_url), last_seq, bool(last_repeat))
-            for url_id, status, error, sha, final_url, last_seq, last_repeat in c.execute(
-                "SELECT url_id, status, error, body_sha256, final_url, last_seq, last_repeat"
-                " FROM urls"
-            )
-        }
+        self._urls = UrlMemory()
+        for url_id, out, last_seq, last_repeat in c.execute(
+            "SELECT url_id, outcome, last_seq, last_repeat FROM url_outcomes"
+        ):
+            self._urls.set(url_id, out, last_seq, bool(last_repeat))
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -366,6 +398,9 @@ class Spool:
             if not self._in_txn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._in_txn = True
+                self._txn_began = self.clock()
+                if self._timer is None:
+                    self._timer = self._call_later(self.flush_interval, self._on_timer)
             yield self._conn
         except sqlite3.Error as exc:
             self._failure = str(exc)
@@ -387,19 +422,19 @@ class Spool:
         self._next_seq += 1
         out = outcome(numbered)
         url = self._urls.get(numbered.url_id)
-        repeat = url is not None and url.outcome == out
+        repeat = url is not None and url[0] == out
         size = row_size(numbered)
         with self._writing() as c:
-            if url is not None and repeat and url.last_repeat:
+            if url is not None and repeat and url[2]:
                 rank = 1 if is_inconclusive(numbered) else 2
-                c.execute("UPDATE results SET rank = ? WHERE seq = ?", (rank, url.last_seq))
+                c.execute("UPDATE results SET rank = ? WHERE seq = ?", (rank, url[1]))
             if self._full(size):
                 self._make_room(c, size)
             kept = not (repeat and self._full(size))
             if kept:
                 self._insert(c, numbered, size)
         if kept:
-            self._urls[numbered.url_id] = _Url(out, numbered.seq, repeat)
+            self._urls.set(numbered.url_id, out, numbered.seq, repeat)
             self._dirty.add(numbered.url_id)
             self._held += 1
             self._unsent += 1
@@ -413,7 +448,7 @@ class Spool:
             self._count_drop(REFUSED_REPEAT, numbered.url_id, numbered.seq)
         if (
             self._next_seq - self._flushed_seq >= self.flush_every
-            or self.clock() - self._last_flush >= self.flush_interval
+            or self.clock() - self._txn_began >= self.flush_interval
         ):
             self.flush()
         return numbered
@@ -465,20 +500,25 @@ class Spool:
                 (("next_seq", self._next_seq + self.flush_every), ("next_batch", self._next_batch)),
             )
             c.executemany(
-                "INSERT OR REPLACE INTO urls"
-                " (url_id, status, error, body_sha256, final_url, last_seq, last_repeat)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (url_id, *self._urls[url_id].outcome, u.last_seq, u.last_repeat)
-                    for url_id in self._dirty
-                    for u in (self._urls[url_id],)
-                ),
+                "INSERT OR REPLACE INTO url_outcomes (url_id, outcome, last_seq, last_repeat)"
+                " VALUES (?, ?, ?, ?)",
+                ((url_id, *self._urls[url_id]) for url_id in self._dirty),
             )
             c.execute("COMMIT")
             self._in_txn = False
         self._dirty.clear()
         self._flushed_seq = self._next_seq
-        self._last_flush = self.clock()
+
+    def _on_timer(self) -> None:
+        """The group commit's deadline: commit what waited `flush_interval` (never raises:
+        a failure breaks the spool, and the agent's next call on it raises SpoolError)."""
+        self._timer = None
+        if self._closed or self._failure is not None or not self._in_txn:
+            return
+        try:
+            self.flush()
+        except SpoolError as exc:
+            log.error("spool_commit_failed error=%s", exc)
 
     def take(self, max_results: int) -> Batch | None:
         """Flush, then the next batch: a batch to resend first, else up to max_results new ones."""
@@ -537,6 +577,30 @@ class Spool:
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
 
+    def url(self, url_id: int) -> str | None:
+        """The assigned URL's text, or None (read in the open transaction: recorded changes
+        show before they are committed). This is where an agent keeps its URL texts."""
+        self._check_usable()
+        try:
+            row = self._conn.execute(
+                "SELECT url FROM assignment WHERE url_id = ?", (url_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
+        return None if row is None else str(row[0])
+
+    def held(self) -> Iterator[tuple[int, int, int]]:
+        """(url_id, interval_ms, CRC-32 of the URL) of the assignment last recorded, streamed
+        (a million URLs are never in memory at once); for `Assignment.resume`."""
+        self._check_usable()
+        try:
+            cursor = self._conn.execute("SELECT url_id, interval_ms, url FROM assignment")
+            while rows := cursor.fetchmany(1000):
+                for url_id, interval_ms, url in rows:
+                    yield url_id, interval_ms, zlib.crc32(url.encode())
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
+
     def record_assignment(
         self, upsert: Iterable[tuple[int, str, float]], remove: Iterable[int]
     ) -> None:
@@ -557,6 +621,8 @@ class Spool:
         """Flush and close the file; later calls raise SpoolError. Closing twice is harmless."""
         if self._closed or self._failure is not None:
             return
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.flush()
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -594,3 +660,51 @@ class Spool:
     def bytes(self) -> int:
         """Approximate bytes held: the summed size estimates of the rows."""
         return self._bytes
+
+
+def _loop_timer(delay: float, callback: Callable[[], None]) -> object:
+    """`call_later` on the running asyncio loop; None (no timer) outside of one."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop.call_later(delay, callback)
+
+
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the WAL every `interval` seconds.
+
+    With `synchronous=NORMAL` a commit is a write to the WAL without fsync; the checkpoint
+    fsyncs the WAL, copies it into the database and fsyncs that, so a commit survives power
+    loss once a checkpoint after it ended. PASSIVE never blocks the agent's connection, which
+    goes on writing meanwhile; doing it here keeps every fsync off the event loop.
+    """
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spool-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.warning("spool_checkpoint_failed error=%s", exc)
+            return
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._stop.wait(self.interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # the data is safe in the WAL; try again later
+                    log.warning("spool_checkpoint_failed error=%s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

@@ -1,4 +1,4 @@
-"""`python -m bench {probe,ingest,scale,scrape,all} [options]`; `all --quick` runs every one small.
+"""`python -m bench {probe,ingest,scale,scrape,memory,all} [options]`; `all --quick`: each, small.
 
 Options after the name go to that benchmark (`python -m bench probe --help`); `all` passes
 only `--quick` and `--loop` on.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import ingest, probe, scale, scrape
+from bench import agentmem, ingest, probe, scale, scrape
 from bench.common import machine, table
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
@@ -17,7 +17,11 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
     "ingest": ingest.main,
     "scale": scale.main,
     "scrape": scrape.main,
+    "memory": agentmem.main,
 }
+
+
+LOOPED = ("probe", "ingest", "scale")  # the benchmarks that take --loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"`all` takes only --quick and --loop=LOOP, not {unknown}", file=sys.stderr)
         return 2
     for bench_name, run in BENCHMARKS.items():
-        extra = [a for a in rest if a.startswith("--loop")] if bench_name != "scrape" else []
+        extra = [a for a in rest if a.startswith("--loop")] if bench_name in LOOPED else []
         run([a for a in rest if a == "--quick"] + extra)
         print(flush=True)
     return 0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import tracemalloc
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.assignment import Assignment, AssignmentChange
+from agent.spool import Spool
+from agent.texts import Arena
 from client.digests import BUCKETS
 from collector.service import (
     ASSIGNMENT_CHUNK,
@@ -67,6 +71,68 @@ class TestAssignment:
         assert len(holding({7: 1.0}).digest_list()) == BUCKETS
 
 
+class TestTexts:
+    def test_arena_keeps_replaces_and_forgets(self) -> None:
+        """The arena returns each URL's latest text and forgets removed ones."""
+        arena = Arena()
+        arena.record_assignment(
+            [(1, "http://a.example/1", 5.0), (2, "http://b.example/ü", 5.0)], []
+        )
+        arena.record_assignment([(1, "http://a.example/one", 5.0)], [2])
+        assert (arena.url(1), arena.url(2), arena.url(3)) == ("http://a.example/one", None, None)
+        assert len(arena) == 1
+
+    def test_arena_compacts_its_garbage(self) -> None:
+        """Churn does not grow the arena: replaced and removed texts are reclaimed."""
+        arena = Arena()
+        for round_ in range(30):
+            arena.record_assignment(
+                [(u, f"http://h.example/{round_}/{u:06d}", 5.0) for u in range(20_000)], []
+            )
+        live = 20_000 * len("http://h.example/29/000000")
+        assert arena.nbytes <= 2 * live + (1 << 20), "garbage over the live text and 1 MiB"
+        assert arena.url(17) == "http://h.example/29/000017"
+
+    def test_texts_live_in_the_spool_and_resume_from_it(self, tmp_path: Path) -> None:
+        """With a spool as the store, texts are read from it (before and after the commit);
+        a restart resumes the same ids, intervals and digests without rewriting them."""
+        with Spool(tmp_path / "spool.db") as spool:
+            a = Assignment(texts=spool)
+            a.apply(AssignmentChange(upsert=tuple((u, f"http://x/{u}", 5.0) for u in range(50))))
+            assert a.url(7) == "http://x/7"
+            spool.flush()
+            digests = a.digest_list()
+        with Spool(tmp_path / "spool.db") as spool:
+            b = Assignment(texts=spool)
+            scheduled = list(b.resume(spool.held()))
+            assert sorted(scheduled) == [(u, 5.0) for u in range(50)]
+            assert b.digest_list() == digests and b.url(49) == "http://x/49"
+            assert b.apply(AssignmentChange(upsert=((3, "http://x/3", 5.0),))).schedule == ()
+
+    def test_a_new_text_for_a_held_id_is_recorded(self) -> None:
+        """Same id and interval, another text: the store gets it (the CRC tells them apart)."""
+        a = holding({1: 5.0})
+        applied = a.apply(AssignmentChange(upsert=((1, "http://elsewhere/1", 5.0),)))
+        assert applied.schedule == ((1, 5.0),) and a.url(1) == "http://elsewhere/1"
+        assert a.digest_list() == holding({1: 5.0}).digest_list()
+
+    def test_memory_per_url_without_the_text(self) -> None:
+        """Holding URLs costs their text plus under 64 bytes each, not a Python object each."""
+        urls = [(u, f"http://h.example/{u:09d}", 300.0) for u in range(1, 100_001)]
+        text = sum(len(url) for _, url, _ in urls)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            a = Assignment()
+            for start in range(0, len(urls), 1000):
+                a.apply(AssignmentChange(upsert=tuple(urls[start : start + 1000])))
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(a) == 100_000
+        assert (used - text) / 100_000 < 64, f"{(used - text) / 100_000:.0f} bytes per URL"
+
+
 class TestReconcile:
     @given(entries, entries)
     @settings(max_examples=150)
@@ -80,7 +146,8 @@ class TestReconcile:
         assert updates[-1].in_sync
         for update in updates:
             agent.apply(change_of(update))
-        assert agent.urls == {u: (f"http://x/{u}", i) for u, i in collector_has.items()}
+        held = {u: (url, i) for u, url, i in agent.items()}
+        assert held == {u: (f"http://x/{u}", i) for u, i in collector_has.items()}
 
     @given(entries)
     @settings(max_examples=50)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bench import __main__ as runner
-from bench import ingest, probe, scale, scrape
+from bench import agentmem, ingest, probe, scale, scrape
 from bench.common import percentile, require_loopback, table
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -90,3 +90,13 @@ def test_helpers_and_runner(capsys: pytest.CaptureFixture[str]) -> None:
     assert runner.main(["--help"]) == 0
     assert runner.main(["nonsense"]) == 2
     assert "python -m bench" in capsys.readouterr().out
+
+
+def test_agent_memory() -> None:
+    """The real agent process is measured empty, holding, resumed and without a state dir."""
+    report = agentmem.benchmark(urls=2000, seconds=60)
+    f = report.figures
+    assert f["spooled_rss"] > f["empty_rss"] > 0
+    assert f["resumed_rss"] > 0 and f["memory_rss"] > 0
+    assert f["spool_bytes"] > 0
+    assert "B/URL" in report.text

@@ -19,6 +19,8 @@ the fault schedule (seeded: FAULT_SEED in the environment overrides it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import inspect
 import io
 import ipaddress
@@ -27,6 +29,7 @@ import os
 import random
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from aiohttp import web
 
 from agent.link import CollectorRefused, Identity, Link
 from agent.main import Agent, AgentConfig
@@ -51,6 +55,7 @@ from tests.procs import (
     Proc,
     Procs,
     Samples,
+    Timeout,
     agent_argv,
     collector_argv,
     counted,
@@ -139,6 +144,10 @@ class Stack:
 
     async def start_agent(self, agent: AgentProc) -> None:
         agent.proc.start()
+        await self.start_agent_started(agent)
+
+    async def start_agent_started(self, agent: AgentProc) -> None:
+        """Wait for an agent started a moment ago to serve /metrics."""
 
         async def serving() -> bool:
             assert agent.proc.running, f"{agent.name} exited:\n{agent.proc.tail()}"
@@ -777,3 +786,146 @@ async def test_agent_restarted_during_outage_resumes_and_delivers(
     assert before >= len(urls) and after >= 2 * len(urls), (before, after)
     assert_no_errors(procs)
     print(f"\nresults {total}; probed during the outage: {before} before the kill, {after} after")
+
+
+# --- 5. SIGKILL during heavy probing loses at most the last 100 ms of results ---------------
+
+
+class CountingServer:
+    """A loopback HTTP server, in its own thread and event loop (so the test's synchronous
+    kills and starts never delay an answer), that answers every request with a body never sent
+    before and records, per body hash, when its last byte was handed to the kernel."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 0
+        self._served: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def served(self) -> dict[bytes, float]:
+        with self._lock:
+            return dict(self._served)
+
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            n = len(self._served)
+        body = f"{request.path} {n} {time.time_ns()}".encode()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        with self._lock:
+            self._served[hashlib.sha256(body).digest()] = time.time()
+        return response
+
+    async def _start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/{page}", self._page)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def start(self) -> None:
+        self._thread.start()
+        self.port = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        )
+
+    async def stop(self) -> None:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def stored_hashes(db: Path, agent: str) -> set[bytes]:
+    with readonly(db) as conn:
+        return {
+            bytes(sha)
+            for (sha,) in conn.execute(
+                "SELECT r.sha256 FROM results r JOIN agents a ON a.id = r.agent_id"
+                " WHERE a.name = ? AND r.sha256 IS NOT NULL",
+                (agent,),
+            )
+        }
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_sigkill_loses_at_most_the_last_100_ms_of_probes(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """300 URLs at 0.5 s (hundreds of probes a second) against a server that makes every body
+    unique; SIGKILL the agent three times at seeded moments and restart it: every probe the
+    server finished more than 100 ms before a kill reaches the collector (group commit)."""
+    rng = random.Random(SEED)
+    server = CountingServer(HOST_A)
+    await server.start()
+    try:
+        stack = Stack(procs, tmp_path, "kill")
+        agent = stack.add_agent("agent-1", AGENT_1)
+        await stack.start_collector()
+        await stack.import_urls([f"http://{HOST_A}:{server.port}/p{i:03d}" for i in range(300)])
+        await stack.start_agent(agent)
+        await until(lambda: total_stored(stack.db) >= 1200, 30, "results flowing")
+        kills: list[tuple[float, float]] = []  # (killed at, restarted at)
+
+        def must() -> set[bytes]:
+            """Answered before a kill but not within 100 ms of it, nor between a kill and the
+            restart (answers to the dead process that the kernel still took)."""
+            return {
+                sha
+                for sha, t in server.served().items()
+                if t < kills[-1][0] - 0.1 and not any(k - 0.1 <= t < r for k, r in kills)
+            }
+
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(0.5, 1.5))  # the fault schedule's pause
+            killed_at = time.time()
+            assert agent.proc.kill() == -9
+            agent.proc.start()
+            kills.append((killed_at, time.time()))  # the new process asks nothing before this
+            await stack.start_agent_started(agent)
+            await until(agent.connected, 20, "the restarted agent to reconnect")
+            with contextlib.suppress(Timeout):
+                await until(
+                    lambda: must() <= stored_hashes(stack.db, agent.name),
+                    20,
+                    "the probes finished before the kill delivered",
+                )
+        got = stored_hashes(stack.db, agent.name)
+        first_kill = kills[0][0]
+        rate = sum(1 for t in server.served().values() if first_kill - 1 <= t < first_kill)
+        lost_ages = [  # how long before its kill each lost probe was answered
+            next(k - t for k, _ in kills if t < k)
+            for sha, t in server.served().items()
+            if sha not in got and t < kills[-1][0] and not any(k <= t < r for k, r in kills)
+        ]
+        missing = must() - got
+        code, _ = await agent.proc.terminate(15)
+        assert code == 0, agent.proc.tail()
+        code, _ = await stack.collector.terminate(15)
+        assert code == 0, stack.collector.tail()
+        total = check_ledger(stack.db, agent)
+    finally:
+        await server.stop()
+    worst = max(lost_ages, default=0.0)
+    print(
+        f"\n{len(server.served())} requests served ({rate}/s before the first kill),"
+        f" {total} results; lost at 3 kills:"
+        f" {len(lost_ages)} probes, answered at most {worst * 1000:.0f} ms before a kill"
+    )
+    assert not missing, (
+        f"{len(missing)} probes finished more than 100 ms before a kill were lost;"
+        f" lost ages {sorted(lost_ages)[-5:]}"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import tracemalloc
 
 import pytest
 from hypothesis import strategies as st
@@ -237,6 +238,62 @@ class TestCompaction:
         assert sorted(schedule.pop_due(2000.0)) == list(range(10))
 
 
+class TestWheel:
+    def test_earliest_first_across_buckets(self) -> None:
+        """Popping one at a time yields due times in order, and next_due names each one."""
+        schedule = _schedule(first_spread=30.0)
+        for url_id in range(2000):
+            schedule.set(url_id, 100.0, now=0.0)
+        seen: list[float] = []
+        while (due := schedule.next_due()) is not None and due <= 30.0:
+            assert schedule.pop_due(due, limit=1) != []
+            seen.append(due)
+        assert len(seen) == 2000 and seen == sorted(seen)
+
+    def test_a_url_due_sooner_than_the_loaded_bucket_comes_first(self) -> None:
+        """After the ready heap was loaded far ahead, a URL due earlier is still earliest."""
+        schedule = _schedule(jitter=0.0, first_spread=0.0)
+        schedule.set(1, 3600.0, now=0.0)
+        assert schedule.pop_due(0.0) == [1]
+        assert schedule.next_due() == 3600.0  # the bucket of 3600 s is loaded now
+        schedule.set(2, 10.0, now=5.0)
+        assert schedule.next_due() == 5.0
+        assert schedule.pop_due(3600.0) == [2, 1]
+
+    def test_urls_cost_no_object_each(self) -> None:
+        """Per URL the schedule holds array cells, not Python objects (< 48 bytes each)."""
+        schedule = _schedule()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for url_id in range(1, 100_001):
+                schedule.set(url_id, 300.0, now=0.0)
+            assert schedule.next_due() is not None
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert used / 100_000 < 48, f"{used / 100_000:.0f} bytes per URL"
+
+    def test_far_due_times_share_buckets(self) -> None:
+        """URLs due over a month take a few far buckets, not one bucket each."""
+        schedule = _schedule(first_spread=30 * 86400.0)
+        for url_id in range(10_000):
+            schedule.set(url_id, 30 * 86400.0, now=0.0)
+        assert len(schedule._far.buckets) + len(schedule._near.buckets) < 2600
+        seen = []
+        for _ in range(50):
+            due = schedule.next_due()
+            assert due is not None
+            seen.append(due)
+            schedule.pop_due(due, limit=1)
+        assert seen == sorted(seen)
+
+    def test_bad_resolution(self) -> None:
+        """A wheel bucket must have a positive, finite width."""
+        with pytest.raises(ValueError, match="resolution"):
+            Schedule(random.Random(1), resolution=0.0)
+
+
 JITTER = 0.1
 SPREAD = 5.0
 
@@ -244,9 +301,13 @@ SPREAD = 5.0
 class ScheduleMachine(RuleBasedStateMachine):
     """Random set/remove/pop_due sequences against a model of deadlines per id."""
 
+    resolution = 1.0  # everything in the near wheel
+
     def __init__(self) -> None:
         super().__init__()
-        self.schedule = Schedule(random.Random(0), jitter=JITTER, first_spread=SPREAD)
+        self.schedule = Schedule(
+            random.Random(0), jitter=JITTER, first_spread=SPREAD, resolution=self.resolution
+        )
         self.now = 0.0
         self.intervals: dict[int, float] = {}
         self.earliest: dict[int, float] = {}
@@ -274,7 +335,9 @@ class ScheduleMachine(RuleBasedStateMachine):
     def advance_and_pop(self, dt: float) -> None:
         self.now += dt
         overdue = {i for i in self.intervals if self.deadline[i] <= self.now - EPS}
+        first = self.schedule.next_due()
         returned = self.schedule.pop_due(self.now)
+        assert bool(returned) == (first is not None and first <= self.now)
         assert len(returned) == len(set(returned))
         assert set(returned) <= set(self.intervals)
         assert overdue <= set(returned)
@@ -293,3 +356,12 @@ class ScheduleMachine(RuleBasedStateMachine):
 
 
 TestScheduleMachine = ScheduleMachine.TestCase
+
+
+class FineWheelMachine(ScheduleMachine):
+    """The same with 10 ms near buckets: far buckets of 10.24 s, cascaded all the time."""
+
+    resolution = 0.01
+
+
+TestFineWheelMachine = FineWheelMachine.TestCase

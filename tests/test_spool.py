@@ -7,7 +7,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ from agent.spool import (
     REPEAT,
     Spool,
     SpoolError,
+    evidence,
     outcome,
 )
+from tests.procs import until
 
 T0 = 1_700_000_000.0
 SEQ0 = int(T0 * 1_000_000)
@@ -354,6 +358,22 @@ class TestDropPolicy:
             assert 0 < spool.bytes <= 10_000
             assert spool.drops_by_reason[INCONCLUSIVE_REPEAT] == 200 - len(spool)
 
+    def test_a_dynamic_page_is_bounded(self, tmp_path: Path) -> None:
+        """A page whose hash changes on every load repeats by class: the bound holds."""
+        with open_spool(tmp_path / "s.db", limit=10) as spool:
+            for i in range(100):
+                spool.add(present(1, sha=i.to_bytes(32, "big")))
+            assert len(spool) == 10 and spool.over_limit == 0
+            assert spool.drops_by_reason == {REPEAT: 90}
+
+    def test_a_redirect_elsewhere_is_a_change(self, tmp_path: Path) -> None:
+        """A 2xx at another final URL (a redirect away) is news even when full."""
+        with open_spool(tmp_path / "s.db", limit=2) as spool:
+            spool.add(present(1))
+            spool.add(present(1))
+            moved = spool.add(replace(present(1), final_url="http://parking.example/"))
+            assert moved.seq in seqs(drain(spool)) and spool.dropped == 0
+
     def test_drop_is_logged_without_the_url(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -367,6 +387,100 @@ class TestDropPolicy:
         lines = [r.getMessage() for r in caplog.records if "spool_dropped" in r.getMessage()]
         assert len(lines) == 1 and lines[0].startswith("spool_dropped reason=inconclusive_repeat")
         assert "url_id=9" in lines[0] and url not in caplog.text
+
+
+class TestEvidence:
+    @pytest.mark.parametrize(
+        ("result", "expected"),
+        [
+            (ProbeResult(1, T0, 0.1, status=200, final_url="http://a/"), "present http://a/"),
+            (ProbeResult(1, T0, 0.1, status=204, body_sha256=b"x" * 32), "present "),
+            (ProbeResult(1, T0, 0.1, status=404), "removed"),
+            (ProbeResult(1, T0, 0.1, status=410), "removed"),
+            (ProbeResult(1, T0, 0.1, status=451), "removed"),
+            (ProbeResult(1, T0, 0.1, error=ErrorClass.CONNECT_REFUSED), "removed"),
+            (ProbeResult(1, T0, 0.1, error=ErrorClass.DNS_NXDOMAIN), "nxdomain"),
+            (ProbeResult(1, T0, 0.1, status=503), "inconclusive"),
+            (ProbeResult(1, T0, 0.1, status=429), "inconclusive"),
+            (ProbeResult(1, T0, 0.1, status=200, challenge=True), "inconclusive"),
+            (ProbeResult(1, T0, 5.0, error=ErrorClass.READ_TIMEOUT), "inconclusive"),
+            (ProbeResult(1, T0, 0.1, error=ErrorClass.TLS_ERROR), "inconclusive"),
+            (ProbeResult(1, T0, 0.1, status=403, final_url="http://a/"), "status 403 http://a/"),
+        ],
+    )
+    def test_class_from_status_and_error(self, result: ProbeResult, expected: str) -> None:
+        """The class is what status and error show, never the body hash."""
+        assert evidence(result) == expected
+        assert outcome(result) == outcome(replace(result, body_sha256=b"other", body_bytes=9))
+
+
+class TestGroupCommit:
+    def committed(self, path: Path) -> int:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM results").fetchone()[0])
+        finally:
+            conn.close()
+
+    def test_the_timer_commits_a_quiet_transaction(self, tmp_path: Path) -> None:
+        """The first write arms one timer of flush_interval; when it fires the rows commit."""
+        timers: list[tuple[float, Callable[[], None]]] = []
+        path = tmp_path / "s.db"
+        with Spool(path, clock=clock, call_later=lambda d, f: timers.append((d, f))) as s:
+            s.add(present(1))
+            s.add(present(2))
+            assert [d for d, _ in timers] == [0.05]
+            assert self.committed(path) == 0
+            timers.pop()[1]()
+            assert self.committed(path) == 2
+            s.add(present(3))
+            assert len(timers) == 1, "the next transaction arms the next timer"
+
+    def test_an_add_commits_a_transaction_past_its_deadline(self, tmp_path: Path) -> None:
+        """Without a timer, the first add after flush_interval commits everything before it."""
+        now = [T0]
+        path = tmp_path / "s.db"
+        with Spool(path, clock=lambda: now[0], call_later=lambda d, f: None) as s:
+            s.add(present(1))
+            now[0] += 0.049
+            s.add(present(2))
+            assert self.committed(path) == 0
+            now[0] += 0.002
+            s.add(present(3))
+            assert self.committed(path) == 3
+
+    def test_in_an_event_loop_a_result_commits_within_the_interval(self, tmp_path: Path) -> None:
+        """With the default timer (the running loop), a lone result is committed promptly."""
+        import asyncio
+
+        path = tmp_path / "s.db"
+
+        async def main() -> float:
+            with Spool(path, flush_interval=0.02) as s:
+                added = time.monotonic()
+                s.add(present(1))
+                await until(lambda: self.committed(path) == 1, 5, "the commit", every=0.005)
+                return time.monotonic() - added
+
+        assert asyncio.run(main()) < 1.0
+        assert self.committed(path) == 1
+
+    def test_the_checkpointer_backfills_the_wal(self, tmp_path: Path) -> None:
+        """The background thread checkpoints committed frames (the fsync off the loop)."""
+        path = tmp_path / "s.db"
+        with Spool(path, clock=clock, checkpoint_interval=0.02) as s:
+            s.add(present(1))
+            s.flush()
+            checkpointer = s._checkpointer
+            assert checkpointer is not None
+            deadline = time.monotonic() + 10
+            while checkpointer.checkpoints < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert checkpointer.checkpoints >= 2
+            conn = sqlite3.connect(path)
+            busy, frames, backfilled = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            conn.close()
+            assert busy == 0 and frames == backfilled
 
 
 class TestBadFiles:
@@ -392,6 +506,40 @@ class TestBadFiles:
         path = tmp_path / "missing" / "spool.db"
         with pytest.raises(SpoolError, match=str(path)):
             Spool(path)
+
+    def test_file_migrated_by_sqlite_utils_is_read(self, tmp_path: Path) -> None:
+        """A spool whose schema sqlite_utils' Migrations recorded opens without re-running it."""
+        sqlite_utils = pytest.importorskip("sqlite_utils")
+        from sqlite_utils.migrations import Migrations
+
+        from agent import spool as module
+
+        path = tmp_path / "spool.db"
+        old = Migrations("takedown.agent.spool")
+        old()(module.m001_initial)
+        old()(module.m002_assignment_and_journal)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(f"PRAGMA application_id={module.APPLICATION_ID}")
+        old.apply(sqlite_utils.Database(conn))
+        conn.close()
+        with open_spool(path) as s:
+            s.record_assignment([(1, "http://a.example/1", 300.0)], [])
+            s.add(present())
+        with open_spool(path) as s:
+            assert len(s) == 1 and s.assignment() == [(1, "http://a.example/1", 300.0)]
+
+
+class TestImports:
+    def test_the_agent_imports_neither_sqlite_utils_nor_numpy(self) -> None:
+        """The agent's modules stay off sqlite_utils, which pulls numpy and pandas in (RSS)."""
+        script = (
+            "import sys, agent.cli, agent.main;"
+            " print(sorted(m for m in ('sqlite_utils', 'numpy', 'pandas') if m in sys.modules))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.strip() == "[]"
 
 
 OUTCOMES = [present, removed, timeout, lambda u: present(u, sha=b"b" * 32)]
