@@ -27,7 +27,7 @@ from tenacity.wait import wait_base
 from agent.assignment import AssignmentChange
 from agent.credentials import ClientTLS, call_metadata, open_channel
 from agent.outbox import Batch, ResultQueue
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
@@ -43,6 +43,7 @@ FATAL_CODES = frozenset(
     }
 )
 _ERROR_NUMBERS = {e: pb.ErrorClass.Value(f"ERROR_CLASS_{e.name}") for e in ErrorClass}
+_TLS_NUMBERS = {t: pb.TlsCheck.Value(f"TLS_CHECK_{t.name}") for t in TlsCheck}
 
 
 class LinkError(Exception):
@@ -94,6 +95,7 @@ def _result(r: ProbeResult) -> pb.ProbeResult:
         error=_ERROR_NUMBERS[r.error],
         redirects=r.redirects,
         challenge=r.challenge,
+        tls=_TLS_NUMBERS[r.tls],
     )
 
 

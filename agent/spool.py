@@ -136,7 +136,7 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from agent.outbox import Batch
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,14 @@ _CONCLUSIVE_ERRORS = frozenset(
 )
 _SELECT = (
     "SELECT seq, url_id, started_at, elapsed, status, final_url, body_sha256, body_bytes,"
-    " truncated, peer_ip, error, redirects, challenge FROM results"
+    " truncated, peer_ip, error, redirects, challenge, tls FROM results"
 )
 _SELECT_BATCH = _SELECT + " WHERE batch_id = ? ORDER BY seq"
 _SELECT_UNSENT = _SELECT + " WHERE batch_id IS NULL ORDER BY seq LIMIT ?"
 _INSERT = (
     "INSERT INTO results (size, seq, url_id, started_at, elapsed, status, final_url, body_sha256,"
-    " body_bytes, truncated, peer_ip, error, redirects, challenge)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " body_bytes, truncated, peer_ip, error, redirects, challenge, tls)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 migrations = Migrations("takedown.agent.spool")
@@ -212,6 +212,12 @@ def m002_assignment_and_journal(db: Any) -> None:
     db.execute("CREATE TABLE journal (seq INTEGER PRIMARY KEY, url_id INTEGER NOT NULL)")
 
 
+@migrations()
+def m003_result_tls(db: Any) -> None:
+    """Whether the certificate verified, per result (older rows: unknown)."""
+    db.execute("ALTER TABLE results ADD COLUMN tls TEXT NOT NULL DEFAULT 'unknown'")
+
+
 class SpoolError(Exception):
     """The spool file cannot be opened, read or written; the message names the file."""
 
@@ -245,7 +251,7 @@ class _Url:
 
 def _from_row(row: tuple[Any, ...]) -> ProbeResult:
     (seq, url_id, started_at, elapsed, status, final_url, sha, body_bytes, truncated, peer_ip,
-     error, redirects, challenge) = row  # fmt: skip
+     error, redirects, challenge, tls) = row  # fmt: skip
     return ProbeResult(
         url_id=url_id,
         started_at=started_at,
@@ -259,6 +265,7 @@ def _from_row(row: tuple[Any, ...]) -> ProbeResult:
         error=ErrorClass(error),
         redirects=redirects,
         challenge=bool(challenge),
+        tls=TlsCheck(tls),
         seq=seq,
     )
 
@@ -425,7 +432,7 @@ class Spool:
             _INSERT,
             (size, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
              r.body_sha256, r.body_bytes, r.truncated, r.peer_ip, r.error.value, r.redirects,
-             r.challenge),
+             r.challenge, r.tls.value),
         )  # fmt: skip
 
     def _full(self, size: int) -> bool:
