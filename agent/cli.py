@@ -84,6 +84,20 @@ def build_parser() -> configargparse.ArgParser:
     )
     p.add_argument("--concurrency", type=_positive(int), default=256, help="probes at once")
     p.add_argument("--per-host", type=_positive(int), default=4, help="connections per host")
+    p.add_argument(
+        "--host-backlog",
+        type=_positive(int),
+        default=256,
+        help="due probes one host holds waiting for its connections; more are skipped until"
+        " their next due time and counted (takedown_agent_probe_backlog_refused_total)",
+    )
+    p.add_argument(
+        "--verify-tls",
+        action="store_true",
+        help="fail a probe whose certificate does not verify (tls_error, inconclusive); by"
+        " default such a site is probed anyway and the result says the certificate did not"
+        " verify",
+    )
     p.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds per probe")
     p.add_argument("--connect-timeout", type=_positive(float), default=10.0, help="seconds")
     p.add_argument("--read-timeout", type=_positive(float), default=20.0, help="seconds idle")
@@ -167,6 +181,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         concurrency=args.concurrency,
         per_host=args.per_host,
         source_address=args.source_address,
+        verify_tls=args.verify_tls,
         user_agent=f"takedown-monitor-agent/{__version__}",
     )
     return AgentConfig(
@@ -179,6 +194,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         flush_interval=args.flush_interval,
         max_inflight=args.max_inflight,
         jitter=args.jitter,
+        host_backlog=args.host_backlog,
         first_spread=args.first_spread,
         metrics_listen=args.metrics_listen or None,
         state_dir=args.state_dir,
