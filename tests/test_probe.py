@@ -23,14 +23,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.typedefs import Handler
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.guard import AddressPolicy, ForbiddenAddress
 from agent.probe import Phase, ProbeConfig, Prober, classify
 from agent.result import ErrorClass, ProbeResult, TlsCheck
+from tests.certs import self_signed
 
 MARKER = b"MARKER-7d1f-not-to-be-kept"
 BODY = b"reported content " + MARKER + b" " + bytes(range(256)) * 8
@@ -435,30 +432,6 @@ class TestProberDns:
         assert r.error == ErrorClass.DNS_ERROR
 
 
-def _self_signed(name: str) -> tuple[bytes, bytes]:
-    """A certificate for ``name`` signed by its own key: (cert PEM, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 class TestProberTls:
     @pytest.fixture
     def ca(self) -> trustme.CA:
@@ -477,7 +450,7 @@ class TestProberTls:
         elif kind == "wrong-name":
             ca.issue_cert("other.test").configure_cert(ctx)
         else:
-            cert_pem, key_pem = _self_signed("tls.test")
+            cert_pem, key_pem = self_signed("tls.test")
             with tempfile.TemporaryDirectory() as tmp:
                 cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
                 cert.write_bytes(cert_pem)
