@@ -73,8 +73,11 @@ class Agent:
         resolver: AbstractResolver | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        trust_pem: str | None = None,
     ) -> None:
+        """``trust_pem`` replaces the system trust store for the TLS check (tests, bench/)."""
         self.config = config
+        self.trust_pem = trust_pem
         self.clock = clock
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
@@ -153,7 +156,9 @@ class Agent:
                 await runner.cleanup()
 
     async def _run(self, policy: AddressPolicy, stop: asyncio.Event) -> None:
-        async with Prober(self.config.probe, policy, resolver=self.resolver) as prober:
+        async with Prober(
+            self.config.probe, policy, resolver=self.resolver, trust_pem=self.trust_pem
+        ) as prober:
             link = asyncio.create_task(self.link.run(), name="link")
             stopping = asyncio.create_task(stop.wait())
             try:

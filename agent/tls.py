@@ -19,7 +19,11 @@ handshake. Theory of operation:
   thousand times costs one verification.
 * Both contexts resume TLS sessions per server name (``_ResumingContext``): a resumed handshake
   sends no certificate, so it carries the verdict of the full handshake that made the session.
-  A session is a few hundred bytes; at most ``SESSION_CACHE`` names are kept.
+  A session is offered for ``SESSION_MAX_AGE`` seconds after that handshake, so a verdict is
+  never older than that (a certificate that expired meanwhile is seen at the next full
+  handshake). A session is a few hundred bytes; at most ``SESSION_CACHE`` names are kept.
+  Measured (docs/PERFORMANCE.md), resumption saves less than hoped: CPython copies a session
+  through DER, certificate included, each time it is read or set.
 
 Nothing here touches addresses: the SSRF guard checks every address where the socket is made.
 """
@@ -33,9 +37,10 @@ import hashlib
 import ipaddress
 import logging
 import ssl
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ __all__ = ["TlsChecker", "load_system_roots", "peer_chain", "probe_context", "re
 log = logging.getLogger(__name__)
 
 SESSION_CACHE = 4096  # server names whose TLS session is kept for resumption
+SESSION_MAX_AGE = 600.0  # seconds after its full handshake a session is offered
 VERDICT_CACHE = 4096  # (name, chain) pairs whose verdict is kept
 VERDICT_TTL = 3600.0  # seconds a verdict is reused at most
 
@@ -63,7 +69,8 @@ class _ResumingContext(ssl.SSLContext):
     the cached session there. ``remember`` stores a connection's session after its response.
     """
 
-    sessions: OrderedDict[str, tuple[ssl.SSLSession, TlsCheck]]
+    sessions: OrderedDict[str, tuple[ssl.SSLSession, TlsCheck, float]]  # ..., made at
+    clock: Callable[[], float]
 
     def wrap_bio(
         self,
@@ -75,7 +82,7 @@ class _ResumingContext(ssl.SSLContext):
     ) -> ssl.SSLObject:
         if session is None and isinstance(server_hostname, str):
             cached = self.sessions.get(server_hostname)
-            if cached is not None:
+            if cached is not None and self.clock() - cached[2] < SESSION_MAX_AGE:
                 session = cached[0]
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
@@ -86,12 +93,20 @@ class _ResumingContext(ssl.SSLContext):
         cached = self.sessions.get(obj.server_hostname)
         return cached[1] if cached is not None else None
 
+    def _touch(self, name: str | None) -> None:
+        if name is not None and name in self.sessions:
+            self.sessions.move_to_end(name)
+
     def remember(self, obj: ssl.SSLObject, check: TlsCheck) -> None:
         """Keep this connection's session for the next connection to the same name."""
-        name, session = obj.server_hostname, obj.session
-        if name is None or session is None or not (session.has_ticket or session.id):
+        name = obj.server_hostname
+        if name is None or (obj.session_reused and name in self.sessions):
+            self._touch(name)
             return
-        self.sessions[name] = (session, check)
+        session = obj.session  # costly: CPython copies it through DER, certificate included
+        if session is None or not (session.has_ticket or session.id):
+            return
+        self.sessions[name] = (session, check, self.clock())
         self.sessions.move_to_end(name)
         while len(self.sessions) > SESSION_CACHE:
             self.sessions.popitem(last=False)
@@ -104,6 +119,7 @@ def probe_context(verify: bool, roots_pem: str | None = None) -> ssl.SSLContext:
     """
     ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.sessions = OrderedDict()
+    ctx.clock = time.monotonic
     if verify:
         if roots_pem is None:
             ctx.load_default_certs()
