@@ -173,6 +173,9 @@ class Agent:
         limit = self.config.probe.concurrency
         hosts = self.hosts
         flushed = self.clock()
+        wake = self._changed.set
+        link.add_done_callback(lambda _: wake())  # one event wakes the loop for everything
+        stopping.add_done_callback(lambda _: wake())
         while not stopping.done():
             if link.done():
                 link.result()
@@ -203,10 +206,11 @@ class Agent:
             elif hosts.running >= limit:
                 timeout = 1.0  # the probe that frees a slot sets _changed
             self._changed.clear()
-            changed = asyncio.create_task(self._changed.wait())
-            waiting: set[asyncio.Future[object]] = {changed, link, stopping}  # type: ignore[arg-type]
-            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            if link.done() or stopping.done():
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     def _offer_due(self, now: float, free: int) -> bool:
         """Move due URLs into their hosts' backlogs until `free` of them could start.

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import shutil
@@ -240,6 +241,9 @@ async def run_agent_loop(
     from agent.assignment import AssignmentChange
     from agent.main import Agent, AgentConfig
 
+    quiet = logging.getLogger("agent")  # its retries towards the closed collector address
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         agent = Agent(
             AgentConfig(
@@ -272,6 +276,7 @@ async def run_agent_loop(
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+            quiet.setLevel(level)
     errors = sum(v for k, v in agent.probes_by_error.items() if k != "none")
     return Run(
         "agent loop", mode, done, good - good0, wall, cpu, f"with --state-dir; {errors} errors"
