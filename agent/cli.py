@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import ipaddress
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import configargparse
 
@@ -70,6 +72,20 @@ def build_parser() -> configargparse.ArgParser:
     )
     p.add_argument("--concurrency", type=_positive(int), default=256, help="probes at once")
     p.add_argument("--per-host", type=_positive(int), default=4, help="connections per host")
+    p.add_argument(
+        "--host-backlog",
+        type=_positive(int),
+        default="256",
+        help="due probes one host holds waiting for its connections; more are skipped until"
+        " their next due time and counted (takedown_agent_probe_backlog_refused_total)",
+    )
+    p.add_argument(
+        "--verify-tls",
+        action="store_true",
+        help="fail a probe whose certificate does not verify (tls_error, inconclusive); by"
+        " default such a site is probed anyway and the result says the certificate did not"
+        " verify",
+    )
     p.add_argument(
         "--timeout", type=_positive(float, "seconds"), default="30", help="seconds per probe"
     )
@@ -143,6 +159,13 @@ def build_parser() -> configargparse.ArgParser:
         help="HOST:PORT for the agent's /metrics and /healthz; empty to disable",
     )
     p.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="auto: uvloop when it is installed (HTTPS probes cost about a fifth less CPU),"
+        " else asyncio's own",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -163,6 +186,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         concurrency=args.concurrency,
         per_host=args.per_host,
         source_address=args.source_address,
+        verify_tls=args.verify_tls,
         user_agent=f"takedown-monitor-agent/{__version__}",
     )
     return AgentConfig(
@@ -175,6 +199,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         flush_interval=args.flush_interval,
         max_inflight=args.max_inflight,
         jitter=args.jitter,
+        host_backlog=args.host_backlog,
         first_spread=args.first_spread,
         metrics_listen=args.metrics_listen or None,
         state_dir=args.state_dir,
@@ -194,6 +219,22 @@ async def _run(config: AgentConfig) -> None:
     await Agent(config).run(stop)
 
 
+def _event_loop(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """The function that runs the agent: ``uvloop.run`` or ``asyncio.run``."""
+    if choice != "asyncio":
+        try:
+            uvloop = importlib.import_module("uvloop")  # optional: not a dependency
+        except ImportError:
+            if choice == "uvloop":
+                sys.exit("takedown-agent: --event-loop uvloop, but uvloop is not installed")
+        else:
+            log.info("event_loop loop=uvloop")
+            run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+            return run
+    log.info("event_loop loop=asyncio")
+    return asyncio.run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -211,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.collector,
     )
     try:
-        asyncio.run(_run(config))
+        _event_loop(args.event_loop)(_run(config))
     except (CollectorRefused, CredentialError) as exc:
         print(f"takedown-agent: {exc}", file=sys.stderr)
         return 2

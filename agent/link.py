@@ -29,7 +29,7 @@ from tenacity.wait import wait_base
 from agent.assignment import AssignmentChange
 from agent.keys import ResultSigner
 from agent.outbox import Batch, ResultQueue
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
 from client.credentials import ClientTLS, call_metadata, open_channel
 from client.failures import classify
 from protos.takedown.v1 import takedown_pb2 as pb
@@ -38,6 +38,7 @@ from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _ERROR_NUMBERS = {e: pb.ErrorClass.Value(f"ERROR_CLASS_{e.name}") for e in ErrorClass}
+_TLS_NUMBERS = {t: pb.TlsCheck.Value(f"TLS_CHECK_{t.name}") for t in TlsCheck}
 
 
 class LinkError(Exception):
@@ -94,6 +95,7 @@ def _result(r: ProbeResult) -> pb.ProbeResult:
         error=_ERROR_NUMBERS[r.error],
         redirects=r.redirects,
         challenge=r.challenge,
+        tls=_TLS_NUMBERS[r.tls],
     )
 
 

@@ -1,8 +1,9 @@
 """A running agent: the schedule decides what is due, the prober checks it, the link delivers.
 
 Data flows one way: assignment changes from the link update the schedule;
-due URLs are probed (at most `concurrency` at a time); each result goes into
-the outbox and the link sends it on.
+due URLs wait in their host's backlog (``agent.hosts``) and are probed when
+their host has a free connection slot (at most `per_host` per host, at most
+`concurrency` in all); each result goes into the outbox and the link sends it on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aiohttp.abc import AbstractResolver
 from agent import __version__
 from agent.assignment import Assignment, AssignmentChange
 from agent.guard import AddressPolicy
+from agent.hosts import HostQueues, Start, host_of
 from agent.link import Identity, Link
 from agent.metrics import serve_metrics
 from agent.outbox import Outbox, ResultQueue
@@ -31,6 +33,9 @@ from agent.spool import Spool, SpoolError
 from client.credentials import ClientTLS
 
 log = logging.getLogger(__name__)
+
+_POP_BATCH = 1024  # due URLs taken from the schedule at once
+_OFFER_PER_PASS = 8192  # then the loop yields to the rest of the agent
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,6 +51,7 @@ class AgentConfig:
     flush_interval: float = 1.0
     max_inflight: int = 8
     jitter: float = 0.1
+    host_backlog: int = 256  # due probes one host holds waiting for its connections
     first_spread: float = 60.0
     outbox_limit: int = 1_000_000
     drain_timeout: float = 10.0
@@ -67,8 +73,11 @@ class Agent:
         resolver: AbstractResolver | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        trust_pem: str | None = None,
     ) -> None:
+        """``trust_pem`` replaces the system trust store for the TLS check (tests, bench/)."""
         self.config = config
+        self.trust_pem = trust_pem
         self.clock = clock
         self.resolver = resolver
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
@@ -102,8 +111,10 @@ class Agent:
         )
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
+        self.hosts = HostQueues(config.probe.per_host, config.host_backlog)
         self.probed = 0
         self.probes_by_error: dict[str, int] = {}
+        self.probes_by_tls: dict[str, int] = {}
         self.metrics_port = 0
         self._fatal: SpoolError | None = None
         if self.spool is not None:
@@ -144,7 +155,9 @@ class Agent:
                 await runner.cleanup()
 
     async def _run(self, policy: AddressPolicy, stop: asyncio.Event) -> None:
-        async with Prober(self.config.probe, policy, resolver=self.resolver) as prober:
+        async with Prober(
+            self.config.probe, policy, resolver=self.resolver, trust_pem=self.trust_pem
+        ) as prober:
             link = asyncio.create_task(self.link.run(), name="link")
             stopping = asyncio.create_task(stop.wait())
             try:
@@ -157,7 +170,11 @@ class Agent:
         self, prober: Prober, link: asyncio.Task[None], stopping: asyncio.Task[bool]
     ) -> None:
         limit = self.config.probe.concurrency
+        hosts = self.hosts
         flushed = self.clock()
+        wake = self._changed.set
+        link.add_done_callback(lambda _: wake())  # one event wakes the loop for everything
+        stopping.add_done_callback(lambda _: wake())
         while not stopping.done():
             if link.done():
                 link.result()
@@ -171,25 +188,51 @@ class Agent:
                 except SpoolError as exc:
                     self._fail(exc)
                     raise
-            free = limit - len(self._probes)
-            if free > 0:
-                for url_id in self.schedule.pop_due(now, free):
-                    url = self.assignment.url(url_id)
-                    if url is not None:
-                        task = asyncio.create_task(self._probe(prober, url_id, url))
-                        self._probes.add(task)
-                        task.add_done_callback(self._probes.discard)
+            free = limit - hosts.running
+            more = self._offer_due(now, free) if free > 0 else False
+            for start in hosts.take(now, free):
+                url = self.assignment.url(start.url_id)
+                if url is None:  # unassigned while it waited
+                    hosts.done(start.host, start.url_id)
+                    continue
+                task = asyncio.create_task(self._probe(prober, start, url))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
             next_due = self.schedule.next_due()
             timeout = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self.clock()))
-            if len(self._probes) >= limit:
-                timeout = 1.0
+            if more:
+                timeout = 0.0
+            elif hosts.running >= limit:
+                timeout = 1.0  # the probe that frees a slot sets _changed
             self._changed.clear()
-            changed = asyncio.create_task(self._changed.wait())
-            waiting: set[asyncio.Future[object]] = {changed, link, stopping}  # type: ignore[arg-type]
-            if len(self._probes) >= limit:
-                waiting |= set(self._probes)  # type: ignore[arg-type]
-            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            if link.done() or stopping.done():
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+
+    def _offer_due(self, now: float, free: int) -> bool:
+        """Move due URLs into their hosts' backlogs until `free` of them could start.
+
+        URLs whose host is at its limit do not count, so a host that holds many due URLs
+        and answers none (a tarpit) only fills its own backlog. Returns True when it stopped
+        at the per-pass bound with more due, so the loop comes back without waiting.
+        """
+        hosts = self.hosts
+        url_of = self.assignment.url
+        popped = 0
+        while hosts.startable < free:
+            if popped >= _OFFER_PER_PASS:
+                return True
+            due = self.schedule.pop_due(now, min(_POP_BATCH, free - hosts.startable))
+            if not due:
+                return False
+            popped += len(due)
+            for url_id in due:
+                url = url_of(url_id)
+                if url is not None:
+                    hosts.offer(host_of(url), url_id, now)
+        return False
 
     def _fail(self, exc: SpoolError) -> None:
         """The spool cannot be written: stop probing (nothing unacknowledged is lost)."""
@@ -198,17 +241,23 @@ class Agent:
             self._fatal = exc
         self._changed.set()
 
-    async def _probe(self, prober: Prober, url_id: int, url: str) -> None:
-        result = await prober.probe(url_id, url)
+    async def _probe(self, prober: Prober, start: Start, url: str) -> None:
+        try:
+            result = await prober.probe(start.url_id, url)
+        finally:
+            if self.hosts.done(start.host, start.url_id) or (
+                self.hosts.running == self.config.probe.concurrency - 1
+            ):
+                self._changed.set()  # a host slot or the last global slot freed
         try:
             self.outbox.add(result)
         except SpoolError as exc:
             self._fail(exc)
             return
         self.probed += 1
-        self.probes_by_error[result.error.value] = (
-            self.probes_by_error.get(result.error.value, 0) + 1
-        )
+        error, tls = result.error.value, result.tls.value
+        self.probes_by_error[error] = self.probes_by_error.get(error, 0) + 1
+        self.probes_by_tls[tls] = self.probes_by_tls.get(tls, 0) + 1
         self.link.notify()
 
     async def _finish(self, link: asyncio.Task[None]) -> None:

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -85,6 +90,45 @@ class AgentCollector(Collector):
         for error, n in sorted(a.probes_by_error.items()):
             probes.add_metric([error], n)
         yield probes
+        yield from _probing(a)
+
+
+def _probing(a: Agent) -> Iterator[Metric]:
+    """Per-host queues (agent/hosts.py) and the TLS check of the probes made."""
+    hosts = a.hosts
+    wait = hosts.wait
+    yield HistogramMetricFamily(
+        "takedown_agent_probe_queue_wait_seconds",
+        "Time a due probe waited in its host's backlog for a connection slot",
+        buckets=wait.buckets(),
+        sum_value=wait.sum,
+    )
+    refused = CounterMetricFamily(
+        "takedown_agent_probe_backlog_refused",
+        "Due probes a host's backlog refused (full; or busy: the URL's last probe still"
+        " waiting or running); each is tried again at its next due time",
+        labels=["reason"],
+    )
+    for reason, n in sorted(hosts.dropped.items()):
+        refused.add_metric([reason], n)
+    yield refused
+    yield GaugeMetricFamily(
+        "takedown_agent_probe_backlog", "Due probes waiting in host backlogs", value=hosts.waiting
+    )
+    yield GaugeMetricFamily(
+        "takedown_agent_probes_running", "Probes running now", value=hosts.running
+    )
+    yield GaugeMetricFamily(
+        "takedown_agent_probe_hosts", "Hosts with a probe waiting or running", value=len(hosts)
+    )
+    tls = CounterMetricFamily(
+        "takedown_agent_probes_tls",
+        "Probes made, by whether the final hop's certificate verified (unverified: probed anyway)",
+        labels=["check"],
+    )
+    for check, n in sorted(a.probes_by_tls.items()):
+        tls.add_metric([check], n)
+    yield tls
 
 
 async def serve_metrics(agent: Agent, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -107,6 +151,4 @@ async def serve_metrics(agent: Agent, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server)
-    return runner, int(server.sockets[0].getsockname()[1])
+    return runner, int(runner.addresses[0][1])  # also on uvloop, whose Server is its own

@@ -65,10 +65,12 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import ContentLengthError
+from cryptography import x509
 from yarl import URL
 
+from agent import tls
 from agent.guard import AddressPolicy, ForbiddenAddress, GuardedResolver
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
 
 __all__ = ["Phase", "ProbeConfig", "Prober", "classify"]
 
@@ -97,7 +99,9 @@ class ProbeConfig:
     per_host: int = 4
     source_address: str | None = None
     user_agent: str = "takedown-monitor-agent/0.1"
-    verify_tls: bool = True
+    # False: probe whatever the certificate, and record whether it verified (agent/tls.py).
+    # True: a certificate that does not verify fails the probe as tls_error.
+    verify_tls: bool = False
     # Reuse connections between probes. Off in agents: a new connection per probe resolves
     # afresh and observes where the name points now. On only to measure the HTTP cost (bench/).
     keep_alive: bool = False
@@ -126,7 +130,11 @@ def is_challenge(headers: Mapping[str, str]) -> bool:
 class _Progress:
     """Mutable record of one probe in progress; holds no body bytes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prober: Prober) -> None:
+        self.prober = prober
+        self.sent_at: float | None = None  # when the first request went out
+        self.tls = TlsCheck.UNKNOWN
+        self.ssl_object: ssl.SSLObject | None = None
         self.final_url = url
         self.redirects = 0
         self.status = 0
@@ -162,6 +170,7 @@ class _PeerResponse(aiohttp.ClientResponse):
             peer = transport.get_extra_info("peername") if transport is not None else None
             if peer:
                 progress.peer_ip, progress.peer_addr = _peer(str(peer[0]))
+            progress.prober._request_sent(progress, transport)
         return await super().start(connection)
 
 
@@ -280,7 +289,10 @@ class Prober:
 
     ``resolver`` is the inner resolver wrapped by GuardedResolver (default
     ``aiohttp.ThreadedResolver``); it is closed with the prober.
-    ``ssl_context``, if given, replaces ``config.verify_tls`` for HTTPS.
+    ``ssl_context``, if given, is the context HTTPS connects with instead of
+    ``agent.tls.probe_context(config.verify_tls)``; when it verifies, every completed
+    handshake counts as verified. ``trust_pem`` (PEM roots) replaces the system trust store,
+    for the checker and a verifying context alike (tests, benchmarks).
     """
 
     def __init__(
@@ -291,13 +303,20 @@ class Prober:
         resolver: AbstractResolver | None = None,
         clock: Callable[[], float] = time.time,
         ssl_context: ssl.SSLContext | None = None,
+        trust_pem: str | None = None,
     ) -> None:
         self._config = config
         self._policy = policy
         self._inner_resolver = resolver
         self._clock = clock
-        self._ssl: ssl.SSLContext | bool = (
-            ssl_context if ssl_context is not None else config.verify_tls
+        self._ssl = (
+            ssl_context
+            if ssl_context is not None
+            else tls.probe_context(config.verify_tls, trust_pem)
+        )
+        self._verifying = self._ssl.verify_mode != ssl.CERT_NONE
+        self._checker = tls.TlsChecker(
+            None if trust_pem is None else x509.load_pem_x509_certificates(trust_pem.encode())
         )
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
@@ -348,7 +367,7 @@ class Prober:
     async def probe(self, url_id: int, url: str) -> ProbeResult:
         """Check ``url`` once; network and HTTP failures come back as an error class."""
         started = self._clock()
-        progress = _Progress(url)
+        progress = _Progress(url, self)
         token = _CURRENT_PROBE.set(progress)
         try:
             async with asyncio.timeout(self._config.total_timeout):
@@ -362,6 +381,8 @@ class Prober:
             logger.debug("probe_error url_id=%d error=%s detail=%r", url_id, error, exc)
         finally:
             _CURRENT_PROBE.reset(token)
+        if progress.sent_at is not None:
+            started = progress.sent_at
         return ProbeResult(
             url_id=url_id,
             started_at=started,
@@ -375,7 +396,20 @@ class Prober:
             error=error,
             redirects=progress.redirects,
             challenge=progress.challenge,
+            tls=progress.tls,
         )
+
+    def _request_sent(self, progress: _Progress, transport: asyncio.BaseTransport | None) -> None:
+        """The request of a hop went out: stamp the probe's time, judge its certificate."""
+        now = self._clock()
+        if progress.sent_at is None:
+            progress.sent_at = now
+        obj = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(obj, ssl.SSLObject):
+            progress.tls, progress.ssl_object = TlsCheck.PLAINTEXT, None
+            return
+        progress.ssl_object = obj
+        progress.tls = TlsCheck.VERIFIED if self._verifying else self._checker.check(obj, now)
 
     async def _follow(self, progress: _Progress) -> ErrorClass:
         """Request ``progress.final_url`` and its redirects, hashing the last body."""
@@ -387,7 +421,7 @@ class Prober:
         while True:
             progress.final_url = str(url)
             progress.status, progress.peer_ip, progress.phase = 0, "", Phase.CONNECTING
-            progress.peer_addr = None
+            progress.peer_addr, progress.tls, progress.ssl_object = None, TlsCheck.UNKNOWN, None
             async with self._session.get(url, allow_redirects=False) as resp:
                 progress.phase = Phase.CONNECTED
                 self._policy.check(progress.peer_addr or progress.peer_ip)
@@ -396,7 +430,11 @@ class Prober:
                 location = resp.headers.get("Location")
                 if resp.status not in _REDIRECT_STATUSES or location is None:
                     await self._hash_body(resp, progress)
+                    if progress.ssl_object is not None:
+                        tls.remember(progress.ssl_object, progress.tls)
                     return ErrorClass.NONE
+                if progress.ssl_object is not None:
+                    tls.remember(progress.ssl_object, progress.tls)
             if progress.redirects >= self._config.max_redirects:
                 return ErrorClass.TOO_MANY_REDIRECTS
             try:

@@ -29,13 +29,25 @@ class ErrorClass(enum.StrEnum):
     OTHER = "other"
 
 
+class TlsCheck(enum.StrEnum):
+    """Whether the final hop's server certificate verified; the probe is made either way."""
+
+    UNKNOWN = "unknown"  # no TLS handshake completed (an error before it)
+    PLAINTEXT = "plaintext"  # http:// on the final hop
+    VERIFIED = "verified"  # chain and name verified against the trust store
+    UNVERIFIED = "unverified"  # served over TLS whose certificate did not verify
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     """One agent's observation of one URL at one moment."""
 
     url_id: int
-    started_at: float  # Unix seconds, agent clock
-    elapsed: float  # seconds
+    # Unix seconds, agent clock: when the first request went out on its connection (after
+    # resolving and connecting, never before a wait for a slot); when no request went out,
+    # when the probe began resolving and connecting.
+    started_at: float
+    elapsed: float  # seconds from started_at to the end of the probe
     status: int = 0  # final HTTP status; 0 when there was no response
     final_url: str = ""
     body_sha256: bytes = b""  # empty when no body was read
@@ -45,4 +57,5 @@ class ProbeResult:
     error: ErrorClass = ErrorClass.NONE
     redirects: int = 0
     challenge: bool = False  # response headers show a bot challenge page
+    tls: TlsCheck = TlsCheck.UNKNOWN
     seq: int = 0  # assigned by the outbox, unique and increasing per agent

@@ -166,7 +166,7 @@ from typing import Any, Literal
 from agent.migrations import Migrations
 from agent.outbox import Batch
 from agent.repeats import UrlMemory, evidence, is_inconclusive, outcome
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +180,14 @@ _REASONS = {1: INCONCLUSIVE_REPEAT, 2: REPEAT}  # the `rank` column: drop order
 _ROW_OVERHEAD = 96  # bytes per row besides its strings, roughly, index entries included
 _SELECT = (
     "SELECT seq, url_id, started_at, elapsed, status, final_url, body_sha256, body_bytes,"
-    " truncated, peer_ip, error, redirects, challenge FROM results"
+    " truncated, peer_ip, error, redirects, challenge, tls FROM results"
 )
 _SELECT_BATCH = _SELECT + " WHERE batch_id = ? ORDER BY seq"
 _SELECT_UNSENT = _SELECT + " WHERE batch_id IS NULL ORDER BY seq LIMIT ?"
 _INSERT = (
     "INSERT INTO results (size, seq, url_id, started_at, elapsed, status, final_url, body_sha256,"
-    " body_bytes, truncated, peer_ip, error, redirects, challenge)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " body_bytes, truncated, peer_ip, error, redirects, challenge, tls)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 migrations = Migrations("takedown.agent.spool")
@@ -255,6 +255,12 @@ def m003_outcome_by_class(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE urls")
 
 
+@migrations()
+def m004_result_tls(db: sqlite3.Connection) -> None:
+    """Whether the certificate verified, per result (older rows: unknown)."""
+    db.execute("ALTER TABLE results ADD COLUMN tls TEXT NOT NULL DEFAULT 'unknown'")
+
+
 class SpoolError(Exception):
     """The spool file cannot be opened, read or written; the message names the file."""
 
@@ -266,7 +272,7 @@ def row_size(result: ProbeResult) -> int:
 
 def _from_row(row: tuple[Any, ...]) -> ProbeResult:
     (seq, url_id, started_at, elapsed, status, final_url, sha, body_bytes, truncated, peer_ip,
-     error, redirects, challenge) = row  # fmt: skip
+     error, redirects, challenge, tls) = row  # fmt: skip
     return ProbeResult(
         url_id=url_id,
         started_at=started_at,
@@ -280,6 +286,7 @@ def _from_row(row: tuple[Any, ...]) -> ProbeResult:
         error=ErrorClass(error),
         redirects=redirects,
         challenge=bool(challenge),
+        tls=TlsCheck(tls),
         seq=seq,
     )
 
@@ -460,7 +467,7 @@ class Spool:
             _INSERT,
             (size, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
              r.body_sha256, r.body_bytes, r.truncated, r.peer_ip, r.error.value, r.redirects,
-             r.challenge),
+             r.challenge, r.tls.value),
         )  # fmt: skip
 
     def _full(self, size: int) -> bool:

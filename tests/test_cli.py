@@ -18,6 +18,7 @@ from pathlib import Path
 import configargparse
 import pytest
 
+from agent import cli as agent_cli
 from agent.cli import build_parser
 from collector.cli import (
     COMMANDS,
@@ -353,6 +354,15 @@ class TestAgentOptions:
         )
         assert args.network == "cli-net"
         assert args.concurrency == 3
+
+    def test_tls_and_host_queue_options_reach_the_config(self) -> None:
+        """Probes go unverified by default; --verify-tls and --host-backlog reach the config."""
+        base = ["--collector", "127.0.0.1:1", "--network", "n", "--insecure"]
+        default = agent_cli.config_from(build_parser().parse_args(base))
+        assert (default.probe.verify_tls, default.host_backlog) == (False, 256)
+        args = build_parser().parse_args([*base, "--verify-tls", "--host-backlog", "9"])
+        config = agent_cli.config_from(args)
+        assert (config.probe.verify_tls, config.host_backlog) == (True, 9)
 
     def test_bad_allow_private_exits_naming_value(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--allow-private with a non-CIDR value is a usage error that names the value."""

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import gzip
 import hashlib
 import logging
 import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -23,7 +26,8 @@ from aiohttp.typedefs import Handler
 
 from agent.guard import AddressPolicy, ForbiddenAddress
 from agent.probe import Phase, ProbeConfig, Prober, classify
-from agent.result import ErrorClass, ProbeResult
+from agent.result import ErrorClass, ProbeResult, TlsCheck
+from tests.certs import self_signed
 
 MARKER = b"MARKER-7d1f-not-to-be-kept"
 BODY = b"reported content " + MARKER + b" " + bytes(range(256)) * 8
@@ -186,6 +190,13 @@ async def raw_server(reply: bytes) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 @pytest.fixture
 async def origin() -> AsyncIterator[Origin]:
     server = Origin()
@@ -199,6 +210,7 @@ async def probe(
     policy: AddressPolicy = LOOPBACK,
     resolver: AbstractResolver | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    trust_pem: str | None = None,
     **config: object,
 ) -> ProbeResult:
     async with Prober(
@@ -206,6 +218,7 @@ async def probe(
         policy,
         resolver=resolver or StubResolver({}),
         ssl_context=ssl_context,
+        trust_pem=trust_pem,
     ) as prober:
         return await prober.probe(7, url)
 
@@ -318,11 +331,50 @@ class TestProber:
         assert r.error == ErrorClass.CONNECTION_RESET
 
     async def test_clock_gives_start_and_elapsed(self, origin: Origin) -> None:
-        """started_at and elapsed come from the injected clock."""
-        ticks = iter([1000.0, 1002.5])
+        """started_at is when the request went out, elapsed runs from there to the end."""
+        ticks = iter([1000.0, 1000.5, 1002.5])  # probe called, request sent, probe ended
         async with Prober(ProbeConfig(), LOOPBACK, clock=lambda: next(ticks)) as prober:
             r = await prober.probe(1, origin.url("/ok"))
-        assert (r.started_at, r.elapsed) == (1000.0, 2.5)
+        assert (r.started_at, r.elapsed, r.tls) == (1000.5, 2.0, TlsCheck.PLAINTEXT)
+
+    async def test_no_request_sent_keeps_the_start(self) -> None:
+        """A probe that never sent a request is dated when it began connecting."""
+        ticks = iter([1000.0, 1001.0])
+        async with Prober(ProbeConfig(), LOOPBACK, clock=lambda: next(ticks)) as prober:
+            r = await prober.probe(1, f"http://127.0.0.1:{_closed_port()}/")
+        assert (r.error, r.started_at, r.elapsed, r.tls) == (
+            ErrorClass.CONNECT_REFUSED, 1000.0, 1.0, TlsCheck.UNKNOWN
+        )  # fmt: skip
+
+    async def test_wait_for_a_connection_slot_is_not_in_the_time(self) -> None:
+        """A probe that waits for the prober's only connection is dated after the wait."""
+        now = [1000.0]
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(request: web.Request) -> web.Response:
+            entered.set()
+            await release.wait()
+            return web.Response(body=b"slow")
+
+        app = web.Application()
+        app.router.add_get("/slow", slow)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/slow"
+        config = ProbeConfig(concurrency=1, per_host=1)
+        try:
+            async with Prober(config, LOOPBACK, clock=lambda: now[0]) as prober:
+                first = asyncio.create_task(prober.probe(1, url))
+                second = asyncio.create_task(prober.probe(2, url))
+                await asyncio.wait_for(entered.wait(), 10)
+                now[0] = 1005.0  # the second probe waits for the slot meanwhile
+                release.set()
+                a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        finally:
+            await runner.cleanup()
+        assert (a.status, b.status) == (200, 200)
+        assert (a.started_at, b.started_at) == (1000.0, 1005.0)
 
     async def test_source_address(self, origin: Origin) -> None:
         """With source_address set, connections come from that address."""
@@ -385,35 +437,113 @@ class TestProberTls:
     def ca(self) -> trustme.CA:
         return trustme.CA()
 
-    @pytest.fixture
-    async def tls_origin(self, ca: trustme.CA) -> AsyncIterator[Origin]:
+    @staticmethod
+    def _server_context(ca: trustme.CA, kind: str, names: list[str]) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("tls.test").configure_cert(ctx)
+        if kind == "good":
+            ca.issue_cert("tls.test").configure_cert(ctx)
+        elif kind == "expired":
+            past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+            ca.issue_cert(
+                "tls.test", not_before=past - datetime.timedelta(days=30), not_after=past
+            ).configure_cert(ctx)
+        elif kind == "wrong-name":
+            ca.issue_cert("other.test").configure_cert(ctx)
+        else:
+            cert_pem, key_pem = self_signed("tls.test")
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+                cert.write_bytes(cert_pem)
+                key.write_bytes(key_pem)
+                ctx.load_cert_chain(cert, key)
+
+        def sni(_: ssl.SSLObject, name: str | None, __: ssl.SSLContext) -> None:
+            names.append(name or "")
+
+        ctx.sni_callback = sni
+        return ctx
+
+    @pytest.fixture(params=["good", "self-signed", "expired", "wrong-name"])
+    async def tls_origin(
+        self, request: pytest.FixtureRequest, ca: trustme.CA
+    ) -> AsyncIterator[tuple[str, Origin, list[str]]]:
+        names: list[str] = []
         server = Origin()
-        async with serving(server, ssl_context=ctx):
-            yield server
+        async with serving(server, ssl_context=self._server_context(ca, request.param, names)):
+            yield request.param, server, names
 
-    async def test_untrusted_certificate(self, tls_origin: Origin) -> None:
-        """A certificate from an unknown CA gives TLS_ERROR."""
+    async def test_present_and_removed_measured_whatever_the_certificate(
+        self, tls_origin: tuple[str, Origin, list[str]], ca: trustme.CA
+    ) -> None:
+        """Content and a 404 are measured; the result says whether the certificate verified."""
+        kind, origin, names = tls_origin
         stub = StubResolver({"tls.test": [["127.0.0.1"]]})
-        r = await probe(tls_origin.url("/ok", "tls.test", "https"), resolver=stub)
-        assert (r.error, r.status) == (ErrorClass.TLS_ERROR, 0)
-        assert tls_origin.requests == []
+        trust = ca.cert_pem.bytes().decode()
+        expected = TlsCheck.VERIFIED if kind == "good" else TlsCheck.UNVERIFIED
+        ok = await probe(origin.url("/ok", "tls.test", "https"), resolver=stub, trust_pem=trust)
+        assert (ok.error, ok.status, ok.tls) == (ErrorClass.NONE, 200, expected)
+        assert ok.body_sha256 == hashlib.sha256(BODY).digest()
+        gone = await probe(
+            origin.url("/status/404", "tls.test", "https"), resolver=stub, trust_pem=trust
+        )
+        assert (gone.error, gone.status, gone.tls) == (ErrorClass.NONE, 404, expected)
+        assert names == ["tls.test", "tls.test"]  # SNI sent, also without verification
 
-    async def test_trusted_certificate(self, tls_origin: Origin, ca: trustme.CA) -> None:
-        """With the CA trusted the HTTPS probe succeeds."""
-        ctx = ssl.create_default_context()
-        ca.configure_trust(ctx)
+    async def test_verify_tls_makes_a_bad_certificate_an_error(
+        self, tls_origin: tuple[str, Origin, list[str]], ca: trustme.CA
+    ) -> None:
+        """With verify_tls a certificate that does not verify is tls_error, as before."""
+        kind, origin, _ = tls_origin
         stub = StubResolver({"tls.test": [["127.0.0.1"]]})
-        r = await probe(tls_origin.url("/ok", "tls.test", "https"), resolver=stub, ssl_context=ctx)
-        assert (r.error, r.status) == (ErrorClass.NONE, 200)
-        assert r.body_sha256 == hashlib.sha256(BODY).digest()
+        r = await probe(
+            origin.url("/ok", "tls.test", "https"),
+            resolver=stub,
+            trust_pem=ca.cert_pem.bytes().decode(),
+            verify_tls=True,
+        )
+        if kind == "good":
+            assert (r.error, r.status, r.tls) == (ErrorClass.NONE, 200, TlsCheck.VERIFIED)
+        else:
+            assert (r.error, r.status, r.tls) == (ErrorClass.TLS_ERROR, 0, TlsCheck.UNKNOWN)
+            assert origin.requests == []
 
-    async def test_verify_off(self, tls_origin: Origin) -> None:
-        """verify_tls=False accepts any certificate."""
+    async def test_system_store_does_not_trust_a_private_ca(
+        self, tls_origin: tuple[str, Origin, list[str]]
+    ) -> None:
+        """Without given roots the system trust store decides: a test CA is not in it."""
+        _, origin, _ = tls_origin
         stub = StubResolver({"tls.test": [["127.0.0.1"]]})
-        r = await probe(tls_origin.url("/ok", "tls.test", "https"), resolver=stub, verify_tls=False)
-        assert r.status == 200
+        r = await probe(origin.url("/ok", "tls.test", "https"), resolver=stub)
+        assert (r.status, r.tls) == (200, TlsCheck.UNVERIFIED)
+
+    async def test_resumed_session_keeps_the_verdict(self, ca: trustme.CA) -> None:
+        """Later probes of a host resume its TLS session and carry the first verdict."""
+        for kind, expected in (("good", TlsCheck.VERIFIED), ("expired", TlsCheck.UNVERIFIED)):
+            server = Origin()
+            async with serving(server, ssl_context=self._server_context(ca, kind, [])):
+                stub = StubResolver({"tls.test": [["127.0.0.1"]]})
+                async with Prober(
+                    ProbeConfig(), LOOPBACK, resolver=stub, trust_pem=ca.cert_pem.bytes().decode()
+                ) as prober:
+                    url = server.url("/ok", "tls.test", "https")
+                    results = [await prober.probe(i, url) for i in range(3)]
+            assert [(r.status, r.tls) for r in results] == [(200, expected)] * 3
+            assert prober._checker.verifications == 1
+
+    async def test_redirect_to_plain_http_is_plaintext(
+        self, ca: trustme.CA, origin: Origin
+    ) -> None:
+        """The TLS check describes the final hop."""
+        tls_server = Origin()
+        async with serving(tls_server, ssl_context=self._server_context(ca, "good", [])):
+            stub = StubResolver({"tls.test": [["127.0.0.1"]]})
+            target = origin.url("/ok")
+            r = await probe(
+                tls_server.url(f"/to?location={target}", "tls.test", "https"),
+                resolver=stub,
+                trust_pem=ca.cert_pem.bytes().decode(),
+            )
+        assert (r.status, r.redirects, r.tls) == (200, 1, TlsCheck.PLAINTEXT)
 
 
 class RefuseAfterFirstCheck(AddressPolicy):
