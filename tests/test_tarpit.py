@@ -128,7 +128,10 @@ async def test_tarpit_never_stalls_the_other_hosts(
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(gaps) >= PROBES_PER_NORMAL_URL - 1
         assert all(0.9 * INTERVAL <= gap <= 1.1 * INTERVAL for gap in gaps), (url, gaps)
-        assert {(e, c) for u, _, e, c in results if u == url} == {("none", "present")}
+        classes = [(e, c) for u, _, e, c in results if u == url]
+        # One network: the content's hash is agreed at its second sighting (docs/METHOD.md 2).
+        assert classes[0] in {("none", "present"), ("none", "inconclusive")}
+        assert set(classes[1:]) == {("none", "present")}
     trapped_results = [(e, c) for u, _, e, c in results if u in set(trapped)]
     assert trapped_results, "the tarpit was probed"
     assert set(trapped_results) == {("read_timeout", "inconclusive")}
