@@ -91,6 +91,7 @@ class Judgement:
     since: float  # when the evidence dates from (<= the probe's time)
     established: tuple[Sighting, ...] = ()  # earlier sightings that now count as present
     truncated_vs_reference: bool = False
+    fresh: bool = False  # present only as a body never seen before on a dynamic page
 
 
 @dataclass(slots=True)
@@ -160,7 +161,7 @@ class ContentMemory:
             return Judgement(Verdict.REMOVED, known.first_seen)
         self._remember(sha256, at)
         if self.dynamic:
-            return Judgement(Verdict.PRESENT, at)
+            return Judgement(Verdict.PRESENT, at, fresh=True)
         never_repeated = all(v.count == 1 for v in self.variants.values())
         if self.from_reference or len(self.variants) < dynamic_after or not never_repeated:
             return Judgement(Verdict.UNDECIDED, at)

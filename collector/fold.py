@@ -187,12 +187,14 @@ class Track:
     run: int = 0  # consecutive removed results since the last present (or the episode start)
     run_first_at: float | None = None
     run_nxdomain: bool = False
+    fresh_at: float | None = None  # a fresh body on a dynamic page while removed (see observe)
 
     def reset(self) -> None:
         self.witness = False
         self.last_class = None
         self.last_present_at = None
         self.run, self.run_first_at, self.run_nxdomain = 0, None, False
+        self.fresh_at = None
 
 
 @dataclass(slots=True)
@@ -293,6 +295,15 @@ class UrlFold:
             track.last_at = obs.at
             track.network = obs.network
         cls, judged = self._classify(obs, networks)
+        if judged is not None and judged.fresh and self.state is UrlState.REMOVED:
+            # After a removal, one body never seen before may be anyone's page (a late
+            # network's block page): the dynamic content is back only when this agent's loads
+            # differ again, two fresh bodies in a row.
+            if track.fresh_at is None:
+                track.fresh_at = obs.at
+                cls = ProbeClass.INCONCLUSIVE
+        elif cls is not ProbeClass.INCONCLUSIVE:
+            track.fresh_at = None
         self.last_class = cls
         events: list[Event] = []
         if judged is not None and judged.established:

@@ -418,7 +418,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F4: a block page is taken for a dynamic page's body")
     def test_block_page_of_a_late_network_is_no_reappearance(self) -> None:
         """A network joining after the removal with a 200 block page invents no reappearance."""
         land = Landscape(

@@ -14,7 +14,7 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 4
+CODEC_VERSION = 5
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
@@ -63,6 +63,7 @@ def dump_fold(f: UrlFold) -> str:
                 t.run,
                 t.run_first_at,
                 t.run_nxdomain,
+                t.fresh_at,
             ]
             for agent, t in f.tracks.items()
         },
@@ -120,10 +121,21 @@ def load_fold(text: str, method: Method) -> UrlFold:
             run,
             run_first,
             nx,
+            fresh,
         )
-        for agent, (net, last_at, gap, last_gap, witness, cls, present, run, run_first, nx) in d[
-            "tracks"
-        ].items()
+        for agent, (
+            net,
+            last_at,
+            gap,
+            last_gap,
+            witness,
+            cls,
+            present,
+            run,
+            run_first,
+            nx,
+            fresh,
+        ) in d["tracks"].items()
     }
     provider, asn, cdn, from_present = d["provider"]
     newest = d["newest"]
