@@ -210,6 +210,7 @@ class UrlFold:
     content: ContentMemory = field(default_factory=ContentMemory)
     tracks: dict[int, Track] = field(default_factory=dict)
     last_present_at: float | None = None  # in the current episode
+    prev_present_at: float | None = None  # the present before it (see _removed)
     first_removed_at: float | None = None  # first witness removal evidence after it
     first_removed_any: float | None = None  # first removed result of any agent in the episode
     removal: Removal | None = None  # the current episode's
@@ -361,6 +362,8 @@ class UrlFold:
         track.witness = True
         track.last_present_at = obs.at
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False
+        if self.last_present_at != obs.at:
+            self.prev_present_at = self.last_present_at
         self.last_present_at = obs.at
         self.first_removed_at = None
         return events
@@ -374,6 +377,11 @@ class UrlFold:
             self.first_removed_any = since
         if not track.witness:
             return
+        if self.content.dynamic and since < at and since == self.last_present_at:
+            # The newest present was this replacement's first load on a dynamic page (a body
+            # never seen before, so it looked like the content): the content was last seen
+            # at the present before it, and went by the replacement's first sighting.
+            self.last_present_at = self.prev_present_at
         if self.last_present_at is not None and since <= self.last_present_at:
             since = at
         if self.first_removed_at is None:
@@ -384,6 +392,7 @@ class UrlFold:
         self.opened_at = at
         self.removal = None
         self.last_present_at = None
+        self.prev_present_at = None
         self.first_removed_at = None
         self.first_removed_any = None
         self.last_conclusive_at = None
@@ -437,7 +446,7 @@ class UrlFold:
             # last saw the content. A witness whose run is newer than every present is seeing
             # a removal in progress, not a block.
             latest = max(t.last_present_at or 0.0 for t in seeing)
-            blocked = any(t.run_first_at is not None and t.run_first_at <= latest
+            blocked = any(t.run_first_at is not None and t.run_first_at < latest
                           for t in confirmed_run)  # fmt: skip
             new = UrlState.GEOBLOCKED if blocked else UrlState.AVAILABLE
         elif self.state is UrlState.REMOVED:

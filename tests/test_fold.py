@@ -158,10 +158,10 @@ class TestContent:
         f = fold(obs)
         assert f.content.dynamic
         assert f.state is UrlState.REMOVED
-        # The first sighting of the stable page looked like one more fresh body (present):
-        # the removal is dated by its second sighting, within one probe interval.
-        assert f.removal is not None and 300 <= f.removal.first_removed_at <= 300 + INTERVAL
-        assert f.removal.last_present_at is not None and f.removal.last_present_at <= 300
+        # The first sighting of the stable page looked like one more fresh body; its repeat
+        # takes that present back, so the removal is dated by the first sighting.
+        assert f.removal is not None and f.removal.first_removed_at == 300
+        assert f.removal.last_present_at == 295
 
     def test_cached_renders_of_a_dynamic_page_are_not_a_removal(self) -> None:
         """Two identical renders (a cache), then bodies that never repeat: dynamic, online."""

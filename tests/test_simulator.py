@@ -52,7 +52,6 @@ METHOD = Method(
     POLICY,
     lambda now, st, op, od, ra: PLANNER.interval(now, st, op, od, ra) or PLANNER.watch_interval,
 )
-F2 = "F2: the replacement's first sighting counts as present (tests/SIM_FINDINGS.md)"
 STEP = INTERVAL * (1 + JITTER)
 """The longest gap between two probes of one running agent."""
 HORIZON = POLICY.horizon(INTERVAL)
@@ -120,8 +119,8 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset({"dynamic-replaced", "dynamic-blockpage", "cloaked-pages", "truncated-baseline"})
-"""Configurations the random landscapes leave out while they reproduce an open finding (F2, F4,
+PARKED = frozenset({"dynamic-blockpage", "cloaked-pages", "truncated-baseline"})
+"""Configurations the random landscapes leave out while they reproduce an open finding (F4,
 F11 in tests/SIM_FINDINGS.md, each a strict xfail below), or whose truth is not knowable from
 hashes (cloaked pages: F10, kept pending); drop one once fixed."""
 
@@ -296,7 +295,6 @@ class TestWhatWasSeen:
         assert truth_violations(run) == []
         assert [r.first_removed_at for r in removal_events(run.events)] != []
 
-    @pytest.mark.xfail(strict=True, reason=F2)
     @pytest.mark.parametrize("seed", range(3))
     def test_dynamic_page_replaced_by_a_stable_page(self, seed: int) -> None:
         """A page that changes on every load, replaced by a stable 200 page, is found removed."""
@@ -372,7 +370,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason=F2)
     def test_dynamic_page_replaced_by_a_stable_page_one_network(self) -> None:
         """The removal of a dynamic page is dated to the stable page's first sighting."""
         land = Landscape(

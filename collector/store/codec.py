@@ -14,7 +14,7 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 5
+CODEC_VERSION = 6
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
@@ -68,6 +68,7 @@ def dump_fold(f: UrlFold) -> str:
             for agent, t in f.tracks.items()
         },
         "last_present_at": f.last_present_at,
+        "prev_present_at": f.prev_present_at,
         "first_removed_at": f.first_removed_at,
         "first_removed_any": f.first_removed_any,
         "removal": _removal(f.removal),
@@ -149,6 +150,7 @@ def load_fold(text: str, method: Method) -> UrlFold:
         content=content,
         tracks=tracks,
         last_present_at=d["last_present_at"],
+        prev_present_at=d["prev_present_at"],
         first_removed_at=d["first_removed_at"],
         first_removed_any=d["first_removed_any"],
         removal=_load_removal(d["removal"]),
