@@ -137,11 +137,8 @@ async def test_verdicts_hold_against_the_hosters_truth(tmp_path: Path, procs: Pr
         agents["agent-2"].start()
         await asyncio.sleep(2)  # the landscape: agents start seconds apart
         agents["agent-3"].start()
-        await until(
-            lambda: states(db).get("online") == "available"
-            and states(db).get("blocked-first") == "geoblocked",
-            30, "the content seen by the unblocked agents",
-        )  # fmt: skip
+        seen = {p.lstrip("/"): "geoblocked" if p in BLOCKED else "available" for p in PAGES}
+        await until(lambda: states(db) == seen, 30, "the content seen by the unblocked agents")
         agents["agent-3"].kill()
         truth = {}
         for path, fate in REMOVE.items():
