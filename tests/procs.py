@@ -330,3 +330,15 @@ def total_stored(db: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM results").fetchone()[0])
         except sqlite3.OperationalError:  # not migrated yet
             return 0
+
+
+async def refold_unchanged(db: Path, probe_interval: str) -> None:
+    """`takedown-collector refold` with the test collectors' method changes no verdict."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "takedown-collector"), "refold", "--db", str(db), "--probe-interval",
+         probe_interval, "--confirmations", "2"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no state changed" in done.stdout, done.stdout

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -51,7 +50,6 @@ from collector.schedule import Planner
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B
 from tests.procs import (
-    BIN,
     Proc,
     Procs,
     Samples,
@@ -63,6 +61,7 @@ from tests.procs import (
     journal,
     metrics,
     readonly,
+    refold_unchanged,
     states,
     stored,
     total_stored,
@@ -514,14 +513,7 @@ async def test_kills_and_partition_lose_nothing_and_count_nothing_twice(
     for label in ("clean", "faulty"):
         db = tmp_path / label / "collector.db"
         before = verdicts(db)
-        refolded = await asyncio.to_thread(
-            subprocess.run,
-            [str(BIN / "takedown-collector"), "refold", "--db", str(db), "--probe-interval",
-             f"{INTERVAL}s", "--confirmations", "2"],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert refolded.returncode == 0, refolded.stderr
-        assert "no state changed" in refolded.stdout, refolded.stdout
+        await refold_unchanged(db, f"{INTERVAL}s")
         assert verdicts(db) == before, f"{label}: refold from stored results differs"
     print(
         f"\nseed {SEED}: clean run {clean.seconds:.1f}s {clean.results};"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,13 @@ from collector.importer import import_file
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A
 from tests.procs import (
-    BIN,
     Procs,
     agent_argv,
     collector_argv,
     free_port,
     metrics,
     readonly,
+    refold_unchanged,
     states,
     until,
 )
@@ -174,14 +173,7 @@ async def test_verdicts_hold_against_the_hosters_truth(tmp_path: Path, procs: Pr
         )  # fmt: skip
 
     before, events = final, history(db)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [str(BIN / "takedown-collector"), "refold", "--db", str(db), "--probe-interval",
-         f"{INTERVAL}s", "--confirmations", "2"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "no state changed" in done.stdout, done.stdout
+    await refold_unchanged(db, f"{INTERVAL}s")
     assert verdicts(db) == before and history(db) == events
 
 
