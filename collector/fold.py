@@ -48,7 +48,6 @@ from collector.content import ContentMemory, Judgement, Sighting, Verdict
 from collector.method import (
     METHOD_VERSION,
     NXDOMAIN_ERROR,
-    ONLINE_STATES,
     REMOVED_ERRORS,
     Policy,
     ProbeClass,
@@ -525,10 +524,6 @@ def refold(
         else:
             events += fold.observe(item, networks_at(item.at))
     return fold, events
-
-
-def is_online(fold: UrlFold) -> bool:
-    return fold.state in ONLINE_STATES
 
 
 TAIL_LENGTH = 8
