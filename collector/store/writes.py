@@ -167,7 +167,6 @@ class Store:
         # entry dropped here is read back exactly as it was (as after a restart).
         self._entries: OrderedDict[int, UrlEntry] = OrderedDict()
         self._cache_urls = cache_urls
-        self._networks = self._count_networks()
         self._pending: dict[int, float] = {}
         self._last_now = 0.0
         self._pending_reload()
@@ -184,27 +183,17 @@ class Store:
     def _transaction(self) -> Any:
         return self.db.atomic()
 
-    def _count_networks(self) -> int:
-        """Networks deployed, as the fold counts them: never fewer than `min_vantage_points`.
+    def networks_at(self, _at: float) -> int:
+        """Networks the fold counts as deployed: `min_vantage_points`, whoever said hello.
 
         A collector cannot know which agents are still to come: counting only those that said
         hello would let the first agent to start decide alone (its 451s would be a removal).
         A single-network deployment says so with `--min-vantage-points 1`.
         """
-        row = self.conn.execute("SELECT COUNT(DISTINCT network) FROM agents").fetchone()
-        return max(int(row[0]), self.policy.min_vantage_points)
-
-    def networks_at(self, _at: float) -> int:
-        """Networks deployed, for the fold (the current count: see `register_agent`)."""
-        return self._networks
+        return self.policy.min_vantage_points
 
     def register_agent(self, name: str, network: str, version: str, now: float) -> int:
-        """Record an agent's hello; return its id (stable across reconnects).
-
-        A verdict depends on the number of networks only while fewer than the policy's
-        `min_vantage_points` exist; when a new one raises a count below that, every active
-        URL is refolded, so the verdicts stay those of a refold from scratch.
-        """
+        """Record an agent's hello; return its id (stable across reconnects)."""
         try:
             with self._transaction():
                 self.conn.execute(
@@ -215,12 +204,7 @@ class Store:
                     (name, network, version, now, now),
                 )
                 row = self.conn.execute("SELECT id FROM agents WHERE name = ?", (name,)).fetchone()
-                before, self._networks = self._networks, self._count_networks()
-                if before != self._networks and before < self.policy.min_vantage_points:
-                    self._refold_urls(self._active_ids(), now)
         except sqlite3.Error as exc:
-            self._entries.clear()
-            self._networks = self._count_networks()
             raise translate(exc, self.path) from exc
         return int(row[0])
 
@@ -470,7 +454,7 @@ class Store:
                 if entry.tail is None:
                     entry.tail = Tail.of(entry.fold)
                 try:
-                    events, changed = entry.tail.add(obs, self._networks)
+                    events, changed = entry.tail.add(obs, self.networks_at(r.started_at))
                 except OutOfOrder:
                     late.add(r.url_id)
                 else:
@@ -511,7 +495,7 @@ class Store:
         for url_id in history:
             tail = entries[url_id].tail
             if tail is not None:
-                tail.trim(self._networks)
+                tail.trim(self.networks_at(now))
         self.conn.executemany(
             "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
@@ -700,9 +684,6 @@ class Store:
             changed.append((url_id, before, fold.state))
         return changed
 
-    def _active_ids(self) -> list[int]:
-        return [u for (u,) in self.conn.execute("SELECT id FROM urls WHERE active = 1")]
-
     def refold(
         self, since: float | None = None, now: float = 0.0
     ) -> list[tuple[int, UrlState, UrlState]]:
@@ -758,16 +739,16 @@ class Store:
                 f" WHERE s.url_id IN ({marks}){active}",
                 chunk,
             ).fetchall():  # fmt: skip
+                stale = False
                 try:
                     if method != self.method.version:
                         raise UnreadableState(f"folded by method {method!r}")
                     fold = load_fold(memory, self.method)
                 except UnreadableState:
-                    fold = UrlFold.start(Notice(notified), self.method)
-                    entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
+                    fold, stale = UrlFold.start(Notice(notified), self.method), True
+                entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
+                if stale:
                     self._refold_urls([url_id], 0.0, {url_id: entry})
-                else:
-                    entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
                 out[url_id] = entry
                 if active_only:
                     cached[url_id] = entry
