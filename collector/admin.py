@@ -10,16 +10,22 @@ from __future__ import annotations
 import datetime
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import configargparse
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from client.credentials import CredentialError
 from collector.pki import PKIError, init_ca, issue
 from collector.store.credentials import (
     CredentialConflict,
     add_credential,
+    agent_keys,
     connect_credentials,
     list_credentials,
+    pin_agent_key,
     revoke_credentials,
 )
 from collector.tokens import Role, new_token
@@ -63,6 +69,10 @@ def credentials_command(
         if args.action == "add":
             assert name is not None
             network = getattr(args, "network", None) or None
+            key_file = getattr(args, "public_key", None)
+            if key_file is not None:
+                pin_agent_key(conn, name, read_public_key(key_file), now, replace=args.replace)
+                print(f"{what} {name!r}: public key from {key_file} pinned", file=err)
             made = new_token()
             try:
                 add_credential(
@@ -97,19 +107,34 @@ def credentials_command(
             return 0
         rows = list_credentials(conn, role.value)
         header = ["name", "token_id", "created", "revoked"]
+        keys = agent_keys(conn) if role is Role.AGENT else {}
         if role is Role.AGENT:
             header[1:1] = ["network"]
-            header.append("last_seen")
+            header += ["last_seen", "public_key"]
         print("\t".join(header), file=out)
         for c in rows:
             fields = [c.name, c.token_id, _when(c.created_at), _when(c.revoked_at)]
             if role is Role.AGENT:
                 fields[1:1] = [c.network or "*"]
-                fields.append(_when(c.last_seen))
+                key = keys.get(c.name)
+                fields += [_when(c.last_seen), f"ed25519:{key.hex()}" if key else "-"]
             print("\t".join(fields), file=out)
         return 0
     finally:
         conn.close()
+
+
+def read_public_key(path: Path) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key in a PEM file (the agent's agent.pub)."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as exc:
+        raise CredentialError(f"cannot read the public key {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise CredentialError(f"{path} is not a PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise CredentialError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def ca_command(args: configargparse.Namespace, err: TextIO | None = None) -> int:

@@ -29,6 +29,8 @@ from collector.auth import ServerTLS
 from collector.compare import compare_windows, render_comparison, windows
 from collector.durations import duration_label, parse_duration
 from collector.evidence import cli as evidence_cli
+from collector.evidence.errors import EvidenceError
+from collector.evidence.logkey import load_log_key
 from collector.importer import import_file
 from collector.method import Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES
@@ -319,7 +321,32 @@ def serve_parser() -> configargparse.ArgParser:
         help="results an agent may send at once above the rate (default: one second's worth,"
         " at least 1000)",
     )
+    add_log_key_option(p)
+    p.add_argument(
+        "--checkpoint-every",
+        type=duration,
+        default="5m",
+        help="how often the evidence log's head is signed (also after every verdict)",
+    )
+    p.add_argument(
+        "--verify-workers",
+        type=int,
+        default=1,
+        help="processes that check agents' result signatures beside the writer (0: in the"
+        " collector process; one Ed25519 check costs about 0.2 ms)",
+    )
     return p
+
+
+def add_log_key_option(p: configargparse.ArgParser) -> None:
+    p.add_argument(
+        "--log-key-file",
+        type=Path,
+        help="the evidence log's signing key ('takedown-collector log-key init DIR' makes"
+        " DIR/log.key): every notice, stored result and verdict becomes a leaf of a signed,"
+        " append-only log that 'evidence export' bundles for offline verification. Without"
+        " it nothing is logged for evidence",
+    )
 
 
 def import_parser() -> configargparse.ArgParser:
@@ -372,6 +399,13 @@ def agents_parser() -> configargparse.ArgParser:
         "the agent's --name",
     )
     p.add_argument("--network", help="add: the agent must also say this --network (default: any)")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        help="add: the agent's Ed25519 public key (its STATE_DIR/agent.pub, PEM); without it"
+        " the key is pinned at the agent's first hello. With --replace, a new key replaces"
+        " the pinned one (after a key rotation)",
+    )
     return p
 
 
@@ -567,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in evidence_cli.COMMANDS:
             return evidence_cli.run(command, args)
         return _report(args)
-    except (CredentialError, PKIError) as exc:
+    except (CredentialError, PKIError, EvidenceError) as exc:
         print(f"takedown-collector {command}: {exc}", file=sys.stderr)
         return 2
     except (StoreError, AttributionFileError, PlotUnavailable, OSError, ValueError) as exc:
@@ -662,7 +696,8 @@ def _refold(parser: configargparse.ArgParser, args: configargparse.Namespace) ->
     )
     if not args.db.exists():
         raise StoreError(f"{args.db}: no such database")
-    store = Store(args.db, attribution, policy, planner=planner)
+    signer = load_log_key(args.log_key_file) if args.log_key_file else None
+    store = Store(args.db, attribution, policy, planner=planner, log_signer=signer)
     try:
         changes = store.refold(args.since, time.time())
     finally:
@@ -700,6 +735,9 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         require_tokens=require_tokens,
         max_results_per_second=args.max_results_per_second or None,
         results_burst=args.results_burst or None,
+        log_key_file=args.log_key_file,
+        checkpoint_every=args.checkpoint_every,
+        verify_workers=max(0, args.verify_workers),
     )
     asyncio.run(serve(config))
     return 0

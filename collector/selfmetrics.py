@@ -36,7 +36,8 @@ class SelfMetrics:
         results = Counter(
             "takedown_collector_results",
             "Results in received batches: stored, duplicate (redelivered, already stored),"
-            " rejected (URL unknown or not active) or invalid (failed validation)",
+            " rejected (URL unknown or not active), invalid (failed validation) or unsigned (no"
+            " signature from an agent with a pinned key: its URL was no longer assigned to it)",
             ["outcome"],
             registry=registry,
         )
@@ -44,6 +45,13 @@ class SelfMetrics:
         self.duplicates = results.labels("duplicate")
         self.rejected = results.labels("rejected")
         self.invalid = results.labels("invalid")
+        self.unsigned = results.labels("unsigned")
+        self.signatures_failed = Counter(
+            "takedown_collector_bad_signatures",
+            "Batches refused because a result's signature did not verify against its agent's"
+            " pinned key (the stream ends; nothing of the batch is stored)",
+            registry=registry,
+        )
         self.ack_seconds = Histogram(
             "takedown_collector_ack_seconds",
             "From a batch's arrival to its acknowledgement (commit included)",

@@ -20,12 +20,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from collector.attribution_sources import build_attributor
 from collector.auth import Gate, ServerTLS, server_credentials
 from collector.decoding import Decoding
+from collector.evidence.logkey import load_log_key
 from collector.method import METHOD_VERSION, Policy
 from collector.metrics import DEFAULT_BUCKETS, DEFAULT_DEADLINES, StateCollector
 from collector.ratelimit import RateLimiter
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
+from collector.signatures import Signatures
 from collector.store import Store, StoreError, Writer
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
@@ -60,6 +62,10 @@ class CollectorConfig:
     results_burst: float | None = None  # default: one second's worth, at least 1,000
     rate_limit_max_wait: float = 30.0  # a batch that would wait longer is refused
     revalidate_every: float = 30.0  # how often open streams' tokens are checked for revocation
+    # Evidence: with a log key, every notice, result and verdict is a leaf of a signed log.
+    log_key_file: Path | None = None
+    checkpoint_every: float = 300.0
+    verify_workers: int = 1  # processes checking agents' signatures (0: on the event loop)
 
 
 def mutual_tls(config: CollectorConfig) -> bool:
@@ -87,9 +93,16 @@ class Collector:
             config.cdn_asns,
             config.country_mmdb,
         )
+        signer = load_log_key(config.log_key_file) if config.log_key_file else None
+        self.log_origin = signer.name if signer else ""
         self.writer = Writer(
-            lambda: Store(config.db, self.attribution, config.policy, planner=config.planner)
-        )
+            lambda: Store(
+                config.db, self.attribution, config.policy, planner=config.planner,
+                log_signer=signer,
+            )
+        )  # fmt: skip
+        self.signatures: Signatures | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self.hub = AgentHub()
         self.registry = CollectorRegistry()
         self.self_metrics = SelfMetrics(self.registry)
@@ -137,6 +150,7 @@ class Collector:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
+        self.signatures = Signatures(self.config.db, self.config.verify_workers)
         pb_grpc.add_AgentLinkServicer_to_server(
             AgentLinkService(
                 self.writer,
@@ -145,6 +159,8 @@ class Collector:
                 self.clock,
                 self.self_metrics,
                 limiter=self.limiter,
+                signatures=self.signatures,
+                evidence=self.config.log_key_file is not None,
             ),
             server,
         )
@@ -182,6 +198,13 @@ class Collector:
             self._revalidating = asyncio.create_task(
                 self.gate.revalidate_forever(self.config.revalidate_every), name="revalidate"
             )
+        if self.config.log_key_file is not None:
+            await self.checkpoint()
+            self._checkpointing = asyncio.create_task(self._checkpoint_forever(), name="checkpoint")
+            log.info("evidence_log_on origin=%s every=%.0fs", self.log_origin,
+                     self.config.checkpoint_every)  # fmt: skip
+        else:
+            log.info("evidence_log_off (no --log-key-file: nothing is logged for evidence)")
         for service in ("", "takedown.v1.AgentLink", "takedown.v1.Intake"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -230,11 +253,25 @@ class Collector:
             except StoreError as exc:
                 log.error("replan_failed error=%s", exc)
 
+    async def checkpoint(self) -> None:
+        """Sign a checkpoint of the evidence log now (nothing without a log key)."""
+        now = self.clock()
+        await self.writer.run(lambda s: s.checkpoint(now))
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every)
+            try:
+                await self.checkpoint()
+            except StoreError as exc:
+                log.error("checkpoint_failed error=%s", exc)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work, let in-flight batches commit and ack, then close the database."""
-        if self._planning is not None:
-            self._planning.cancel()
-            self._planning = None
+        for task in (self._planning, self._checkpointing):
+            if task is not None:
+                task.cancel()
+        self._planning = self._checkpointing = None
         if self._revalidating is not None:
             self._revalidating.cancel()
             self._revalidating = None
@@ -246,7 +283,15 @@ class Collector:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.config.log_key_file is not None and self.writer.running:
+            try:
+                await self.checkpoint()  # the last results and verdicts under a signed head
+            except StoreError as exc:
+                log.error("checkpoint_failed error=%s", exc)
         await self.writer.close()
+        if self.signatures is not None:
+            await asyncio.to_thread(self.signatures.close)
+            self.signatures = None
         self.attribution.close()
         log.info("collector_stopped")
 

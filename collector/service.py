@@ -9,6 +9,7 @@ writer has committed it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import sqlite3
@@ -24,11 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from client.digests import BUCKETS, Digests, bucket_of
 from collector.auth import INTAKE_SOURCE
+from collector.evidence.leaves import Observation
 from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
+from collector.signatures import Signatures
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
+from collector.store.model import AgentKeyRefused
 from collector.store.reads import (
     active_intervals,
     active_targets,
@@ -82,6 +86,7 @@ class AgentSession:
     agent_id: int
     name: str
     network: str
+    public_key: bytes = b""  # pinned: every result it sends must carry a valid signature
     outbox: asyncio.Queue[pb.CollectorMessage] = field(default_factory=asyncio.Queue)
     ready: bool = False
     held: list[pb.CollectorMessage] = field(default_factory=list)
@@ -289,6 +294,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         metrics: SelfMetrics | None = None,
         *,
         limiter: RateLimiter | None = None,
+        signatures: Signatures | None = None,
+        evidence: bool = False,
     ) -> None:
         self.writer = writer
         self.hub = hub
@@ -296,6 +303,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         self.clock = clock
         self.metrics = metrics or SelfMetrics(CollectorRegistry())
         self.limiter = limiter  # results per second per agent; over it: no ack, stream ended
+        self.signatures = signatures or Signatures(db_path)
+        self.evidence = evidence  # the store keeps an evidence log: results carry observations
 
     async def Connect(
         self,
@@ -312,11 +321,23 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"hello.{name} must be 1-{MAX_NAME} printable characters",
                 )
+        key = bytes(hello.public_key)
+        if len(key) not in (0, 32):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hello.public_key has {len(key)} bytes; an Ed25519 public key has 32",
+            )
         now = self.clock()
-        agent_id = await self.writer.run(
-            lambda s: s.register_agent(hello.agent, hello.network, hello.version[:MAX_NAME], now)
-        )
-        session = AgentSession(agent_id, hello.agent, hello.network)
+        try:
+            agent_id = await self.writer.run(
+                lambda s: s.register_agent(
+                    hello.agent, hello.network, hello.version[:MAX_NAME], now, key
+                )
+            )
+        except AgentKeyRefused as exc:
+            log.warning("agent_key_refused agent=%s", hello.agent)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        session = AgentSession(agent_id, hello.agent, hello.network, public_key=key)
         if hello.sent_at_unix_us:
             session.clock_offset(us_to_s(hello.sent_at_unix_us), now)
         if self.hub.join(session) is not None:
@@ -430,14 +451,27 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         if batch.sent_at_unix_us:
             offset = session.clock_offset(us_to_s(batch.sent_at_unix_us), now)
         results: list[ResultIn] = []
-        invalid = 0
-        for r in batch.results:
+        invalid = unsigned = 0
+        valid: list[pb.ProbeResult] = []
+        signatures: list[bytes] = []
+        if session.public_key and len(batch.signatures) != len(batch.results):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the batch has {len(batch.results)} results and {len(batch.signatures)}"
+                " signatures; this agent's pinned key requires one per result",
+            )
+        for i, r in enumerate(batch.results):
             value = translate_result(r, now)
             if isinstance(value, str):
                 invalid += 1
                 log.warning("result_refused agent=%s reason=%r", session.name, value)
             else:
                 results.append(value)
+                valid.append(r)
+                signatures.append(batch.signatures[i] if i < len(batch.signatures) else b"")
+        if session.public_key or self.evidence:
+            results, unsigned = await self._attach_evidence(session, results, valid, signatures)
+            self.metrics.unsigned.inc(unsigned)
         try:
             done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now, offset))
         except StoreError as exc:
@@ -456,7 +490,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     batch_id=batch.batch_id,
                     stored=done.stored,
                     duplicates=done.duplicates,
-                    rejected=done.rejected + invalid,
+                    rejected=done.rejected + invalid + unsigned,
                     stored_at_unix_us=s_to_us(self.clock()),
                 )
             )
@@ -468,6 +502,48 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         m.rejected.inc(done.rejected)
         m.invalid.inc(invalid)
         m.ack_seconds.observe(time.monotonic() - arrived)
+
+    async def _attach_evidence(
+        self,
+        session: AgentSession,
+        results: list[ResultIn],
+        wire: list[pb.ProbeResult],
+        signatures: list[bytes],
+    ) -> tuple[list[ResultIn], int]:
+        """The results with their signed observations; how many were dropped unsigned.
+
+        A result of a URL the agent no longer holds comes with an empty signature (it
+        cannot hash a URL it forgot): it is dropped like any unassigned result. A signature
+        that does not verify ends the stream before anything of the batch is stored.
+        """
+        observations = await self.signatures.observations(session.name, session.network, wire)
+        kept: list[ResultIn] = []
+        checked: list[tuple[int, Observation, bytes]] = []  # (seq, observation, signature)
+        unsigned = 0
+        for r, o, sig in zip(results, observations, signatures, strict=True):
+            if session.public_key and not sig:
+                unsigned += 1
+                continue
+            if o is None:  # an unknown URL id: the store refuses it by its id
+                kept.append(r)
+                continue
+            kept.append(dataclasses.replace(r, evidence=(o, sig)))
+            if session.public_key:
+                checked.append((r.seq, o, sig))
+        if checked:
+            bad = await self.signatures.first_bad(
+                session.public_key, [o for _, o, _ in checked], [s for _, _, s in checked]
+            )
+            if bad >= 0:
+                seq = checked[bad][0]
+                self.metrics.signatures_failed.inc()
+                log.warning("signature_refused agent=%s seq=%d", session.name, seq)
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"result seq {seq}: its signature does not verify against agent"
+                    f" {session.name!r}'s pinned key; nothing of this batch was stored",
+                )
+        return kept, unsigned
 
 
 _SUBMITTED = {

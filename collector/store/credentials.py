@@ -149,3 +149,28 @@ def revoked_among(conn: sqlite3.Connection, ids: Iterable[int]) -> set[int]:
             )
         )
     return set(wanted) - live
+
+
+def pin_agent_key(
+    conn: sqlite3.Connection, name: str, public_key: bytes, now: float, *, replace: bool = False
+) -> None:
+    """Register agent `name`'s Ed25519 public key before its first hello (or, with
+    `replace`, a new key after a rotation: the new key is logged at its next hello)."""
+    row = conn.execute("SELECT public_key FROM agent_keys WHERE name = ?", (name,)).fetchone()
+    if row is not None and bytes(row[0]) != public_key and not replace:
+        raise CredentialConflict(
+            f"agent {name!r} already has another public key pinned; --replace replaces it"
+        )
+    if row is not None and bytes(row[0]) == public_key:
+        return
+    conn.execute(
+        "INSERT INTO agent_keys (name, public_key, source, accepted_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET public_key = excluded.public_key,"
+        " source = excluded.source, accepted_at = excluded.accepted_at, leaf = NULL",
+        (name, public_key, "agents add", now),
+    )
+
+
+def agent_keys(conn: sqlite3.Connection) -> dict[str, bytes]:
+    """Every pinned agent key, by agent name."""
+    return {str(n): bytes(k) for n, k in conn.execute("SELECT name, public_key FROM agent_keys")}

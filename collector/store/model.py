@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collector.evidence.leaves import Observation
 
 
 class StoreError(Exception):
@@ -16,6 +20,10 @@ class StorageFull(StoreError):
 
 class CorruptDatabase(StoreError):
     """The database file is not a usable SQLite database."""
+
+
+class AgentKeyRefused(StoreError):
+    """An agent's hello carried a public key other than the one pinned for its name (or none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,9 @@ class ResultIn:
     redirects: int
     challenge: bool = False
     tls: int = 0  # TlsCheck: 0 unknown, 1 plaintext, 2 verified, 3 did not verify
+    # For the evidence log: the observation as the agent signed it, and its signature
+    # (empty from an agent without a key). None when the collector keeps no log.
+    evidence: tuple[Observation, bytes] | None = None
 
 
 @dataclass(frozen=True)

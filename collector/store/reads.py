@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from collector.evidence.leaves import url_sha256
 from collector.method import UrlState, order_overdue_sql, overdue_sql
 from collector.store.model import CorruptDatabase, StoreError, Target
 
@@ -291,3 +292,14 @@ def results_count(
         sql += " AND r.started_at >= ?"
         params.append(since)
     return int(conn.execute(sql, params).fetchone()[0])
+
+
+def url_hashes(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, bytes]:
+    """The SHA-256 of each known URL's text (what agents sign and the evidence log holds)."""
+    found: dict[int, bytes] = {}
+    for i in range(0, len(ids), 500):
+        chunk = list(ids[i : i + 500])
+        marks = ",".join("?" * len(chunk))
+        for url_id, url in conn.execute(f"SELECT id, url FROM urls WHERE id IN ({marks})", chunk):
+            found[int(url_id)] = url_sha256(str(url))
+    return found

@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlite_utils.migrations import Migrations
 
+from collector.store.evidence import SCHEMA as EVIDENCE_SCHEMA
+
 migrations = Migrations("takedown.collector")
 
 
@@ -222,3 +224,27 @@ def m004_result_country(db: Any) -> None:
 def m005_refold_pending(db: Any) -> None:
     """URLs holding a result older than their fold's tail: refolded within seconds, or at start."""
     _run(db, "ALTER TABLE url_state ADD COLUMN refold_pending INTEGER NOT NULL DEFAULT 0")
+
+
+@migrations()
+def m006_evidence(db: Any) -> None:
+    """The evidence log (leaves, tree nodes, checkpoints), pinned agent keys, and the verdicts
+    already logged (so a refold that decides the same again logs nothing new)."""
+    _run(db, EVIDENCE_SCHEMA)
+    _run(
+        db,
+        """
+        CREATE TABLE agent_keys (
+            name TEXT PRIMARY KEY,
+            public_key BLOB NOT NULL,
+            source TEXT NOT NULL,  -- 'hello' (pinned at first hello) or 'agents add'
+            accepted_at REAL NOT NULL,
+            leaf INTEGER  -- its agent_key leaf in the evidence log, once logged
+        );
+        CREATE TABLE log_verdicts (
+            url_id INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            PRIMARY KEY (url_id, key)
+        ) WITHOUT ROWID
+        """,
+    )

@@ -66,6 +66,10 @@ class Writer:
         finally:
             store.close()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     async def run(self, fn: Callable[[Store], T]) -> T:
         """Run fn(store) on the writer thread, after everything submitted before it."""
         if self._thread is None:

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from collector.attribution import Attribution
+from collector.evidence import leaves as ev
+from collector.evidence.note import NoteSigner
 from collector.fold import (
     Event,
     Method,
@@ -39,7 +41,9 @@ from collector.method import Policy, ProbeClass, UrlState
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store.codec import UnreadableState, dump_fold, load_fold
+from collector.store.evidence import EvidenceLog
 from collector.store.model import (
+    AgentKeyRefused,
     CorruptDatabase,
     Ingested,
     ResultIn,
@@ -155,6 +159,7 @@ class Store:
         policy: Policy,
         cache_urls: int = CACHE_URLS,
         planner: Planner | None = None,
+        log_signer: NoteSigner | None = None,
     ) -> None:
         self.path = path
         self.db = open_database(path)
@@ -169,6 +174,11 @@ class Store:
         self._cache_urls = cache_urls
         self._pending: dict[int, float] = {}
         self._last_now = 0.0
+        # The evidence log, when the collector has a log key: every notice, stored result and
+        # verdict event is a leaf appended in the transaction that stores the fact.
+        self.evidence = EvidenceLog(self.conn, log_signer) if log_signer is not None else None
+        self._url_hashes: dict[int, bytes] = {}
+        self._verdict_logged = False
         self._pending_reload()
         if self._pending:  # a crash left refolds due
             self.refold_due(0.0)
@@ -183,6 +193,42 @@ class Store:
     def _transaction(self) -> Any:
         return self.db.atomic()
 
+    def _reload_log(self) -> None:
+        """After a rollback: the log's frontier is what was committed."""
+        if self.evidence is not None:
+            self.evidence.reload()
+        self._verdict_logged = False
+
+    def _checkpoint_if_verdict(self, now: float) -> None:
+        """A checkpoint with every transaction that logged a verdict, so each removal,
+        reappearance and deadline verdict is covered by a signed tree head at once."""
+        if self.evidence is not None and self._verdict_logged:
+            self.evidence.checkpoint(now)
+            self._verdict_logged = False
+
+    def _url_sha256(self, url_id: int) -> bytes:
+        digest = self._url_hashes.get(url_id)
+        if digest is None:
+            row = self.conn.execute("SELECT url FROM urls WHERE id = ?", (url_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"URL id {url_id} is not known")
+            if len(self._url_hashes) >= self._cache_urls:
+                self._url_hashes.clear()
+            digest = self._url_hashes[url_id] = ev.url_sha256(str(row[0]))
+        return digest
+
+    def checkpoint(self, now: float) -> str | None:
+        """Sign a checkpoint of the evidence log as it is (None without a log key)."""
+        if self.evidence is None:
+            return None
+        try:
+            with self._transaction():
+                self._verdict_logged = False
+                return self.evidence.checkpoint(now)
+        except sqlite3.Error as exc:
+            self._reload_log()
+            raise translate(exc, self.path) from exc
+
     def networks_at(self, _at: float) -> int:
         """Networks the fold counts as deployed: `min_vantage_points`, whoever said hello.
 
@@ -192,10 +238,18 @@ class Store:
         """
         return self.policy.min_vantage_points
 
-    def register_agent(self, name: str, network: str, version: str, now: float) -> int:
-        """Record an agent's hello; return its id (stable across reconnects)."""
+    def register_agent(
+        self, name: str, network: str, version: str, now: float, public_key: bytes = b""
+    ) -> int:
+        """Record an agent's hello; return its id (stable across reconnects).
+
+        A public key is pinned at the agent's first hello that carries one (unless `agents
+        add --public-key` registered it first); a later hello must carry the same key, and an
+        agent with a pinned key cannot say hello without it (AgentKeyRefused).
+        """
         try:
             with self._transaction():
+                self._pin_key(name, network, public_key, "hello", now)
                 self.conn.execute(
                     "INSERT INTO agents (name, network, version, first_seen, last_seen)"
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
@@ -205,8 +259,45 @@ class Store:
                 )
                 row = self.conn.execute("SELECT id FROM agents WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as exc:
+            self._reload_log()
             raise translate(exc, self.path) from exc
+        except AgentKeyRefused:
+            self._reload_log()
+            raise
         return int(row[0])
+
+    def agent_key(self, name: str) -> bytes:
+        """The public key pinned for agent `name`, empty if none."""
+        row = self.conn.execute(
+            "SELECT public_key FROM agent_keys WHERE name = ?", (name,)
+        ).fetchone()
+        return bytes(row[0]) if row else b""
+
+    def _pin_key(self, name: str, network: str, key: bytes, source: str, now: float) -> None:
+        row = self.conn.execute(
+            "SELECT public_key, leaf FROM agent_keys WHERE name = ?", (name,)
+        ).fetchone()
+        pinned = bytes(row[0]) if row else b""
+        if pinned and key != pinned:
+            raise AgentKeyRefused(
+                f"agent {name!r} has a pinned public key and its hello carried "
+                + ("another one" if key else "none")
+                + "; if its key was replaced on purpose, register the new one with"
+                " 'takedown-collector agents add NAME --public-key FILE --replace'"
+            )
+        if not key:
+            return
+        if not pinned:
+            self.conn.execute(
+                "INSERT INTO agent_keys (name, public_key, source, accepted_at)"
+                " VALUES (?, ?, ?, ?)",
+                (name, key, source, now),
+            )
+        if self.evidence is not None and (row is None or row[1] is None):
+            # Logged at the first hello after the key was accepted (a key registered with
+            # `agents add` while no log key was configured is logged when the log starts).
+            index = self.evidence.append(ev.AgentKeyLeaf(name, network, key, _us(now)))
+            self.conn.execute("UPDATE agent_keys SET leaf = ? WHERE name = ?", (index, name))
 
     def submit_reports(
         self, reports: Sequence[ReportIn], now: float, planner: Planner, source: str = ""
@@ -219,9 +310,12 @@ class Store:
         """
         try:
             with self._transaction():
-                return [self._submit_one(r, now, planner, source) for r in reports]
+                outcomes = [self._submit_one(r, now, planner, source) for r in reports]
+                self._checkpoint_if_verdict(now)
+                return outcomes
         except BaseException as exc:
             self._entries.clear()
+            self._reload_log()
             if isinstance(exc, sqlite3.Error):
                 raise translate(exc, self.path) from exc
             raise
@@ -291,6 +385,24 @@ class Store:
              report.sha256, report.order_issued_at, report.order_deadline, report.origin_ip),
         ).lastrowid  # fmt: skip
         assert report_id is not None
+        if self.evidence is not None:
+            self._url_hashes[url_id] = digest = ev.url_sha256(report.url)
+            reference, form = ev.NoticeLeaf.hashing_reference(report.reference or "")
+            self.evidence.append(
+                ev.NoticeLeaf(
+                    url_sha256=digest,
+                    received_at_us=_us(report.received_at if report.received_at else now),
+                    notified_at_us=_us(report.notified_at),
+                    order_issued_at_us=_us(report.order_issued_at or 0.0),
+                    order_deadline_seconds=round(report.order_deadline or 0),
+                    reference=reference,
+                    reference_form=form,
+                    content_sha256=report.sha256 or b"",
+                    logged_at_us=_us(now),
+                    url_prev=self.evidence.head(url_id),
+                ),
+                url_id,
+            )
         reassign = new_url
         if not new_url:
             self._entries.pop(url_id, None)
@@ -320,13 +432,16 @@ class Store:
             with self._transaction():
                 done = self._ingest(agent_id, results, now, clock_offset)
                 self._refold_pending(now)
+                self._checkpoint_if_verdict(now)
                 return done
         except sqlite3.Error as exc:
             self._forget(results)
             self._pending_reload()
+            self._reload_log()
             raise translate(exc, self.path) from exc
         except Exception:
             self._forget(results)
+            self._reload_log()
             if len(results) <= 1:
                 raise
         return self._ingest_one_by_one(agent_id, results, now, clock_offset)
@@ -359,9 +474,11 @@ class Store:
             try:
                 with self._transaction():
                     self._refold_pending(now, everything=True)
+                    self._checkpoint_if_verdict(now)
             except sqlite3.Error as exc:
                 self._entries.clear()
                 self._pending_reload()
+                self._reload_log()
                 raise translate(exc, self.path) from exc
         return n
 
@@ -378,11 +495,14 @@ class Store:
             try:
                 with self._transaction():
                     done = self._ingest(agent_id, [r], now, offset)
+                    self._checkpoint_if_verdict(now)
             except sqlite3.Error as exc:
                 self._forget([r])
+                self._reload_log()
                 raise translate(exc, self.path) from exc
             except Exception as exc:
                 self._forget([r])
+                self._reload_log()
                 rejected += 1
                 refused.append(f"seq {r.seq}: cannot be folded ({type(exc).__name__}: {exc})")
                 continue
@@ -441,9 +561,11 @@ class Store:
         history: dict[int, list[Event]] = {}  # events to append, per URL
         rewrite: set[int] = set()  # URLs whose events since their tail's base changed
         late: set[int] = set()  # URLs to refold from the stored results
+        wheres: list[Attribution | None] = []
         for r in accepted:
             entry = entries[r.url_id]
             where = self._attribute(r.peer_ip, entry.origin_ip)
+            wheres.append(where)
             obs = Observation(
                 agent_id, network, r.started_at, r.status, r.error, r.sha256, r.final_url,
                 r.challenge, r.truncated, r.seq, where.provider if where else "",
@@ -471,6 +593,8 @@ class Store:
                  r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
                  r.tls, int(obs.cdn), where.country if where else None)
             )  # fmt: skip
+        if self.evidence is not None:
+            self._log_observations(accepted, wheres, now)
         self.conn.executemany(
             "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
             " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
@@ -519,6 +643,33 @@ class Store:
             refused=tuple(refused),
         )
 
+    def _log_observations(
+        self, accepted: Sequence[ResultIn], wheres: Sequence[Attribution | None], now: float
+    ) -> None:
+        """One observation leaf per stored result, in the order they are stored."""
+        log = self.evidence
+        assert log is not None
+        for r, where in zip(accepted, wheres, strict=True):
+            if r.evidence is None:
+                raise StoreError(
+                    f"seq {r.seq}: the evidence log is on but the result came without its"
+                    " observation"
+                )
+            observation, signature = r.evidence
+            if observation.url_sha256 != self._url_sha256(r.url_id):
+                raise StoreError(f"seq {r.seq}: the observation is of another URL")
+            attribution = (
+                ev.Attribution(where.provider, where.asn or 0, where.cdn)
+                if where
+                else ev.Attribution("unattributed", 0, False)
+            )
+            log.append(
+                ev.ObservationLeaf(
+                    observation, signature, attribution, _us(now), log.head(r.url_id),
+                ),
+                r.url_id,
+            )  # fmt: skip
+
     def _attribute(self, peer_ip: str, origin_ip: str | None) -> Attribution | None:
         """The peer's attribution; behind a CDN, the hotline-supplied origin's instead."""
         if not peer_ip:
@@ -549,6 +700,10 @@ class Store:
                      event.latency, int(event.nxdomain), int(event.observed_present),
                      event.provider or entry.provider, url_id, event.episode),
                 )  # fmt: skip
+                self._log_verdict(
+                    url_id, ev.VerdictEvent.REMOVAL_CONFIRMED, entry, event.episode,
+                    event.confirmed_at, event.last_present_at or 0.0, event.first_removed_at,
+                )  # fmt: skip
                 self._event(url_id, event.confirmed_at, "removal", {
                     "episode": event.episode, "last_present_at": event.last_present_at,
                     "first_removed_at": event.first_removed_at, "latency": event.latency,
@@ -562,6 +717,10 @@ class Store:
                     (url_id, event.episode, event.at, event.provider or entry.provider, kind),
                 )
                 if isinstance(event, Reappearance):
+                    self._log_verdict(
+                        url_id, ev.VerdictEvent.REAPPEARANCE, entry, event.episode, event.at,
+                        event.at, 0.0,
+                    )  # fmt: skip
                     c.execute(
                         "INSERT OR IGNORE INTO reappearance_log (url_id, episode, provider, at)"
                         " VALUES (?, ?, ?, ?)",
@@ -575,6 +734,36 @@ class Store:
         f = entry.fold
         if f.provider:
             entry.provider, entry.asn, entry.cdn = f.provider, f.asn, f.cdn
+
+    def _log_verdict(
+        self, url_id: int, kind: ev.VerdictEvent, entry: UrlEntry, episode: int, decided: float,
+        last_present: float, first_removed: float,
+    ) -> None:  # fmt: skip
+        """A verdict leaf, unless the log holds this very verdict already.
+
+        A refold writes a URL's history again; a verdict it decides again, with the same
+        times and method, is already in the log. One that differs is logged: the log keeps
+        what was decided when, and a bundle shows the latest verdict of each episode.
+        """
+        if self.evidence is None:
+            return
+        method = entry.fold.method.version
+        key = f"{kind.value}|{episode}|{_us(last_present)}|{_us(first_removed)}|{method}"
+        inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO log_verdicts (url_id, key) VALUES (?, ?)", (url_id, key)
+        ).rowcount
+        if not inserted:
+            return
+        self.evidence.append(
+            ev.VerdictLeaf(
+                url_sha256=self._url_sha256(url_id), event=kind, method=method,
+                decided_at_us=_us(decided), episode=episode, last_present_us=_us(last_present),
+                first_removed_us=_us(first_removed), deadline_seconds=0, deadline_at_us=0,
+                basis=(), url_prev=self.evidence.head(url_id),
+            ),
+            url_id,
+        )  # fmt: skip
+        self._verdict_logged = True
 
     def _rewrite_tail(self, url_id: int, entry: UrlEntry) -> None:
         """Replace the history written since the tail's base with the tail's events."""
@@ -697,9 +886,12 @@ class Store:
         try:
             with self._transaction():
                 self._entries.clear()
-                return self._refold_urls(ids, now)
+                changed = self._refold_urls(ids, now)
+                self._checkpoint_if_verdict(now)
+                return changed
         except sqlite3.Error as exc:
             self._entries.clear()
+            self._reload_log()
             raise translate(exc, self.path) from exc
 
     def outdated(self) -> int:
@@ -794,6 +986,10 @@ class Store:
         for url_id in stop:  # the cache holds active URLs only (see _load)
             self._entries.pop(url_id, None)
         return changed, stop
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
 
 
 def _save(url_id: int, entry: UrlEntry, now: float) -> tuple[str, tuple[Any, ...]]:
