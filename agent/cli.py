@@ -16,6 +16,7 @@ from typing import Any
 import configargparse
 
 from agent import __version__
+from agent.keys import AgentKeyError
 from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
@@ -114,6 +115,14 @@ def build_parser() -> configargparse.ArgParser:
         " them, with the assignment, so a restart resumes both (default: memory only)",
     )
     p.add_argument(
+        "--agent-key-file",
+        type=Path,
+        metavar="PATH",
+        help="the agent's Ed25519 key, which signs its results (PEM, mode 0600); default"
+        " STATE_DIR/agent.key, made at first start with agent.pub beside it; without either,"
+        " results are unsigned. Not the TLS key (that is --key-file)",
+    )
+    p.add_argument(
         "--spool-limit",
         type=_positive(int),
         default=1_000_000,
@@ -203,6 +212,7 @@ def config_from(args: configargparse.Namespace) -> AgentConfig:
         first_spread=args.first_spread,
         metrics_listen=args.metrics_listen or None,
         state_dir=args.state_dir,
+        key_file=args.agent_key_file,
         outbox_limit=args.spool_limit,
         spool_max_bytes=args.spool_max_bytes,
         journal=args.journal,
@@ -253,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _event_loop(args.event_loop)(_run(config))
-    except (CollectorRefused, CredentialError) as exc:
+    except (CollectorRefused, CredentialError, AgentKeyError) as exc:
         print(f"takedown-agent: {exc}", file=sys.stderr)
         return 2
     except SpoolError as exc:

@@ -1,6 +1,6 @@
 """The agent's Ed25519 key: what makes its observations its own.
 
-Made at first start as `agent.key` in --state-dir (or read from --key-file),
+Made at first start as `agent.key` in --state-dir (or read from --agent-key-file),
 PEM PKCS#8, mode 0600, created exclusively: written to a temporary file and
 linked into place, so two agents starting on one directory cannot both win
 and a crash never leaves half a key. `agent.pub` beside it holds the public

@@ -4,6 +4,9 @@ A session: open the stream, say hello, wait for the welcome, then at the same
 time read (assignment changes, acknowledgements) and write (result batches,
 at most `max_inflight` unacknowledged). When the stream is lost, every
 unacknowledged batch goes back to the outbox to be sent first next time.
+With a `ResultSigner`, the hello carries the agent's public key and every
+batch one signature per result, made each time the batch is encoded (a
+resent batch is signed again).
 
 Failures are classified once, here (with `client.failures`): a lost or
 unavailable collector is transient and retried with jittered exponential
@@ -118,8 +121,10 @@ class Link:
         clock: Callable[[], float] = time.monotonic,
         tls: ClientTLS | None = None,
         token: str | None = None,
+        signer: ResultSigner | None = None,
     ) -> None:
         self.target = target
+        self.signer = signer  # None: results go unsigned and Hello carries no key
         self.tls = tls  # None: plaintext (--insecure)
         self._metadata = call_metadata(token)
         self.identity = identity
@@ -184,6 +189,7 @@ class Link:
                             version=self.identity.version,
                             sent_at_unix_us=time.time_ns() // 1000,
                             assignment_digests=self.digests(),
+                            public_key=self.signer.key.public_key if self.signer else b"",
                         )
                     )
                 )
@@ -257,7 +263,7 @@ class Link:
                 batch = self.outbox.take(self.batch_size)
                 if batch is not None:
                     try:
-                        await call.write(encode(batch))
+                        await call.write(encode(batch, signer=self.signer))
                     except asyncio.InvalidStateError:
                         # The RPC ended before the reader saw it; its status says why.
                         await reader

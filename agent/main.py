@@ -9,6 +9,7 @@ their host has a free connection slot (at most `per_host` per host, at most
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import logging
@@ -24,6 +25,7 @@ from agent import __version__
 from agent.assignment import Assignment, AssignmentChange
 from agent.guard import AddressPolicy
 from agent.hosts import HostQueues, Start, host_of
+from agent.keys import KEY_FILE, AgentKey, ResultSigner
 from agent.link import Identity, Link
 from agent.metrics import serve_metrics
 from agent.outbox import Outbox, ResultQueue
@@ -57,6 +59,9 @@ class AgentConfig:
     drain_timeout: float = 10.0
     metrics_listen: str | None = None  # HOST:PORT for /metrics and /healthz
     state_dir: Path | None = None  # spool.db: results until acked, and the assignment
+    # The agent's Ed25519 signing key (not the TLS key); None: state_dir/agent.key, made at
+    # first start; with neither, results go unsigned.
+    key_file: Path | None = None
     spool_max_bytes: int | None = None
     journal: bool = False  # keep every spooled seq in the spool's journal table (audits, tests)
     tls: ClientTLS | None = None  # None: plaintext gRPC (only with --insecure)
@@ -85,6 +90,8 @@ class Agent:
         self.spool: Spool | None = None
         if config.state_dir is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = self._key()  # before the spool opens: a bad key ends the agent with nothing open
+        if config.state_dir is not None:
             self.spool = Spool(
                 config.state_dir / "spool.db",
                 limit=config.outbox_limit,
@@ -97,6 +104,11 @@ class Agent:
         else:
             self.outbox = Outbox(limit=config.outbox_limit)
             self.assignment = Assignment()  # URL texts in a compact in-memory arena
+        self.signer = (
+            None
+            if key is None
+            else ResultSigner(key, config.name, config.network, self.assignment.url)
+        )
         self.link = Link(
             config.collector,
             Identity(config.name, config.network, __version__),
@@ -108,6 +120,7 @@ class Agent:
             max_inflight=config.max_inflight,
             tls=config.tls,
             token=config.token,
+            signer=self.signer,
         )
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
@@ -123,6 +136,22 @@ class Agent:
                 self.schedule.set(url_id, interval, now)
             if len(self.assignment):
                 log.info("assignment_resumed urls=%d", len(self.assignment))
+
+    def _key(self) -> AgentKey | None:
+        """The key this agent signs its results with: from `key_file`, else the state dir's
+        (made there at first start); None without either. AgentKeyError if it cannot be had."""
+        config = self.config
+        if config.key_file is not None:
+            key, where = AgentKey.load(config.key_file), config.key_file
+        elif config.state_dir is not None:
+            key, where = AgentKey.load_or_create(config.state_dir), config.state_dir / KEY_FILE
+        else:
+            log.info("results_unsigned reason='no state dir and no key file'")
+            return None
+        log.info(
+            "agent_key file=%s public_key=%s", where, base64.b64encode(key.public_key).decode()
+        )
+        return key
 
     def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()

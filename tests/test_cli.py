@@ -364,6 +364,20 @@ class TestAgentOptions:
         config = agent_cli.config_from(args)
         assert (config.probe.verify_tls, config.host_backlog) == (True, 9)
 
+    def test_agent_key_file_reaches_the_config_apart_from_the_tls_key(self) -> None:
+        """--agent-key-file is the signing key (AgentConfig.key_file); --key-file stays TLS's."""
+        base = ["--collector", "127.0.0.1:1", "--network", "n"]
+        insecure = [*base, "--insecure"]
+        assert agent_cli.config_from(build_parser().parse_args(insecure)).key_file is None
+        signing = [*insecure, "--agent-key-file", "sign.key"]
+        assert agent_cli.config_from(build_parser().parse_args(signing)).key_file == Path(
+            "sign.key"
+        )
+        args = build_parser().parse_args(
+            [*base, "--agent-key-file", "sign.key", "--cert-file", "c.pem", "--key-file", "t.key"]
+        )
+        assert (args.agent_key_file, args.key_file) == (Path("sign.key"), Path("t.key"))
+
     def test_bad_allow_private_exits_naming_value(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--allow-private with a non-CIDR value is a usage error that names the value."""
         with pytest.raises(SystemExit) as exc:
