@@ -27,11 +27,14 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.main import Agent
+from collector.cli import main as collector_main
+from collector.evidence.logkey import init_log_key
 from collector.importer import import_file
 from collector.server import Collector
 from collector.store.reads import connect_readonly, url_statuses
@@ -115,8 +118,10 @@ def debug_log(tmp_path: Path) -> Iterator[Path]:
 
 @contextlib.asynccontextmanager
 async def serving_collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
-    """The conftest collector's configuration, stopped gracefully when the block ends."""
-    collector = Collector(collector_config(tmp_path, prefixes))
+    """The conftest collector's configuration with an evidence log, stopped gracefully."""
+    key_file, _ = init_log_key(tmp_path / "log-key", "test.takedown/log")
+    config = replace(collector_config(tmp_path, prefixes), log_key_file=key_file)
+    collector = Collector(config)
     await collector.start()
     try:
         yield collector
@@ -221,7 +226,21 @@ async def test_no_body_url_free_metrics_and_logs(
 
             for port in (collector.metrics_port, *(a.metrics_port for a in agents)):
                 await no_url_in_labels(port, hoster)
-    assert_nowhere(hoster.marker, files_under(tmp_path), "after a graceful stop")
+    bundle = tmp_path / "bundle"
+    export = ["evidence", "export", "--provider", "Hoster A", "--db", str(db), "-o", str(bundle),
+              "--log-key", str(tmp_path / "log-key" / "log.vkey")]  # fmt: skip
+    assert collector_main(export) == 0
+    conn = connect_readonly(db)
+    try:
+        logged = {k: n for k, n in conn.execute("SELECT kind, COUNT(*) FROM log_leaves GROUP BY 1")}
+    finally:
+        conn.close()
+    assert logged["observation"] > 0 and logged["notice"] == len(PAGES), logged
+    read = assert_nowhere(hoster.marker, files_under(tmp_path), "after a graceful stop")
+    assert {"entries.jsonl", "checkpoint.txt"} <= set(read)
+    for path in files_under(bundle):  # a bundle names no URL either
+        data = path.read_bytes()
+        assert not any(p.encode() in data for p in PAGES), path
 
     assert hoster.marker not in caplog.text
     assert hoster.marker not in debug_log.read_text(encoding="utf-8")

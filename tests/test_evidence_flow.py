@@ -1,0 +1,409 @@
+"""Evidence on real components: signing agents → collector with a log key → export → verify.
+
+The stream tests speak AgentLink by hand to a real grpc.aio collector, so each
+can send exactly the wrong thing: a forged signature, a missing one, another
+key under a pinned name. The flow test runs two real agents against a real
+hoster, exports the removed URL's bundle with the command a regulator's
+contact would run, verifies it offline and then tampers with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.keys import AgentKey, ResultSigner
+from agent.main import Agent
+from collector.cli import main
+from collector.evidence.bundle import read_bundle
+from collector.evidence.logkey import init_log_key
+from collector.evidence.note import NoteVerifier
+from collector.evidence.verify import Report, verify_bundle
+from collector.importer import import_file
+from collector.server import Collector
+from collector.store.reads import connect_readonly, results_count, url_statuses
+from demo.hoster import Fate, Hoster
+from protos.takedown.v1 import takedown_pb2 as pb
+from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
+from tests.conftest import HOST_A, agent_config, collector_config, eventually
+
+pytestmark = pytest.mark.integration
+
+NOW_US = int(time.time() * 1_000_000)
+URL = "http://a.example/reported"
+
+
+@pytest.fixture
+def log_key(tmp_path: Path) -> tuple[Path, NoteVerifier]:
+    private, verifier = init_log_key(tmp_path / "log-key", "test.takedown/log")
+    return private, verifier
+
+
+@contextlib.asynccontextmanager
+async def logging_collector(
+    tmp_path: Path, prefixes: Path, key_file: Path, **changes: Any
+) -> AsyncIterator[Collector]:
+    config = replace(
+        collector_config(tmp_path, prefixes), log_key_file=key_file, checkpoint_every=3600.0,
+        **changes,
+    )  # fmt: skip
+    collector = Collector(config)
+    await collector.start()
+    try:
+        yield collector
+    finally:
+        await collector.stop(grace=1)
+
+
+@pytest.fixture
+async def collector(
+    tmp_path: Path, prefixes: Path, log_key: tuple[Path, NoteVerifier]
+) -> AsyncIterator[Collector]:
+    async with logging_collector(tmp_path, prefixes, log_key[0]) as c:
+        yield c
+
+
+@pytest.fixture
+async def channel(collector: Collector) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as ch:
+        yield ch
+
+
+async def submit(channel: grpc.aio.Channel, url: str = URL) -> int:
+    stub = pb_grpc.IntakeStub(channel)
+    reply = await stub.Submit(
+        pb.SubmitRequest(reports=[pb.Report(url=url, notified_at_unix_us=NOW_US)])
+    )
+    assert reply.outcomes[0].status == pb.SUBMIT_STATUS_ACCEPTED
+    return int(reply.outcomes[0].url_id)
+
+
+def result(url_id: int, seq: int, status: int = 200) -> pb.ProbeResult:
+    return pb.ProbeResult(
+        url_id=url_id, seq=seq, started_at_unix_us=NOW_US + seq, status=status,
+        body_sha256=hashlib.sha256(b"x").digest() if status == 200 else b"",
+        peer_ip="127.0.0.10", final_url=URL, elapsed_ms=3,
+    )  # fmt: skip
+
+
+def signer(key: AgentKey, name: str = "signer", urls: dict[int, str] | None = None) -> ResultSigner:
+    return ResultSigner(key, name, "net", (urls or {}).get)
+
+
+async def hello(
+    channel: grpc.aio.Channel, public_key: bytes, name: str = "signer"
+) -> grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage]:
+    call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+    await call.write(
+        pb.AgentMessage(
+            hello=pb.Hello(agent=name, network="net", version="t", public_key=public_key)
+        )
+    )
+    return call
+
+
+async def first_of(
+    call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage], kind: str
+) -> pb.CollectorMessage:
+    while True:
+        message = await call.read()
+        assert message is not grpc.aio.EOF, f"the stream ended before a {kind}"
+        if message.WhichOneof("kind") == kind:
+            return message
+
+
+async def refused(
+    call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage],
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(10):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    return caught.value
+
+
+def stored(collector: Collector, agent: str = "signer") -> int:
+    conn = connect_readonly(collector.config.db)
+    try:
+        return results_count(conn, agent)
+    finally:
+        conn.close()
+
+
+def leaf_kinds(collector: Collector) -> list[str]:
+    conn = connect_readonly(collector.config.db)
+    try:
+        return [k for (k,) in conn.execute("SELECT kind FROM log_leaves ORDER BY idx")]
+    finally:
+        conn.close()
+
+
+class TestStream:
+    async def test_signed_batch_is_stored_and_logged(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """Valid signatures: stored, acked, one observation leaf per result after the key."""
+        url_id = await submit(channel)
+        key = AgentKey(Ed25519PrivateKey.generate())
+        call = await hello(channel, key.public_key)
+        s = signer(key, urls={url_id: URL})
+        results = [result(url_id, n) for n in (1, 2, 3)]
+        batch = pb.ResultBatch(
+            batch_id=1, results=results, signatures=[s.signature(r) for r in results]
+        )
+        await call.write(pb.AgentMessage(batch=batch))
+        ack = await first_of(call, "ack")
+        assert (ack.ack.stored, ack.ack.rejected) == (3, 0)
+        call.cancel()
+        assert leaf_kinds(collector) == ["notice", "agent_key", *["observation"] * 3]
+
+    async def test_bad_signature_ends_the_stream_and_stores_nothing(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """One result signed over other values: INVALID_ARGUMENT naming it, nothing stored."""
+        url_id = await submit(channel)
+        key = AgentKey(Ed25519PrivateKey.generate())
+        call = await hello(channel, key.public_key)
+        s = signer(key, urls={url_id: URL})
+        results = [result(url_id, n) for n in (1, 2, 3)]
+        signatures = [s.signature(r) for r in results]
+        signatures[1] = s.signature(result(url_id, 2, status=404))  # signed: 404; sent: 200
+        await call.write(
+            pb.AgentMessage(
+                batch=pb.ResultBatch(batch_id=1, results=results, signatures=signatures)
+            )
+        )
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "result seq 2" in (error.details() or "")
+        assert "does not verify" in (error.details() or "")
+        assert stored(collector) == 0
+        assert "observation" not in leaf_kinds(collector)
+
+    async def test_another_agents_signature_is_refused(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """Results signed with a key other than the one in the hello are refused."""
+        url_id = await submit(channel)
+        key, other = (AgentKey(Ed25519PrivateKey.generate()) for _ in range(2))
+        call = await hello(channel, key.public_key)
+        r = result(url_id, 1)
+        forged = signer(other, urls={url_id: URL}).signature(r)
+        await call.write(
+            pb.AgentMessage(batch=pb.ResultBatch(batch_id=1, results=[r], signatures=[forged]))
+        )
+        assert (await refused(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert stored(collector) == 0
+
+    async def test_missing_signatures_are_refused(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """An agent that said hello with a key must sign every result."""
+        url_id = await submit(channel)
+        key = AgentKey(Ed25519PrivateKey.generate())
+        call = await hello(channel, key.public_key)
+        await call.write(
+            pb.AgentMessage(batch=pb.ResultBatch(batch_id=1, results=[result(url_id, 1)]))
+        )
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1 results and 0 signatures" in (error.details() or "")
+        assert stored(collector) == 0
+
+    async def test_pinned_key_cannot_change_or_vanish(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """After the first hello pinned a key, another key or none is PERMISSION_DENIED."""
+        key = AgentKey(Ed25519PrivateKey.generate())
+        first = await hello(channel, key.public_key)
+        await first_of(first, "welcome")
+        first.cancel()
+        for other in (AgentKey(Ed25519PrivateKey.generate()).public_key, b""):
+            call = await hello(channel, other)
+            error = await refused(call)
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "pinned public key" in (error.details() or "")
+        assert leaf_kinds(collector).count("agent_key") == 1
+
+    async def test_unassigned_result_is_dropped_not_fatal(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """A result the agent could not sign (its URL left its assignment) is rejected alone."""
+        url_id = await submit(channel)
+        key = AgentKey(Ed25519PrivateKey.generate())
+        call = await hello(channel, key.public_key)
+        s = signer(key, urls={url_id: URL})
+        results = [result(url_id, 1), result(url_id, 2)]
+        await call.write(
+            pb.AgentMessage(
+                batch=pb.ResultBatch(
+                    batch_id=1, results=results, signatures=[s.signature(results[0]), b""]
+                )
+            )
+        )
+        ack = await first_of(call, "ack")
+        assert (ack.ack.stored, ack.ack.rejected) == (1, 1)
+        call.cancel()
+
+    async def test_registered_key_is_required_at_first_hello(
+        self, tmp_path: Path, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """`agents add --public-key` pins the key before the agent ever connects."""
+        (tmp_path / "agent-state").mkdir(mode=0o700)
+        key = AgentKey.load_or_create(tmp_path / "agent-state")
+        code = main(["agents", "add", "signer", "--db", str(collector.config.db),
+                     "--public-key", str(tmp_path / "agent-state" / "agent.pub")])  # fmt: skip
+        assert code == 0
+        wrong = await hello(channel, AgentKey(Ed25519PrivateKey.generate()).public_key)
+        assert (await refused(wrong)).code() == grpc.StatusCode.PERMISSION_DENIED
+        right = await hello(channel, key.public_key)
+        await first_of(right, "welcome")
+        right.cancel()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["agents", "list", "--db", str(collector.config.db)]) == 0
+        assert f"ed25519:{key.public_key.hex()}" in out.getvalue()
+
+
+def entries(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (directory / "entries.jsonl").read_text().splitlines()]
+
+
+def save(directory: Path, rows: list[dict[str, Any]]) -> None:
+    (directory / "entries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def check(directory: Path, verifier: NoteVerifier) -> Report:
+    return verify_bundle(read_bundle(directory), verifier)
+
+
+def copy_bundle(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+@pytest.mark.slow
+async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
+    tmp_path: Path, prefixes: Path, hoster: Hoster, log_key: tuple[Path, NoteVerifier]
+) -> None:
+    """Two signing agents see a page removed; its bundle verifies offline, tampering does not."""
+    key_file, verifier = log_key
+    hoster.add("/removed")
+    hoster.add("/online")
+    url = f"http://{HOST_A}:{hoster.port}/removed"
+    notified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    reports = tmp_path / "reports.csv"
+    reports.write_text(
+        f"url,notified_at,reference\n{url},{notified},CASE-77\n"
+        f"http://{HOST_A}:{hoster.port}/online,{notified},CASE-78\n"
+    )
+    async with logging_collector(tmp_path, prefixes, key_file) as collector:
+        db = collector.config.db
+        assert (
+            await import_file(reports, f"127.0.0.1:{collector.grpc_port}", out=io.StringIO()) == 0
+        )
+        stops, tasks = [], []
+        for n, source in enumerate(("127.0.0.2", "127.0.0.3"), 1):
+            config = agent_config(
+                collector, f"agent-{n}", f"net-{n}", source, state_dir=tmp_path / f"agent-{n}"
+            )
+            stop = asyncio.Event()
+            stops.append(stop)
+            tasks.append(asyncio.create_task(Agent(config, rng=random.Random(n)).run(stop)))
+
+        def state_of(path: str) -> str:
+            conn = connect_readonly(db)
+            try:
+                return {s.url.rsplit("/", 1)[1]: s.state for s in url_statuses(conn)}[path]
+            finally:
+                conn.close()
+
+        try:
+            await eventually(lambda: state_of("removed") == "available", 20, "seen online")
+            hoster.set_fate("/removed", Fate.GONE_404)
+            await eventually(lambda: state_of("removed") == "removed", 30, "removal confirmed")
+        finally:
+            for stop in stops:
+                stop.set()
+            for task in tasks:
+                await asyncio.wait_for(task, timeout=15)
+
+    bundle = tmp_path / "bundle"
+    vkey = tmp_path / "log-key" / "log.vkey"
+    args = ["evidence", "export", url, "--db", str(db), "-o", str(bundle), "--log-key", str(vkey)]
+    assert main(args) == 0
+    report = check(bundle, verifier)
+    assert report.problems == []
+    assert report.agents == {"agent-1", "agent-2"}
+    assert report.urls == 1 and report.observations >= 4
+    rows = entries(bundle)
+    kinds = [r["leaf"]["leaf"] for r in rows]
+    assert kinds.count("notice") == 1 and kinds.count("agent_key") == 2
+    verdicts = [r["leaf"] for r in rows if r["leaf"]["leaf"] == "verdict"]
+    assert [v["event"] for v in verdicts] == ["removal_confirmed"]
+    assert verdicts[0]["method"].startswith("tm-")
+    for path in bundle.iterdir():  # no URL, no case reference, no body byte
+        data = path.read_bytes()
+        for marker in (url.encode(), b"/removed", b"CASE-77", hoster.marker.encode()):
+            assert marker not in data, (path.name, marker)
+
+    observed = [i for i, r in enumerate(rows) if r["leaf"]["leaf"] == "observation"]
+    signed_by = {rows[i]["leaf"]["observation"]["agent"] for i in observed}
+    assert signed_by == {"agent-1", "agent-2"}
+
+    def tampered(name: str, change: Any) -> set[str]:
+        directory = copy_bundle(bundle, tmp_path / f"tampered-{name}")
+        copy = entries(directory)
+        change(copy, directory)
+        save(directory, copy)
+        return check(directory, verifier).checks()
+
+    def status(rows: list[dict[str, Any]], _: Path) -> None:
+        rows[observed[0]]["leaf"]["observation"]["status"] = 200 + 1
+
+    def when(rows: list[dict[str, Any]], _: Path) -> None:
+        rows[observed[0]]["leaf"]["observation"]["started_at_us"] += 1_000_000
+
+    def dropped(rows: list[dict[str, Any]], _: Path) -> None:
+        del rows[observed[1]]
+
+    def reordered(rows: list[dict[str, Any]], _: Path) -> None:
+        a, b = observed[0], observed[1]
+        rows[a], rows[b] = rows[b], rows[a]
+
+    def swapped(rows: list[dict[str, Any]], _: Path) -> None:
+        a, b = rows[observed[0]]["leaf"], rows[observed[1]]["leaf"]
+        a["signature"], b["signature"] = b["signature"], a["signature"]
+
+    def other_key(rows: list[dict[str, Any]], _: Path) -> None:
+        keys = [r["leaf"] for r in rows if r["leaf"]["leaf"] == "agent_key"]
+        keys[0]["public_key"] = keys[1]["public_key"]
+
+    def checkpoint(_: list[dict[str, Any]], directory: Path) -> None:
+        path = directory / "checkpoint.txt"
+        lines = path.read_text().split("\n")
+        lines[1] = str(int(lines[1]) - 1)  # the tree size
+        path.write_text("\n".join(lines))
+
+    assert tampered("status", status) >= {"signature", "inclusion"}
+    assert tampered("time", when) >= {"signature", "inclusion"}
+    assert "chain" in tampered("dropped", dropped)
+    assert "order" in tampered("reordered", reordered)
+    assert "signature" in tampered("swapped", swapped)
+    assert "signature" in tampered("key", other_key)
+    assert "checkpoint" in tampered("checkpoint", checkpoint)
