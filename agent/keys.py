@@ -12,7 +12,6 @@ agent, and no log line shows it.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client.credentials import exposed
 from collector.evidence.leaves import observation_signing_bytes, url_sha256
 from collector.evidence.wire import observation_of
 from protos.takedown.v1 import takedown_pb2 as pb
@@ -55,13 +55,16 @@ class AgentKey:
 
     @classmethod
     def load(cls, path: Path) -> AgentKey:
-        """The key in `path`; refused if others may read it or it is not Ed25519."""
+        """The key in `path`; refused if others may read it or it is not Ed25519.
+
+        A file made with `openssl genpkey -algorithm ed25519` will do.
+        """
         try:
-            mode = path.stat().st_mode
+            info = path.stat()
             data = path.read_bytes()
         except OSError as exc:
             raise AgentKeyError(f"cannot read the agent key {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if exposed(info.st_mode, info.st_gid):  # a group of its own (a mounted Secret) is fine
             raise AgentKeyError(f"the agent key {path} is readable by others; chmod 600 it")
         try:
             private = serialization.load_pem_private_key(data, password=None)
