@@ -313,17 +313,25 @@ def start_collector(
     interval: float = 300.0,
     within: float = 120.0,
     metrics_max_age: float = 0.0,
+    log_key_file: Path | None = None,
 ) -> Child:
-    """A real collector (grpc.aio, SQLite file, /metrics) in a child process on 127.0.0.1."""
+    """A real collector (grpc.aio, SQLite file, /metrics) in a child process on 127.0.0.1;
+    with `log_key_file`, keeping the evidence log and checking agents' signatures."""
     args = ["collector", "--db", str(db), "--interval", str(interval)]
     args += ["--metrics-max-age", str(metrics_max_age)]
+    if log_key_file is not None:
+        args += ["--log-key-file", str(log_key_file)]
     if prefixes is not None:
         args += ["--prefixes", str(prefixes)]
     return Child.start("bench.common", args, within)
 
 
 async def _collector_main(
-    db: Path, prefixes: Path | None, interval: float, metrics_max_age: float
+    db: Path,
+    prefixes: Path | None,
+    interval: float,
+    metrics_max_age: float,
+    log_key_file: Path | None = None,
 ) -> None:
     from collector.schedule import Planner
     from collector.server import Collector, CollectorConfig
@@ -336,6 +344,7 @@ async def _collector_main(
         planner=Planner.fixed(interval),
         replan_every=3600.0,
         metrics_max_age=metrics_max_age,
+        log_key_file=log_key_file,
     )
     collector = Collector(config)
     await collector.start()
@@ -402,6 +411,7 @@ class AgentStream:
     name: str
     network: str = "bench"
     digests: Sequence[int] = ()
+    public_key: bytes = b""  # the agent's Ed25519 key, for a collector that checks signatures
     upserts: int = 0
     updates: int = 0
     replaced_buckets: int = 0
@@ -432,6 +442,7 @@ class AgentStream:
                 version="bench",
                 sent_at_unix_us=time.time_ns() // 1000,
                 assignment_digests=list(self.digests),
+                public_key=self.public_key,
             )
         )
         self.hello_at = time.perf_counter()
@@ -530,9 +541,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     col.add_argument("--prefixes", type=Path)
     col.add_argument("--interval", type=float, default=300.0)
     col.add_argument("--metrics-max-age", type=float, default=0.0)
+    col.add_argument("--log-key-file", type=Path)
     args = parser.parse_args(argv)
     if args.command == "collector":
-        asyncio.run(_collector_main(args.db, args.prefixes, args.interval, args.metrics_max_age))
+        asyncio.run(
+            _collector_main(
+                args.db, args.prefixes, args.interval, args.metrics_max_age, args.log_key_file
+            )
+        )
 
 
 if __name__ == "__main__":

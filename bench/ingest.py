@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.keys import AgentKey, ResultSigner
 from agent.link import encode
 from agent.outbox import Outbox
 from agent.result import ErrorClass, ProbeResult
@@ -44,6 +46,7 @@ from bench.common import (
     submit_urls,
     table,
 )
+from collector.evidence.logkey import init_log_key
 from protos.takedown.v1 import takedown_pb2 as pb
 
 PEER = "127.0.0.10"
@@ -56,9 +59,15 @@ def page_hash(url_id: int) -> bytes:
 
 
 def build_batches(
-    agent: int, url_ids: Sequence[tuple[int, str]], count: int, batch_size: int, start: float
+    agent: int,
+    url_ids: Sequence[tuple[int, str]],
+    count: int,
+    batch_size: int,
+    start: float,
+    signer: ResultSigner | None = None,
 ) -> list[tuple[int, bytes]]:
-    """`count` results of one agent, numbered by the agent's Outbox, encoded by agent.link."""
+    """`count` results of one agent, numbered by the agent's Outbox, encoded (and with
+    `signer`, signed) by agent.link."""
     outbox = Outbox(limit=batch_size * 2, first_seq=1_000_000 * (agent + 1))
     out: list[tuple[int, bytes]] = []
     offset = agent * 7919
@@ -87,7 +96,7 @@ def build_batches(
         if outbox.pending >= batch_size or k == count - 1:
             batch = outbox.take(batch_size)
             assert batch is not None
-            message = encode(batch, sent_at=0.0)  # sent_at is stamped when sent
+            message = encode(batch, sent_at=0.0, signer=signer)  # sent_at: stamped when sent
             out.append((batch.batch_id, message.SerializeToString()))
             outbox.ack(batch.batch_id)
     return out
@@ -111,6 +120,7 @@ class IngestReport:
     metrics_results: float
     assign_seconds: float
     text: str = ""
+    evidence: bool = False
 
     @property
     def rate(self) -> float:
@@ -132,11 +142,13 @@ async def _ingest(
     window: int,
     seconds: float,
     workdir: Path,
+    evidence: bool = False,
 ) -> IngestReport:
     db = workdir / "collector.db"
     prefixes = workdir / "prefixes.csv"
     prefixes.write_text(f"prefix,asn,provider\n{PEER}/32,64500,{PROVIDER}\n")
-    collector = await asyncio.to_thread(start_collector, db, prefixes, 300.0)
+    log_key = init_log_key(workdir / "log-key", "bench/log")[0] if evidence else None
+    collector = await asyncio.to_thread(start_collector, db, prefixes, 300.0, 120.0, 0.0, log_key)
     try:
         target = f"127.0.0.1:{collector.info['grpc_port']}"
         now = time.time()
@@ -145,8 +157,21 @@ async def _ingest(
         pairs = list(zip(ids, names, strict=True))
         per_agent = results // agents
         start = now - per_agent * 0.001 - 60
-        plan = [build_batches(a, pairs, per_agent, batch_size, start) for a in range(agents)]
-        streams = [AgentStream(target, f"bench-agent-{a}", f"bench-net-{a}") for a in range(agents)]
+        keys = [AgentKey(Ed25519PrivateKey.generate()) for _ in range(agents)]
+        text_of = dict(pairs).get
+        signers = [
+            ResultSigner(keys[a], f"bench-agent-{a}", f"bench-net-{a}", text_of) if evidence
+            else None
+            for a in range(agents)
+        ]  # fmt: skip
+        plan = [
+            build_batches(a, pairs, per_agent, batch_size, start, signers[a]) for a in range(agents)
+        ]
+        streams = [
+            AgentStream(target, f"bench-agent-{a}", f"bench-net-{a}",
+                        public_key=keys[a].public_key if evidence else b"")
+            for a in range(agents)
+        ]  # fmt: skip
         t_assign = time.perf_counter()
         for s in streams:
             await s.open(60.0)
@@ -225,9 +250,12 @@ def benchmark(
     window: int = 8,
     seconds: float = 120.0,
     loop: str = "asyncio",
+    evidence: bool = False,
 ) -> IngestReport:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        report = run(_ingest(agents, results, urls, batch_size, window, seconds, Path(tmp)), loop)
+        work = _ingest(agents, results, urls, batch_size, window, seconds, Path(tmp), evidence)
+        report = run(work, loop)
+    report.evidence = evidence
     report.text = _render(report, batch_size, window)
     return report
 
@@ -236,6 +264,7 @@ def _render(r: IngestReport, batch_size: int, window: int) -> str:
     per_100k = 100_000 * r.collector_cpu / r.stored if r.stored else float("nan")
     rows: list[list[object]] = [
         ["agents x batch x window", f"{r.agents} x {batch_size} x {window}"],
+        ["evidence log, signed results", "on" if r.evidence else "off"],
         ["URLs (assigned to every agent)", r.urls],
         ["assignment to all agents (s)", r.assign_seconds],
         ["results stored", r.stored],
@@ -271,12 +300,18 @@ def main(argv: Sequence[str] | None = None) -> IngestReport:
     parser.add_argument("--seconds", type=float, default=120.0, help="time cap for sending")
     parser.add_argument("--loop", default="asyncio", choices=loops(), help="uvloop when installed")
     parser.add_argument("--quick", action="store_true", help="100,000 results over 5,000 URLs")
+    parser.add_argument(
+        "--evidence",
+        action="store_true",
+        help="agents sign every result; the collector checks them and keeps the evidence log",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.results, args.urls = min(args.results, 100_000), min(args.urls, 5_000)
     report = benchmark(
-        args.agents, args.results, args.urls, args.batch_size, args.window, args.seconds, args.loop
-    )
+        args.agents, args.results, args.urls, args.batch_size, args.window, args.seconds,
+        args.loop, args.evidence,
+    )  # fmt: skip
     print(report.text)
     sys.stdout.flush()
     return report

@@ -63,6 +63,9 @@ class CollectorConfig:
     rate_limit_max_wait: float = 30.0  # a batch that would wait longer is refused
     revalidate_every: float = 30.0  # how often open streams' tokens are checked for revocation
     # Evidence: with a log key, every notice, result and verdict is a leaf of a signed log.
+    # Verdict states are written behind, at most this often (results, episodes and events are
+    # committed with every batch; a crash refolds the URLs not yet written at start).
+    flush_every: float = 5.0
     log_key_file: Path | None = None
     checkpoint_every: float = 300.0
     verify_workers: int = 1  # processes checking agents' signatures (0: on the event loop)
@@ -98,7 +101,7 @@ class Collector:
         self.writer = Writer(
             lambda: Store(
                 config.db, self.attribution, config.policy, planner=config.planner,
-                log_signer=signer,
+                log_signer=signer, flush_every=config.flush_every,
             )
         )  # fmt: skip
         self.signatures: Signatures | None = None

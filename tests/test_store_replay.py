@@ -114,3 +114,37 @@ class TestStoreReplay:
 
 def _shift(r: ResultIn) -> ResultIn:
     return dataclasses.replace(r, started_at=T0 + r.started_at)
+
+
+class TestWriteBehind:
+    @settings(max_examples=15, deadline=None)
+    @given(deliveries(), st.integers(0, 10_000))
+    def test_crash_before_a_flush_loses_no_verdict(
+        self, case: tuple[list[tuple[int, list[ResultIn]]], int], cut: int
+    ) -> None:
+        """States written behind, the process gone before a flush: after a restart (which
+        refolds the unflushed URLs) and the rest of the batches, the verdicts equal those of a
+        store that wrote every state with its batch."""
+        batches, cache = case
+        cut %= len(batches) + 1
+        reports = [ReportIn("http://x/a", T0, None, "r1"), ReportIn("http://x/b", T0, None, "r2")]
+        with tempfile.TemporaryDirectory() as tmp:
+            snapshots = []
+            for flush_every, crash_at in ((0.0, None), (1e9, cut)):
+                db = Path(tmp) / f"c-{flush_every}.db"
+
+                def open_store(db: Path = db, flush_every: float = flush_every) -> Store:
+                    return Store(db, table(Path(tmp)), Policy(), cache_urls=cache,
+                                 planner=PLANNER, flush_every=flush_every)  # fmt: skip
+
+                store = open_store()
+                ids = {a: store.register_agent(f"a{a}", f"n{a}", "t", T0) for a in (1, 2, 3)}
+                store.submit_reports(reports, T0, PLANNER)
+                for n, (agent, batch) in enumerate(batches):
+                    if n == crash_at:
+                        store.conn.close()  # SIGKILL: no flush, no refold, memory gone
+                        store = open_store()
+                    store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000)
+                store.close()  # refolds what is due and flushes
+                snapshots.append(snapshot(db))
+            assert snapshots[1] == snapshots[0]

@@ -248,3 +248,10 @@ def m006_evidence(db: Any) -> None:
         ) WITHOUT ROWID
         """,
     )
+
+
+@migrations()
+def m007_unflushed(db: Any) -> None:
+    """URLs folded since their url_state row was last written (write-behind): a crash before
+    the next flush refolds them at start."""
+    _run(db, "CREATE TABLE unflushed (url_id INTEGER PRIMARY KEY)")

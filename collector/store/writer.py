@@ -8,6 +8,7 @@ awaits a future for each. The loop never blocks on the disk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from collector.store.writes import Store
 T = TypeVar("T")
 
 _STOP = object()
+IDLE_SECONDS = 0.5  # with no work for this long, the store writes its dirty folds behind
+log = logging.getLogger(__name__)
 
 
 class Writer:
@@ -54,7 +57,14 @@ class Writer:
         loop.call_soon_threadsafe(_settle, ready, None, None)
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=IDLE_SECONDS)
+                except queue.Empty:
+                    try:
+                        store.idle()
+                    except StoreError as exc:
+                        log.error("flush_failed error=%s", exc)
+                    continue
                 if item is _STOP:
                     return
                 fn, future = item

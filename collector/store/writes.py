@@ -9,6 +9,7 @@ returns covers everything the batch changed.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ from collector.store.model import (
 )
 from collector.store.schema import migrations
 
+log = logging.getLogger(__name__)
 _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
 # URLs whose verdicts stay in memory: about 2 KB each with ten agents, so the cache stays
 # well under a gigabyte whatever the number of URLs.
@@ -160,6 +162,7 @@ class Store:
         cache_urls: int = CACHE_URLS,
         planner: Planner | None = None,
         log_signer: NoteSigner | None = None,
+        flush_every: float = 0.0,
     ) -> None:
         self.path = path
         self.db = open_database(path)
@@ -179,7 +182,18 @@ class Store:
         self.evidence = EvidenceLog(self.conn, log_signer) if log_signer is not None else None
         self._url_hashes: dict[int, bytes] = {}
         self._verdict_logged = False
+        # Write-behind of the verdict projection: a batch stores its results, episodes and
+        # events, and marks its URLs in `unflushed`; their url_state rows are written at most
+        # every `flush_every` seconds (0: with every batch). `_dirty` holds those folds (the
+        # cache may drop them, these stay); `_stale` the URLs whose fold in memory was lost
+        # by a rollback, so the database's url_state is behind: they are refolded on next use.
+        self.flush_every = flush_every
+        self._dirty: dict[int, UrlEntry] = {}
+        self._stale: set[int] = set()
+        self._flushed_at = 0.0
         self._pending_reload()
+        # A crash left URLs whose url_state is older than their results: refold them now.
+        self._pending.update((u, 0.0) for (u,) in self.conn.execute("SELECT url_id FROM unflushed"))
         if self._pending:  # a crash left refolds due
             self.refold_due(0.0)
 
@@ -187,8 +201,22 @@ class Store:
         """Refold what is due (a clean stop leaves no refold for the next start), then close."""
         try:
             self.refold_due(self._last_now)
+            self.flush(self._last_now)
         finally:
             self.conn.close()
+
+    def idle(self) -> None:
+        """Nothing to do for a while: refold what a rollback left behind, write the dirty
+        folds (see flush)."""
+        if self._stale:
+            try:
+                with self._transaction():
+                    self._refold_urls(sorted(self._stale), self._last_now)
+            except sqlite3.Error as exc:
+                self._forget()
+                raise translate(exc, self.path) from exc
+        if self._dirty:
+            self.flush(self._last_now)
 
     def _transaction(self) -> Any:
         return self.db.atomic()
@@ -314,7 +342,7 @@ class Store:
                 self._checkpoint_if_verdict(now)
                 return outcomes
         except BaseException as exc:
-            self._entries.clear()
+            self._forget()
             self._reload_log()
             if isinstance(exc, sqlite3.Error):
                 raise translate(exc, self.path) from exc
@@ -433,7 +461,6 @@ class Store:
                 done = self._ingest(agent_id, results, now, clock_offset)
                 self._refold_pending(now)
                 self._checkpoint_if_verdict(now)
-                return done
         except sqlite3.Error as exc:
             self._forget(results)
             self._pending_reload()
@@ -444,7 +471,18 @@ class Store:
             self._reload_log()
             if len(results) <= 1:
                 raise
-        return self._ingest_one_by_one(agent_id, results, now, clock_offset)
+            return self._ingest_one_by_one(agent_id, results, now, clock_offset)
+        self._flush_if_due(now)
+        return done
+
+    def _flush_if_due(self, now: float) -> None:
+        """After a committed batch: write the folds behind if `flush_every` has passed. A
+        failure is logged, not raised: the batch is stored, its folds stay dirty."""
+        if self._dirty and now - self._flushed_at >= self.flush_every:
+            try:
+                self.flush(now)
+            except StoreError as exc:
+                log.error("flush_failed error=%s", exc)
 
     def _refold_pending(self, now: float, everything: bool = False) -> None:
         """Refold the URLs that got a result older than their tail, once it waited REFOLD_DELAY.
@@ -476,15 +514,46 @@ class Store:
                     self._refold_pending(now, everything=True)
                     self._checkpoint_if_verdict(now)
             except sqlite3.Error as exc:
-                self._entries.clear()
+                self._forget()
                 self._pending_reload()
                 self._reload_log()
                 raise translate(exc, self.path) from exc
         return n
 
-    def _forget(self, results: Sequence[ResultIn]) -> None:
-        for url_id in {r.url_id for r in results}:
+    def _forget(self, results: Sequence[ResultIn] | None = None) -> None:
+        """After a rollback: drop the folds it touched (all, without `results`). Their next
+        use reads them back as committed, or refolds them if url_state is behind."""
+        touched = (
+            {r.url_id for r in results} if results is not None
+            else {*self._entries, *self._dirty}
+        )  # fmt: skip
+        for url_id in touched:
             self._entries.pop(url_id, None)
+            if self._dirty.pop(url_id, None) is not None:
+                self._stale.add(url_id)
+
+    def flush(self, now: float) -> int:
+        """Write the url_state rows of every URL folded since the last flush; return how many.
+
+        Its own transaction: if it fails the folds stay dirty (and listed in `unflushed`, so
+        a crash before the next flush refolds them at start).
+        """
+        dirty = self._dirty
+        if not dirty:
+            self._flushed_at = now
+            return 0
+        try:
+            with self._transaction():
+                self.conn.executemany(
+                    _SAVE_STATE, [_state_row(u, dirty[u], now) for u in sorted(dirty)]
+                )
+                self.conn.execute("DELETE FROM unflushed")
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
+        n = len(dirty)
+        self._dirty = {}
+        self._flushed_at = now
+        return n
 
     def _ingest_one_by_one(
         self, agent_id: int, results: Sequence[ResultIn], now: float, offset: float | None
@@ -625,9 +694,17 @@ class Store:
             " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
             [(agent_id, cls, n) for cls, n in counts.items()],
         )
-        self.conn.executemany(
-            _SAVE_STATE, [_state_row(u, entries[u], now) for u in sorted(history)]
-        )
+        if self.flush_every <= 0:
+            self.conn.executemany(
+                _SAVE_STATE, [_state_row(u, entries[u], now) for u in sorted(history)]
+            )
+        else:
+            new = [u for u in history if u not in self._dirty]
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO unflushed (url_id) VALUES (?)", [(u,) for u in new]
+            )
+            for u in history:
+                self._dirty[u] = entries[u]
         if accepted:
             self.conn.execute(
                 "UPDATE agents SET last_result_at = MAX(COALESCE(last_result_at, 0), ?),"
@@ -842,6 +919,7 @@ class Store:
         """
         changed = []
         for url_id in url_ids:
+            self._stale.discard(url_id)  # refolded from what was committed, whatever memory held
             entry = (entries or {}).get(url_id) or self._load({url_id}, active_only=False).get(
                 url_id
             )
@@ -870,6 +948,8 @@ class Store:
             )
             self._record(url_id, entry, events)
             self.conn.execute(*_save(url_id, entry, now))
+            if self._dirty.pop(url_id, None) is not None:
+                self.conn.execute("DELETE FROM unflushed WHERE url_id = ?", (url_id,))
             changed.append((url_id, before, fold.state))
         return changed
 
@@ -890,7 +970,7 @@ class Store:
                 self._checkpoint_if_verdict(now)
                 return changed
         except sqlite3.Error as exc:
-            self._entries.clear()
+            self._forget()
             self._reload_log()
             raise translate(exc, self.path) from exc
 
@@ -914,11 +994,16 @@ class Store:
         out: dict[int, UrlEntry] = {}
         missing: list[int] = []
         for u in url_ids:
-            entry = cached.get(u)
+            entry = cached.get(u) or self._dirty.get(u)
+            if u in self._stale:
+                # Its url_state is behind what was committed (see flush): refold it.
+                self._refold_urls([u], self._last_now)
+                entry = self._dirty.get(u) or cached.get(u)
             if entry is None:
                 missing.append(u)
             else:
                 out[u] = entry
+                cached[u] = entry
                 cached.move_to_end(u)
         active = " AND u.active = 1" if active_only else ""
         for i in range(0, len(missing), 500):
@@ -950,6 +1035,7 @@ class Store:
 
     def plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
         """Recompute every active URL's probe interval; return the changes to push to agents."""
+        self.flush(now)  # the plan reads url_state
         try:
             with self._transaction():
                 return self._plan(now, planner)
