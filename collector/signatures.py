@@ -13,7 +13,10 @@ worker processes beside the writer (a batch is one task), otherwise inline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import multiprocessing
+import signal
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -37,6 +40,13 @@ def first_bad(public_key: bytes, signed: Sequence[tuple[bytes, bytes]]) -> int:
     return -1
 
 
+def _orphan_dies() -> None:
+    """In a worker: die with the collector, even a SIGKILLed one (Linux PR_SET_PDEATHSIG)."""
+    # Elsewhere the worker ends only when it finds its call queue closed.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 class Signatures:
     """Builds a batch's observations and checks its signatures; `close()` when done."""
 
@@ -50,7 +60,7 @@ class Signatures:
         if workers > 0:
             # spawn, not fork: the collector's gRPC threads must not be forked.
             self._pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn")
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_orphan_dies
             )
 
     def _read(self, ids: list[int]) -> dict[int, bytes]:

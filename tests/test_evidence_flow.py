@@ -407,3 +407,44 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
     assert "signature" in tampered("swapped", swapped)
     assert "signature" in tampered("key", other_key)
     assert "checkpoint" in tampered("checkpoint", checkpoint)
+
+
+CHECKER = """
+import asyncio, os, sys
+from pathlib import Path
+from collector.signatures import Signatures
+s = Signatures(Path(sys.argv[1]), workers=1)
+async def main():
+    await s.first_bad(bytes(32), [], [])
+    print(" ".join(str(p) for p in s._pool._processes), flush=True)  # type: ignore[union-attr]
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+async def test_signature_workers_die_with_a_killed_collector(tmp_path: Path) -> None:
+    """SIGKILL of the collector leaves no signature-checking process behind."""
+    import os
+    import signal
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHECKER, str(tmp_path / "none.db"), stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    workers = [int(p) for p in line.split()]
+    assert workers, "no worker process was started"
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+
+    def gone() -> bool:
+        for pid in workers:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+
+    await eventually(gone, 10, "the worker processes to exit")

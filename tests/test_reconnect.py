@@ -79,10 +79,16 @@ async def test_agent_reconnects_and_state_survives_restart(
     second: Collector | None = None
     try:
         await eventually(lambda: stored(config.db) >= 4, 20, "results from the agent")
-        before = {
-            (s.labels["provider"], s.labels["state"]): s.value
-            for s in (await scrape(first.metrics_port))["takedown_urls"]
-        }
+        before: dict[tuple[str, str], float] = {}
+
+        async def both_available() -> bool:
+            # Verdict states are written behind (within --flush seconds, sooner when idle).
+            before.clear()
+            for s in (await scrape(first.metrics_port))["takedown_urls"]:
+                before[(s.labels["provider"], s.labels["state"])] = s.value
+            return before.get(("Hoster A", "available")) == 2
+
+        await eventually(both_available, 20, "both URLs available in /metrics")
         await first.stop(grace=0.5)
         await eventually(lambda: not agent.link.connected, 10, "the agent to notice")
         count_at_stop = stored(config.db)
