@@ -477,7 +477,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             results, unsigned = await self._attach_evidence(session, results, valid, signatures)
             self.metrics.unsigned.inc(unsigned)
         try:
-            done = await self.writer.run(lambda s: s.ingest(session.agent_id, results, now, offset))
+            done = await self.writer.ingest(session.agent_id, results, now, offset)
         except StoreError as exc:
             self.metrics.batches_failed.inc()
             self.metrics.store_errors.inc()

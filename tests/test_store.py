@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -226,6 +229,76 @@ class TestWriter:
         with pytest.raises(sqlite3.OperationalError):
             await writer.run(boom)
         await writer.close()
+
+
+class GroupingStore(Store):
+    """A store that records the size of each group commit, and cannot attribute one peer."""
+
+    POISON = "203.0.113.66"
+    groups: list[int]
+
+    def ingest_group(self, items):  # type: ignore[no-untyped-def]
+        self.groups = [*getattr(self, "groups", []), len(items)]
+        return super().ingest_group(items)
+
+    def _attribute(self, peer_ip, origin_ip):  # type: ignore[no-untyped-def]
+        if peer_ip == self.POISON:
+            raise ValueError("no attribution for this peer")
+        return super()._attribute(peer_ip, origin_ip)
+
+
+async def test_queued_batches_commit_together(tmp_path: Path, table: PrefixTable) -> None:
+    """Batches waiting in the writer's queue commit as one group; each gets its own outcome,
+    a poison result is refused alone, and the verdicts equal those of one batch at a time."""
+    policy = Policy(confirmations=2, min_vantage_points=1)
+    stores: list[GroupingStore] = []
+
+    def open_grouping(db: Path) -> GroupingStore:
+        store = GroupingStore(db, table, policy)
+        stores.append(store)
+        return store
+
+    batches = [[res(1, 10 * b + k, 404 if b >= 3 else 200) for k in range(3)] for b in range(6)]
+    batches[4][1] = dataclasses.replace(batches[4][1], peer_ip=GroupingStore.POISON)
+    outcomes = []
+    for db, grouped in ((tmp_path / "g.db", True), (tmp_path / "s.db", False)):
+        writer = Writer(lambda db=db: open_grouping(db))
+        await writer.start()
+        agent = await writer.run(lambda s: s.register_agent("a", "n", "v", NOW))
+        await writer.run(lambda s: s.submit_reports([report("http://x.example/")], NOW, PLANNER))
+        if grouped:
+            release = threading.Event()
+            # Hold the writer thread until every batch is queued behind it.
+            hold = asyncio.ensure_future(writer.run(lambda s, r=release: r.wait(10)))
+            tasks = [asyncio.ensure_future(writer.ingest(agent, b, NOW + 100, None))
+                     for b in batches]  # fmt: skip
+            await asyncio.sleep(0)  # each task has put its batch in the queue
+            release.set()
+            assert await hold
+            done = await asyncio.gather(*tasks)
+        else:
+            done = [await writer.ingest(agent, b, NOW + 100, None) for b in batches]
+        outcomes.append([(d.stored, d.rejected) for d in done])
+        await writer.close()
+    grouped_store, single_store = stores
+    assert max(grouped_store.groups) > 1
+    assert max(single_store.groups) == 1
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][4] == (2, 1)
+    snapshots = []
+    for db in (tmp_path / "g.db", tmp_path / "s.db"):
+        conn = connect_readonly(db)
+        try:
+            snapshots.append(
+                (
+                    [(s.state, s.removal_first_removed_at) for s in url_statuses(conn)],
+                    results_count(conn, "a"),
+                )
+            )
+        finally:
+            conn.close()
+    assert snapshots[0] == snapshots[1]
+    assert snapshots[0][1] == 17
 
 
 def test_bounded_verdict_cache_changes_nothing(tmp_path: Path, table: PrefixTable) -> None:

@@ -11,15 +11,25 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from collector.store.model import StoreError
-from collector.store.writes import Store
+from collector.store.model import Ingested, ResultIn, StoreError
+from collector.store.writes import IngestCall, Store
 
 T = TypeVar("T")
 
 _STOP = object()
+MAX_GROUP = 64  # batches committed together at most (one transaction, one fsync)
+
+
+@dataclass(frozen=True)
+class _Ingest:
+    call: IngestCall
+    future: asyncio.Future[Ingested]
+
+
 IDLE_SECONDS = 0.5  # with no work for this long, the store writes its dirty folds behind
 log = logging.getLogger(__name__)
 
@@ -62,17 +72,22 @@ class Writer:
                 except queue.Empty:
                     try:
                         store.idle()
-                    except StoreError as exc:
+                    except Exception as exc:  # the writer goes on; the folds stay dirty
                         log.error("flush_failed error=%s", exc)
                     continue
-                if item is _STOP:
-                    return
-                fn, future = item
-                try:
-                    value, error = fn(store), None
-                except BaseException as exc:
-                    value, error = None, exc
-                loop.call_soon_threadsafe(_settle, future, value, error)
+                while item is not None:
+                    if item is _STOP:
+                        return
+                    if isinstance(item, _Ingest):
+                        item = self._ingest_group(store, loop, item)
+                        continue
+                    fn, future = item
+                    try:
+                        value, error = fn(store), None
+                    except BaseException as exc:
+                        value, error = None, exc
+                    loop.call_soon_threadsafe(_settle, future, value, error)
+                    item = None
         finally:
             store.close()
 
@@ -87,6 +102,41 @@ class Writer:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put((fn, future))
         return await future
+
+    async def ingest(
+        self, agent_id: int, results: Sequence[ResultIn], now: float, offset: float | None
+    ) -> Ingested:
+        """`Store.ingest`, grouped with the batches queued beside it into one commit."""
+        if self._thread is None:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Ingest((agent_id, results, now, offset), future))
+        return await future
+
+    def _ingest_group(self, store: Store, loop: asyncio.AbstractEventLoop, first: _Ingest) -> Any:
+        """Run `first` and the ingests queued right behind it as one group; return the next
+        queued item that is not an ingest (run after them, in order), or None."""
+        group = [first]
+        following: Any = None
+        while len(group) < MAX_GROUP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, _Ingest):
+                following = item
+                break
+            group.append(item)
+        try:
+            outcomes = store.ingest_group([g.call for g in group])
+        except BaseException as exc:
+            outcomes = [exc] * len(group)
+        for g, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                loop.call_soon_threadsafe(_settle, g.future, None, outcome)
+            else:
+                loop.call_soon_threadsafe(_settle, g.future, outcome, None)
+        return following
 
     async def close(self) -> None:
         """Finish queued work, then close the database."""

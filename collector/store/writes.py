@@ -475,6 +475,46 @@ class Store:
         self._flush_if_due(now)
         return done
 
+    def ingest_group(self, items: Sequence[IngestCall]) -> list[Ingested | BaseException]:
+        """Several batches in one transaction and one fsync (group commit); the outcome of each.
+
+        Each batch runs in a savepoint: one that fails for a reason other than the database is
+        rolled back alone and, after the group committed, ingested again on its own (one result
+        at a time, as `ingest` does). A database error fails the whole group: nothing of it was
+        committed, and every batch gets the error (agents resend, unacknowledged).
+        """
+        if len(items) == 1:
+            return [_outcome(self.ingest, items[0])]
+        outcomes: list[Ingested | BaseException | None] = [None] * len(items)
+        again: list[int] = []
+        latest = max(item[2] for item in items)
+        try:
+            with self._transaction():
+                for i, (agent_id, results, now, offset) in enumerate(items):
+                    try:
+                        with self._transaction():  # a savepoint
+                            outcomes[i] = self._ingest(agent_id, results, now, offset)
+                    except sqlite3.Error:
+                        raise
+                    except Exception:
+                        # What memory holds of the URLs it touched is not what is stored.
+                        self._forget(results)
+                        self._pending_reload()
+                        self._reload_log()
+                        again.append(i)
+                self._refold_pending(latest)
+                self._checkpoint_if_verdict(latest)
+        except sqlite3.Error as exc:
+            self._forget()
+            self._pending_reload()
+            self._reload_log()
+            error = translate(exc, self.path)
+            return [error] * len(items)
+        for i in again:
+            outcomes[i] = _outcome(self.ingest, items[i])
+        self._flush_if_due(latest)
+        return [o if o is not None else StoreError("batch not ingested") for o in outcomes]
+
     def _flush_if_due(self, now: float) -> None:
         """After a committed batch: write the folds behind if `flush_every` has passed. A
         failure is logged, not raised: the batch is stored, its folds stay dirty."""
@@ -1072,6 +1112,17 @@ class Store:
         for url_id in stop:  # the cache holds active URLs only (see _load)
             self._entries.pop(url_id, None)
         return changed, stop
+
+
+IngestCall = tuple[int, Sequence[ResultIn], float, "float | None"]
+"""The arguments of one `Store.ingest`: agent id, results, now, clock offset."""
+
+
+def _outcome(ingest: Any, call: IngestCall) -> Ingested | BaseException:
+    try:
+        return ingest(*call)  # type: ignore[no-any-return]
+    except Exception as exc:
+        return exc
 
 
 def _us(seconds: float) -> int:
