@@ -321,6 +321,14 @@ def serve_parser() -> configargparse.ArgParser:
         help="results an agent may send at once above the rate (default: one second's worth,"
         " at least 1000)",
     )
+    p.add_argument(
+        "--flush-every",
+        type=duration_or_zero,
+        default="5s",
+        help="how often verdict states are written behind (results, episodes and events are"
+        " committed with every batch; after a crash the URLs not yet written are refolded at"
+        " start); /metrics and the table lag by at most this much; 0 writes with every batch",
+    )
     add_log_key_option(p)
     p.add_argument(
         "--checkpoint-every",
@@ -735,6 +743,7 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         require_tokens=require_tokens,
         max_results_per_second=args.max_results_per_second or None,
         results_burst=args.results_burst or None,
+        flush_every=args.flush_every,
         log_key_file=args.log_key_file,
         checkpoint_every=args.checkpoint_every,
         verify_workers=max(0, args.verify_workers),
