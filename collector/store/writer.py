@@ -21,7 +21,10 @@ from collector.store.writes import IngestCall, Store
 T = TypeVar("T")
 
 _STOP = object()
-MAX_GROUP = 64  # batches committed together at most (one transaction, one fsync)
+# A group commits at most this many batches and results: one fsync for several acks, without
+# holding the first batch's ack behind seconds of others' work.
+MAX_GROUP = 32
+MAX_GROUP_RESULTS = 4_000
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class Writer:
         queued item that is not an ingest (run after them, in order), or None."""
         group = [first]
         following: Any = None
-        while len(group) < MAX_GROUP:
+        results = len(first.call[1])
+        while len(group) < MAX_GROUP and results < MAX_GROUP_RESULTS:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -127,6 +131,7 @@ class Writer:
                 following = item
                 break
             group.append(item)
+            results += len(item.call[1])
         try:
             outcomes = store.ingest_group([g.call for g in group])
         except BaseException as exc:
