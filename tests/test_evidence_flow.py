@@ -278,6 +278,48 @@ class TestStream:
         assert f"ed25519:{key.public_key.hex()}" in out.getvalue()
 
 
+class TestDeadlines:
+    async def test_passed_deadline_is_logged_once(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """Content online past the 1 h deadline: one deadline_passed verdict per deadline."""
+        stub = pb_grpc.IntakeStub(channel)
+        notified = NOW_US - 7200 * 1_000_000
+        reply = await stub.Submit(
+            pb.SubmitRequest(reports=[pb.Report(url=URL, notified_at_unix_us=notified)])
+        )
+        url_id = reply.outcomes[0].url_id
+        for name in ("seer-1", "seer-2"):  # two networks see it: online
+            key = AgentKey(Ed25519PrivateKey.generate())
+            call = pb_grpc.AgentLinkStub(channel).Connect()  # type: ignore[call-arg]
+            hello = pb.Hello(agent=name, network=name, version="t", public_key=key.public_key)
+            await call.write(pb.AgentMessage(hello=hello))
+            s = ResultSigner(key, name, name, {url_id: URL}.get)
+            results = [result(url_id, n) for n in (1, 2)]
+            signed = [s.signature(r) for r in results]
+            batch = pb.ResultBatch(batch_id=1, results=results, signatures=signed)
+            await call.write(pb.AgentMessage(batch=batch))
+            await first_of(call, "ack")
+            call.cancel()
+        await collector.writer.run(lambda s: s.flush(time.time()))
+        await collector.replan()
+        await collector.replan()
+        conn = connect_readonly(collector.config.db)
+        try:
+            leaves = [
+                json.loads(bytes(b))
+                for (b,) in conn.execute("SELECT leaf FROM log_leaves WHERE kind = 'verdict'")
+            ]
+            checkpoints = conn.execute("SELECT MAX(size) FROM log_checkpoints").fetchone()[0]
+            (size,) = conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()
+        finally:
+            conn.close()
+        deadlines = [v for v in leaves if v["event"] == "deadline_passed"]
+        assert [v["deadline_seconds"] for v in deadlines] == [3600]  # 24 h has not passed
+        assert deadlines[0]["deadline_at_us"] == notified + 3600 * 1_000_000
+        assert checkpoints == size  # a checkpoint covers the verdict at once
+
+
 def entries(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (directory / "entries.jsonl").read_text().splitlines()]
 

@@ -38,7 +38,7 @@ from collector.fold import (
     classify,
     refold,
 )
-from collector.method import Policy, ProbeClass, UrlState
+from collector.method import Policy, ProbeClass, UrlState, is_order_overdue, is_overdue
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store.codec import UnreadableState, dump_fold, load_fold
@@ -853,19 +853,24 @@ class Store:
             entry.provider, entry.asn, entry.cdn = f.provider, f.asn, f.cdn
 
     def _log_verdict(
-        self, url_id: int, kind: ev.VerdictEvent, entry: UrlEntry, episode: int, decided: float,
-        last_present: float, first_removed: float,
+        self, url_id: int, kind: ev.VerdictEvent, entry: UrlEntry | None, episode: int,
+        decided: float, last_present: float, first_removed: float, deadline: float = 0.0,
+        deadline_at: float = 0.0,
     ) -> None:  # fmt: skip
         """A verdict leaf, unless the log holds this very verdict already.
 
         A refold writes a URL's history again; a verdict it decides again, with the same
         times and method, is already in the log. One that differs is logged: the log keeps
-        what was decided when, and a bundle shows the latest verdict of each episode.
+        what was decided when, and a bundle shows the latest verdict of each episode. A
+        deadline verdict is logged once per episode and deadline.
         """
         if self.evidence is None:
             return
-        method = entry.fold.method.version
-        key = f"{kind.value}|{episode}|{_us(last_present)}|{_us(first_removed)}|{method}"
+        method = entry.fold.method.version if entry is not None else self.method.version
+        if kind is ev.VerdictEvent.DEADLINE_PASSED:
+            key = f"{kind.value}|{episode}|{_us(deadline_at)}|{round(deadline)}"
+        else:
+            key = f"{kind.value}|{episode}|{_us(last_present)}|{_us(first_removed)}|{method}"
         inserted = self.conn.execute(
             "INSERT OR IGNORE INTO log_verdicts (url_id, key) VALUES (?, ?)", (url_id, key)
         ).rowcount
@@ -875,12 +880,33 @@ class Store:
             ev.VerdictLeaf(
                 url_sha256=self._url_sha256(url_id), event=kind, method=method,
                 decided_at_us=_us(decided), episode=episode, last_present_us=_us(last_present),
-                first_removed_us=_us(first_removed), deadline_seconds=0, deadline_at_us=0,
-                basis=(), url_prev=self.evidence.head(url_id),
+                first_removed_us=_us(first_removed), deadline_seconds=round(deadline),
+                deadline_at_us=_us(deadline_at), basis=(), url_prev=self.evidence.head(url_id),
             ),
             url_id,
         )  # fmt: skip
         self._verdict_logged = True
+
+    def _log_deadlines(self, now: float, planner: Planner) -> None:
+        """A `deadline_passed` verdict for each deadline an online URL's episode has passed
+        (the --deadline values from the episode's opening, and a binding order's due time)."""
+        rows = self.conn.execute(
+            "SELECT url_id, state, episode, opened_at, order_issued_at, order_deadline,"
+            " last_present_at FROM url_state s JOIN urls u ON u.id = s.url_id WHERE u.active = 1"
+        ).fetchall()
+        for url_id, state, episode, opened, order_at, order_deadline, seen in rows:
+            for deadline in planner.deadlines:
+                if is_overdue(state, opened, now, deadline):
+                    self._log_verdict(
+                        url_id, ev.VerdictEvent.DEADLINE_PASSED, None, episode, now, seen or 0.0,
+                        0.0, deadline, opened + deadline,
+                    )  # fmt: skip
+            if is_order_overdue(state, order_at, order_deadline, now, planner.order_deadline):
+                due = order_deadline or planner.order_deadline
+                self._log_verdict(
+                    url_id, ev.VerdictEvent.DEADLINE_PASSED, None, episode, now, seen or 0.0,
+                    0.0, due, order_at + due,
+                )  # fmt: skip
 
     def _rewrite_tail(self, url_id: int, entry: UrlEntry) -> None:
         """Replace the history written since the tail's base with the tail's events."""
@@ -1078,8 +1104,12 @@ class Store:
         self.flush(now)  # the plan reads url_state
         try:
             with self._transaction():
+                if self.evidence is not None:
+                    self._log_deadlines(now, planner)
+                    self._checkpoint_if_verdict(now)
                 return self._plan(now, planner)
         except sqlite3.Error as exc:
+            self._reload_log()
             raise translate(exc, self.path) from exc
 
     def _plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
