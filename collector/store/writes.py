@@ -1166,10 +1166,17 @@ def _save(url_id: int, entry: UrlEntry, now: float) -> tuple[str, tuple[Any, ...
 def method_of(policy: Policy, planner: Planner) -> Method:
     """The method the collector folds with: its policy and its planned probe intervals."""
 
+    last: list[Any] = [None, 0.0]  # the fold asks twice per observation with the same values
+
     def planned(
         now: float, state: UrlState, opened_at: float, due: float | None, removed: float | None
     ) -> float:
+        key = (now, state, opened_at, due, removed)
+        if last[0] == key:
+            return float(last[1])
         interval = planner.interval(now, state, opened_at, due, removed)
-        return planner.watch_interval if interval is None else interval
+        value = planner.watch_interval if interval is None else interval
+        last[0], last[1] = key, value
+        return value
 
     return Method(policy, planned)
