@@ -257,11 +257,24 @@ class TestAgentKey:
         assert AgentKey.load_or_create(tmp_path).public_key == other.public_key
 
     def test_readable_by_others_refused(self, tmp_path: Path) -> None:
-        """A key file that group or others may read is refused, saying how to fix it."""
+        """A key file that others may read is refused, saying how to fix it."""
         AgentKey.load_or_create(tmp_path)
-        (tmp_path / "agent.key").chmod(0o640)
+        (tmp_path / "agent.key").chmod(0o604)
         with pytest.raises(AgentKeyError, match="chmod 600"):
             AgentKey.load(tmp_path / "agent.key")
+
+    def test_readable_by_its_own_group_accepted(self, tmp_path: Path) -> None:
+        """Group-readable by a group the agent is in (a Secret mounted with fsGroup) is fine;
+        by a group it is not in, refused."""
+        key = AgentKey.load_or_create(tmp_path)
+        path = tmp_path / "agent.key"
+        path.chmod(0o640)
+        assert AgentKey.load(path).public_key == key.public_key
+        foreign = max({os.getegid(), *os.getgroups()}) + 1
+        os.chown(path, -1, foreign)
+        if path.stat().st_gid == foreign:  # only root may give a file away
+            with pytest.raises(AgentKeyError, match="chmod 600"):
+                AgentKey.load(path)
 
     def test_not_ed25519_refused(self, tmp_path: Path) -> None:
         """A PEM key of another type, or a file that is not a key, is refused."""

@@ -698,7 +698,9 @@ class TestCommandLine:
         rc, _, err = run("agents", "revoke", "ams-1", "--db", db)
         assert rc == 1 and "no live token" in err
         rc, out, _ = run("agents", "list", "--db", db)
-        assert [line.split("\t")[-2] != "-" for line in out.splitlines()[1:]] == [True, True]
+        header, *rows = out.splitlines()
+        revoked = header.split("\t").index("revoked")
+        assert [row.split("\t")[revoked] != "-" for row in rows] == [True, True]
         rc, out, _ = run("intake-tokens", "list", "--db", db)
         assert rc == 0 and out.splitlines()[1].startswith("hl\t")
 
