@@ -172,6 +172,29 @@ class TestContent:
         assert f.state is UrlState.AVAILABLE
         assert f.removal is None
 
+    def test_block_page_of_another_network_does_not_hide_a_dynamic_page(self) -> None:
+        """n1 gets its ISP's 200 block page again and again at the URL, n2 a fresh body on
+        every load: the page is dynamic, n1 blocked, and n2's 404s are a removal (F4)."""
+        rng = random.Random(4)
+        obs = probes(1, 0, 400, 200, BLOCK_PAGE)
+        obs += [ob(2, t + 5, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        assert fold(obs).state is UrlState.GEOBLOCKED
+        f = fold(obs + probes(2, 200, 400, 404, offset=5))
+        assert f.content.dynamic and not f.tracks[1].witness
+        assert f.state is UrlState.REMOVED and f.removal is not None
+        assert f.removal.last_present_at == 195 and f.removal.first_removed_at == 205
+
+    def test_network_served_one_body_is_no_witness_of_a_dynamic_page(self) -> None:
+        """A block page among the first bodies (before n2's loads differ) is left out when the
+        page is found dynamic: n1 never witnesses through it, so it never confirms alone."""
+        rng = random.Random(5)
+        obs = [ob(1, 0, 200, BLOCK_PAGE), ob(2, 1, 200, rng.randbytes(32))]
+        obs += [ob(2, 5, 200, rng.randbytes(32)), *probes(1, 10, 600, 200, BLOCK_PAGE)]
+        obs += [ob(2, t + 1, 200, rng.randbytes(32)) for t in range(10, 200, 10)]
+        f = fold(obs)  # n2, the only witness, is silent from 191 on
+        assert f.content.dynamic and not f.tracks[1].witness
+        assert f.state is UrlState.GEOBLOCKED and f.removal is None
+
     def test_isp_block_page_never_becomes_the_content(self) -> None:
         """A 200 block page seen by n1 only, the content by n2 and n3: the content is baseline."""
         obs = probes(1, 0, 100, 200, BLOCK_PAGE) + probes(2, 0, 100, 200, CONTENT, offset=1)

@@ -403,7 +403,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F4: a repeating block page hides a dynamic page")
     def test_block_page_at_the_url_of_a_dynamic_page(self) -> None:
         """One network's 200 block page at the URL does not stop a dynamic page being recognised."""
         land = Landscape(
