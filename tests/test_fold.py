@@ -195,6 +195,34 @@ class TestContent:
         assert f.content.dynamic and not f.tracks[1].witness
         assert f.state is UrlState.GEOBLOCKED and f.removal is None
 
+    def test_late_network_block_page_on_a_dynamic_page_neither_dates_nor_confirms(self) -> None:
+        """n2 joins a dynamic page with its block page: the first load holds the URL online,
+        the repeat shows n2 never saw the content. The block page stays known past
+        MAX_VARIANTS fresh loads, and the removal is dated by n1 alone."""
+        rng = random.Random(6)
+        n1 = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 300, 10)]
+        n2 = probes(2, 105, 600, 200, BLOCK_PAGE)
+        f = fold(n1 + n2)  # n1 silent from 290 on: the block page confirms nothing
+        # Never forgotten among n1's one-off bodies: n2's run of block pages is unbroken.
+        assert not f.tracks[2].witness and f.tracks[2].run_first_at == 105
+        assert f.state is UrlState.GEOBLOCKED and f.removal is None
+        f = fold(n1 + n2 + probes(1, 300, 600, 404))
+        assert f.removal is not None
+        assert f.removal.last_present_at == 290 and f.removal.first_removed_at == 300
+
+    def test_block_page_first_seen_during_a_removal_dates_nothing(self) -> None:
+        """n2's first load, a block page, comes between n1's 404s: it holds the URL online
+        (available, no geoblock), and once it repeats the removal keeps n1's dates."""
+        rng = random.Random(7)
+        n1 = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        n1 += probes(1, 200, 300, 404)
+        obs = [*n1, ob(2, 207, 200, BLOCK_PAGE)]
+        assert fold([o for o in obs if o.at <= 210]).state is UrlState.AVAILABLE
+        f = fold(obs + probes(2, 217, 300, 200, BLOCK_PAGE))
+        assert f.state is UrlState.REMOVED and f.removal is not None
+        assert f.removal.last_present_at == 190 and f.removal.first_removed_at == 200
+        assert f.removal.confirmed_at == 217
+
     def test_isp_block_page_never_becomes_the_content(self) -> None:
         """A 200 block page seen by n1 only, the content by n2 and n3: the content is baseline."""
         obs = probes(1, 0, 100, 200, BLOCK_PAGE) + probes(2, 0, 100, 200, CONTENT, offset=1)

@@ -119,10 +119,10 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset({"dynamic-blockpage", "cloaked-pages", "truncated-baseline"})
-"""Configurations the random landscapes leave out while they reproduce an open finding (F4,
-F11 in tests/SIM_FINDINGS.md, each a strict xfail below), or whose truth is not knowable from
-hashes (cloaked pages: F10, kept pending); drop one once fixed."""
+PARKED = frozenset({"cloaked-pages", "truncated-baseline"})
+"""Configurations the random landscapes leave out while they reproduce an open finding (F11 in
+tests/SIM_FINDINGS.md, a strict xfail below), or whose truth is not knowable from hashes
+(cloaked pages: F10, kept pending); drop one once fixed."""
 
 
 def truth_violations(run: Run, blips: bool = True) -> list[str]:
