@@ -515,6 +515,8 @@ class UrlFold:
             provider=self.provider,
         )
         self.removal = removal
+        for t in self.tracks.values():
+            t.fresh_at = None  # a provisional present left by an agent gone silent is moot now
         if self.first_removal is None:
             self.first_removal = removal
         return removal

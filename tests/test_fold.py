@@ -223,6 +223,18 @@ class TestContent:
         assert f.removal.last_present_at == 190 and f.removal.first_removed_at == 200
         assert f.removal.confirmed_at == 217
 
+    def test_block_page_of_an_agent_silent_across_the_removal_is_no_reappearance(self) -> None:
+        """n2 loads its block page once, falls silent, and is back after the removal with it
+        (forgotten among n1's one-off bodies): its old provisional present and the new load
+        are not two fresh bodies in a row."""
+        rng = random.Random(8)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 400, 10)]
+        obs += [ob(2, 105, 200, BLOCK_PAGE), *probes(1, 400, 600, 404)]
+        obs += probes(2, 505, 600, 200, BLOCK_PAGE)
+        f, evs = refold([Notice(0.0)], obs, method(), lambda _: 2)
+        assert f.state is UrlState.REMOVED and f.episode == 1
+        assert not any(isinstance(e, Reappearance) for e in evs)
+
     def test_isp_block_page_never_becomes_the_content(self) -> None:
         """A 200 block page seen by n1 only, the content by n2 and n3: the content is baseline."""
         obs = probes(1, 0, 100, 200, BLOCK_PAGE) + probes(2, 0, 100, 200, CONTENT, offset=1)
