@@ -20,10 +20,12 @@ neither confirms nor dates a removal; its confirmed run of removed results does 
 *geoblocked* while a live witness sees the content. Content nobody saw present in the episode is
 removed only when `min_vantage_points` networks (every network, if fewer are deployed) have each
 seen it removed `k` times; that removal is flagged `observed_present=False`, its latency an upper
-bound. On a dynamic page an agent's first body never seen before is a *provisional* present: it
-holds the URL online, but the agent is a witness (and the body dates the content) only once its
-next load differs too; if that load repeats the body, it was a page served to that network (a
-block page) and the agent never saw the content.
+bound. On a dynamic page the first body never seen before of an agent that is no witness yet is
+a *provisional* present: it counts as present (the agent a witness) but makes no block, and the
+removal evidence from before it is kept until the agent's next conclusive load. If the body
+repeats first (for any agent), it was a page served to that network (a block page): the agent
+never saw the content, is no witness, and the evidence stands; anything else confirms the
+present, and so does the agent falling silent (the removal then dates from its confirmation).
 
 *Liveness.* An agent is live on a URL while its newest result is younger than
 `Policy.horizon(interval)`, the interval being the URL's planned one or the agent's own observed
@@ -191,6 +193,11 @@ class Track:
     run_nxdomain: bool = False
     fresh_at: float | None = None  # its one fresh body on a dynamic page so far (see _fresh)
 
+    @property
+    def provisional(self) -> bool:
+        """Its newest present is its one fresh body on a dynamic page, not yet resolved."""
+        return self.fresh_at is not None and self.fresh_at == self.last_present_at
+
     def reset(self) -> None:
         self.witness = False
         self.last_class = None
@@ -325,9 +332,10 @@ class UrlFold:
         """One body never seen before on a dynamic page may be anyone's (a network's block page).
 
         Returns the class and whether it is *provisional*: the first fresh body of an agent that
-        is no witness yet. It holds the URL online, but neither dates the content nor makes a
-        block, until the agent's next load differs too (a witness) or repeats the body (a stable
-        page served to its network: it never saw the content, so it is no witness).
+        is no witness yet. It counts as present, but makes no block, and removal evidence from
+        before it is kept until the agent's next conclusive load: if the body repeats first (a
+        page served to its network), the agent never saw the content and is no witness, and the
+        evidence stands; anything else confirms the present, and the evidence is stale.
         """
         fresh = judged is not None and judged.fresh
         if fresh and self.state is UrlState.REMOVED:
@@ -340,9 +348,14 @@ class UrlFold:
             track.fresh_at = at
             return cls, True
         if cls is not ProbeClass.INCONCLUSIVE:
-            since = judged.since if judged is not None else None
-            if since is not None and since == track.fresh_at == track.last_present_at:
-                track.witness, track.last_present_at = False, None  # the body repeated
+            since = judged.since if judged is not None else at
+            for t in self.tracks.values():
+                if t.provisional and cls is ProbeClass.REMOVED and t.fresh_at == since < at:
+                    # That body has repeated: the provisional present was a page served to
+                    # its network (to this agent or another), never the content.
+                    t.witness, t.last_present_at, t.fresh_at = False, None, None
+            if track.provisional and track.fresh_at is not None:
+                self._presented(track.fresh_at)  # anything else: it was the content
             track.fresh_at = None
         return cls, False
 
@@ -383,13 +396,19 @@ class UrlFold:
         track.witness = True
         track.last_present_at = obs.at
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False
-        if provisional:
-            return events  # the episode's dates wait for this agent's next load
-        if self.last_present_at != obs.at:
-            self.prev_present_at = self.last_present_at
-        self.last_present_at = obs.at
-        self.first_removed_at = None
+        if not provisional:  # else the episode's dates wait for this agent's next load
+            self._presented(obs.at)
         return events
+
+    def _presented(self, at: float) -> None:
+        """The content was present at `at`: removal evidence from before it is stale."""
+        if self.last_present_at is not None and at < self.last_present_at:
+            return
+        if self.last_present_at != at:
+            self.prev_present_at = self.last_present_at
+        self.last_present_at = at
+        if self.first_removed_at is not None and self.first_removed_at <= at:
+            self.first_removed_at = None
 
     def _removed(self, track: Track, at: float, since: float, nxdomain: bool) -> None:
         track.run += 1
@@ -468,7 +487,7 @@ class UrlFold:
             # Blocked somewhere: a run of removed results that began before a live witness
             # last saw the content. A witness whose run is newer than every present is seeing
             # a removal in progress, not a block; nor is a provisional present evidence of one.
-            latest = max((t.last_present_at or 0.0 for t in seeing if t.fresh_at is None),
+            latest = max((t.last_present_at or 0.0 for t in seeing if not t.provisional),
                          default=0.0)  # fmt: skip
             blocked = any(t.run_first_at is not None and t.run_first_at < latest
                           for t in confirmed_run)  # fmt: skip
@@ -501,6 +520,17 @@ class UrlFold:
 
     def _confirm(self, now: float, confirming: list[Track]) -> Removal:
         observed = any(t.witness for t in confirming)
+        unresolved = [
+            t.fresh_at for t in self.tracks.values() if t.provisional and t.fresh_at is not None
+        ]
+        for t in self.tracks.values():
+            t.fresh_at = None
+        if unresolved and max(unresolved) > (self.last_present_at or float("-inf")):
+            # A provisional present left unresolved by an agent gone silent stands; without
+            # removal evidence kept from after it, the removal dates from its confirmation.
+            self._presented(max(unresolved))
+            if self.first_removed_at is None:
+                self.first_removed_at = now
         first = self.first_removed_at if observed else self.first_removed_any
         if first is None:
             first = min((t.run_first_at for t in confirming if t.run_first_at), default=now)
@@ -515,8 +545,6 @@ class UrlFold:
             provider=self.provider,
         )
         self.removal = removal
-        for t in self.tracks.values():
-            t.fresh_at = None  # a provisional present left by an agent gone silent is moot now
         if self.first_removal is None:
             self.first_removal = removal
         return removal

@@ -223,6 +223,33 @@ class TestContent:
         assert f.removal.last_present_at == 190 and f.removal.first_removed_at == 200
         assert f.removal.confirmed_at == 217
 
+    def test_first_fresh_body_after_removal_evidence_is_still_a_present(self) -> None:
+        """n1 sees 404 from 200, but n2's first load at 205 is a fresh body (a CDN edge not yet
+        purged) and its next a 404: the content was served at 205, so it went after that."""
+        rng = random.Random(9)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        obs += [*probes(1, 200, 300, 404), ob(2, 205, 200, rng.randbytes(32))]
+        f = fold(obs + probes(2, 215, 300, 404))
+        assert f.removal is not None and f.removal.last_present_at == 205
+        assert 205 < f.removal.first_removed_at <= 215
+        # Gone silent after that one load, its present still stands: dated no earlier than
+        # the confirmation.
+        f = fold(obs)
+        assert f.removal is not None and f.removal.last_present_at == 205
+        assert f.removal.first_removed_at == f.removal.confirmed_at
+
+    def test_replacement_first_loaded_by_a_new_agent_is_no_present(self) -> None:
+        """n2's first load (195) is the stable page that replaced a dynamic page; n1 loads it
+        next: the repeat takes n2's provisional present back, and the removal is dated by the
+        page's first sighting without waiting for n2."""
+        rng = random.Random(10)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        obs += [ob(2, 195, 200, OTHER), *probes(1, 200, 300, 200, OTHER)]
+        f = fold(obs)
+        assert not f.tracks[2].witness
+        assert f.removal is not None and f.removal.last_present_at == 190
+        assert f.removal.first_removed_at == 195 and f.removal.confirmed_at == 210
+
     def test_block_page_of_an_agent_silent_across_the_removal_is_no_reappearance(self) -> None:
         """n2 loads its block page once, falls silent, and is back after the removal with it
         (forgotten among n1's one-off bodies): its old provisional present and the new load

@@ -33,6 +33,7 @@ from tests.simulator import (
     INTERVAL,
     JITTER,
     PRESENT,
+    URL,
     Agent,
     K,
     Label,
@@ -141,6 +142,26 @@ def known_present_until(run: Run, removed_at: float) -> float:
     return removed_at - STEP
 
 
+def mistakable_loads(run: Run) -> set[float]:
+    """Block page loads the rules must take for the content, by when they were made.
+
+    On a dynamic page, a network's 200 block page at the URL loaded once, its agent then silent
+    (no answer but glitches) past the liveness horizon: a body never seen before is a present
+    (DOMAIN 2), and only the repeat that never came would have told it from the content.
+    """
+    if not run.land.dynamic:
+        return set()
+    out = set()
+    for p in run.made:
+        if p.label is not Label.BLOCKED or p.obs.status != 200 or p.obs.final_url != URL:
+            continue
+        later = [q.obs.at for q in run.made if q.obs.agent_id == p.obs.agent_id
+                 and q.obs.at > p.obs.at and q.label is not Label.GLITCH]  # fmt: skip
+        if not later or min(later) > p.obs.at + HORIZON:
+            out.add(p.obs.at)
+    return out
+
+
 def truth_violations(run: Run, blips: bool = True) -> list[str]:
     """Every way the fold's verdicts contradict the landscape's truth.
 
@@ -148,12 +169,15 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
     """
     land, events, bad = run.land, run.events, []
     removals = removal_events(events)
+    mistakable = mistakable_loads(run)
     for r in removals:
         seg = land.segment_at(r.first_removed_at)
         if seg.kind == PRESENT:
             bad.append(f"false removal: {r} while the content was present (since {seg.start})")
             continue
-        if r.last_present_at is None or r.last_present_at > seg.start:
+        if r.last_present_at is None or (
+            r.last_present_at > seg.start and r.last_present_at not in mistakable
+        ):
             bad.append(f"removal {r}: last present after the true removal at {seg.start}")
         if not r.observed_present:
             bad.append(f"removal {r}: flagged not observed present, but a witness saw it")
@@ -187,7 +211,8 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
             bad.append(f"true removal at {start} ({mode}) confirmed {len(found)} times: {found}")
             continue
         r = found[0]
-        if r.first_removed_at > start + STEP:
+        taken_for_content = any(start <= m <= r.first_removed_at for m in mistakable)
+        if r.first_removed_at > start + STEP and not taken_for_content:
             bad.append(f"removal at {start} ({mode}) dated late: {r}")
         if r.last_present_at is not None and r.last_present_at < known_present_until(run, start):
             bad.append(f"removal at {start} ({mode}): last present too early: {r}")
