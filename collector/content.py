@@ -15,13 +15,17 @@ another network sees the content, never becomes the content.
 When agreement comes, every earlier sighting of that hash is reported back so that the fold can
 count those probes as present.
 
-*Dynamic pages.* When `dynamic_after` different bodies were seen at the same place and none ever
-repeated, the page changes on every load (ads, tokens, timestamps): it is *dynamic*, and a 2xx
-there is present when its body was never seen before. A body that repeats on a dynamic page is a
-stable replacement ("this file has been removed"): removed, dated to its first sighting. A page
-whose baseline once looked stable (two identical cached renders) and then gives way to bodies that
-never repeat is declared dynamic too, not removed: a changing page is never taken for a removal.
-A hotline's reference hash is never declared dynamic.
+*Dynamic pages.* When a network's loads at the same place differ from each other and none of
+them ever repeated, and such networks gave `dynamic_after` different bodies, the page changes on
+every load (ads, tokens, timestamps): it is *dynamic*, and a 2xx there is present when its body
+was never seen before. Bodies that repeat (another network's 200 block page) are not the page,
+and a network served one is no evidence of it; they are remembered as stable bodies, kept before
+any one-off body when memory is full. A body that repeats on a dynamic page is a stable
+replacement ("this file has been removed") or a block page: removed, dated to its first sighting
+(fold.py tells the two apart by who saw the content). A page whose baseline once looked stable
+(two identical cached renders) and then gives way to bodies that never repeat is declared dynamic
+too, not removed: a changing page is never taken for a removal. A hotline's reference hash is
+never declared dynamic.
 
 *Against a baseline.* The baseline hash is present. A 2xx that ended at another place (host,
 port and path, ignoring scheme and query: http→https or a tracking parameter is not a move) was
@@ -196,23 +200,23 @@ class ContentMemory:
             self.baseline_truncated = self.candidate_truncated.get(sha256, truncated)
             return self._establish([sha256], sighting)
         here = [h for h, p in self.candidate_places.items() if p == where]
-        # Dynamic: one network's loads differ from each other. Different bodies to different
-        # networks, one each, are block pages or cloaking, not a changing page.
+        # Dynamic: a network's loads differ from each other and none of them repeated.
+        # Different bodies to different networks, one each, are block pages or cloaking, not a
+        # changing page; a body that repeats (another network's block page) is not the page,
+        # and a network that was served one is no evidence of it.
+        stable = {h for h in here if len(self.candidates[h]) > 1}
         bodies: dict[str, set[bytes]] = {}
         for h in here:
             for s in self.candidates[h]:
                 bodies.setdefault(s.network, set()).add(h)
-        changing = any(len(hs) >= 2 for hs in bodies.values())
-        if (
-            changing
-            and len(here) >= dynamic_after
-            and all(len(self.candidates[h]) == 1 for h in here)
-        ):
+        changing = [hs for hs in bodies.values() if len(hs) >= 2 and not hs & stable]
+        fresh = [h for h in here if any(h in hs for hs in changing)]
+        if len(fresh) >= dynamic_after:
             self.dynamic = True
             self.baseline_place = where
-            for h in here:
-                self._remember(h, self.candidates[h][0].at)
-            return self._establish(here, sighting)
+            for h in here:  # a stable body's next load reads as what it is: not the page
+                self._remember(h, self.candidates[h][0].at, len(self.candidates[h]))
+            return self._establish(fresh, sighting)
         if len(self.candidates) > MAX_VARIANTS:
             oldest = min(self.candidates, key=lambda h: self.candidates[h][0].at)
             del self.candidates[oldest]
@@ -227,8 +231,13 @@ class ContentMemory:
         self.candidate_truncated.clear()
         return Judgement(Verdict.PRESENT, now.at, established=earlier)
 
-    def _remember(self, sha256: bytes, at: float) -> None:
+    def _remember(self, sha256: bytes, at: float, count: int = 1) -> None:
         if len(self.variants) >= MAX_VARIANTS:
-            oldest = min(self.variants, key=lambda h: self.variants[h].first_seen)
+            # The oldest body seen once goes first: a stable page (a block page, a replacement)
+            # must stay known on a dynamic page, whose every load is another one-off body.
+            oldest = min(
+                self.variants,
+                key=lambda h: (self.variants[h].count > 1, self.variants[h].first_seen),
+            )
             del self.variants[oldest]
-        self.variants[sha256] = Variant(at)
+        self.variants[sha256] = Variant(at, count)

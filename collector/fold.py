@@ -20,7 +20,12 @@ neither confirms nor dates a removal; its confirmed run of removed results does 
 *geoblocked* while a live witness sees the content. Content nobody saw present in the episode is
 removed only when `min_vantage_points` networks (every network, if fewer are deployed) have each
 seen it removed `k` times; that removal is flagged `observed_present=False`, its latency an upper
-bound.
+bound. On a dynamic page the first body never seen before of an agent that is no witness yet is
+a *provisional* present: it counts as present (the agent a witness) but makes no block, and the
+removal evidence from before it is kept until the agent's next conclusive load. If the body
+repeats first (for any agent), it was a page served to that network (a block page): the agent
+never saw the content, is no witness, and the evidence stands; anything else confirms the
+present, and so does the agent falling silent (the removal then dates from its confirmation).
 
 *Liveness.* An agent is live on a URL while its newest result is younger than
 `Policy.horizon(interval)`, the interval being the URL's planned one or the agent's own observed
@@ -186,7 +191,12 @@ class Track:
     run: int = 0  # consecutive removed results since the last present (or the episode start)
     run_first_at: float | None = None
     run_nxdomain: bool = False
-    fresh_at: float | None = None  # a fresh body on a dynamic page while removed (see observe)
+    fresh_at: float | None = None  # its one fresh body on a dynamic page so far (see _fresh)
+
+    @property
+    def provisional(self) -> bool:
+        """Its newest present is its one fresh body on a dynamic page, not yet resolved."""
+        return self.fresh_at is not None and self.fresh_at == self.last_present_at
 
     def reset(self) -> None:
         self.witness = False
@@ -295,15 +305,7 @@ class UrlFold:
             track.last_at = obs.at
             track.network = obs.network
         cls, judged = self._classify(obs, networks)
-        if judged is not None and judged.fresh and self.state is UrlState.REMOVED:
-            # After a removal, one body never seen before may be anyone's page (a late
-            # network's block page): the dynamic content is back only when this agent's loads
-            # differ again, two fresh bodies in a row.
-            if track.fresh_at is None:
-                track.fresh_at = obs.at
-                cls = ProbeClass.INCONCLUSIVE
-        elif cls is not ProbeClass.INCONCLUSIVE:
-            track.fresh_at = None
+        cls, provisional = self._fresh(track, obs.at, cls, judged)
         self.last_class = cls
         events: list[Event] = []
         if judged is not None and judged.established:
@@ -313,16 +315,49 @@ class UrlFold:
             cls = ProbeClass.REMOVED if policy.nxdomain_is_removal else ProbeClass.INCONCLUSIVE
         if cls is not ProbeClass.INCONCLUSIVE:
             if cls is ProbeClass.PRESENT:
-                events += self._present(track, obs)
+                events += self._present(track, obs, provisional)
             else:
                 since = judged.since if judged is not None else obs.at
                 self._removed(track, obs.at, min(since, obs.at), nxdomain)
             track.last_class = cls
             self.last_conclusive_at = obs.at
-        self._attribute(obs, cls, events)
+        self._attribute(obs, ProbeClass.INCONCLUSIVE if provisional else cls, events)
         events += self._decide(obs.at, networks)
         self._update_liveness(obs.at)
         return events
+
+    def _fresh(
+        self, track: Track, at: float, cls: ProbeClass, judged: Judgement | None
+    ) -> tuple[ProbeClass, bool]:
+        """One body never seen before on a dynamic page may be anyone's (a network's block page).
+
+        Returns the class and whether it is *provisional*: the first fresh body of an agent that
+        is no witness yet. It counts as present, but makes no block, and removal evidence from
+        before it is kept until the agent's next conclusive load: if the body repeats first (a
+        page served to its network), the agent never saw the content and is no witness, and the
+        evidence stands; anything else confirms the present, and the evidence is stale.
+        """
+        fresh = judged is not None and judged.fresh
+        if fresh and self.state is UrlState.REMOVED:
+            # After a removal the content is back only on two fresh bodies in a row.
+            if track.fresh_at is None:
+                track.fresh_at = at
+                return ProbeClass.INCONCLUSIVE, False
+            return cls, False
+        if fresh and not track.witness:
+            track.fresh_at = at
+            return cls, True
+        if cls is not ProbeClass.INCONCLUSIVE:
+            since = judged.since if judged is not None else at
+            for t in self.tracks.values():
+                if t.provisional and cls is ProbeClass.REMOVED and t.fresh_at == since < at:
+                    # That body has repeated: the provisional present was a page served to
+                    # its network (to this agent or another), never the content.
+                    t.witness, t.last_present_at, t.fresh_at = False, None, None
+            if track.provisional and track.fresh_at is not None:
+                self._presented(track.fresh_at)  # anything else: it was the content
+            track.fresh_at = None
+        return cls, False
 
     def _classify(self, obs: Observation, networks: int) -> tuple[ProbeClass, Judgement | None]:
         cls = classify(obs, self.policy)
@@ -352,7 +387,7 @@ class UrlFold:
             if self.last_present_at is None or s.at > self.last_present_at:
                 self.last_present_at = s.at
 
-    def _present(self, track: Track, obs: Observation) -> list[Event]:
+    def _present(self, track: Track, obs: Observation, provisional: bool) -> list[Event]:
         events: list[Event] = []
         if self.state is UrlState.REMOVED:
             self._open_episode(obs.at)
@@ -361,11 +396,19 @@ class UrlFold:
         track.witness = True
         track.last_present_at = obs.at
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False
-        if self.last_present_at != obs.at:
-            self.prev_present_at = self.last_present_at
-        self.last_present_at = obs.at
-        self.first_removed_at = None
+        if not provisional:  # else the episode's dates wait for this agent's next load
+            self._presented(obs.at)
         return events
+
+    def _presented(self, at: float) -> None:
+        """The content was present at `at`: removal evidence from before it is stale."""
+        if self.last_present_at is not None and at < self.last_present_at:
+            return
+        if self.last_present_at != at:
+            self.prev_present_at = self.last_present_at
+        self.last_present_at = at
+        if self.first_removed_at is not None and self.first_removed_at <= at:
+            self.first_removed_at = None
 
     def _removed(self, track: Track, at: float, since: float, nxdomain: bool) -> None:
         track.run += 1
@@ -443,8 +486,9 @@ class UrlFold:
         if seeing:
             # Blocked somewhere: a run of removed results that began before a live witness
             # last saw the content. A witness whose run is newer than every present is seeing
-            # a removal in progress, not a block.
-            latest = max(t.last_present_at or 0.0 for t in seeing)
+            # a removal in progress, not a block; nor is a provisional present evidence of one.
+            latest = max((t.last_present_at or 0.0 for t in seeing if not t.provisional),
+                         default=0.0)  # fmt: skip
             blocked = any(t.run_first_at is not None and t.run_first_at < latest
                           for t in confirmed_run)  # fmt: skip
             new = UrlState.GEOBLOCKED if blocked else UrlState.AVAILABLE
@@ -476,6 +520,17 @@ class UrlFold:
 
     def _confirm(self, now: float, confirming: list[Track]) -> Removal:
         observed = any(t.witness for t in confirming)
+        unresolved = [
+            t.fresh_at for t in self.tracks.values() if t.provisional and t.fresh_at is not None
+        ]
+        for t in self.tracks.values():
+            t.fresh_at = None
+        if unresolved and max(unresolved) > (self.last_present_at or float("-inf")):
+            # A provisional present left unresolved by an agent gone silent stands; without
+            # removal evidence kept from after it, the removal dates from its confirmation.
+            self._presented(max(unresolved))
+            if self.first_removed_at is None:
+                self.first_removed_at = now
         first = self.first_removed_at if observed else self.first_removed_any
         if first is None:
             first = min((t.run_first_at for t in confirming if t.run_first_at), default=now)

@@ -12,7 +12,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-METHOD_VERSION = "tm-2026.12-witness"
+METHOD_VERSION = "tm-2026.12-witness.2"
 """Names the rules that made a verdict: shown in the table, the JSON, the page and the timeline."""
 
 HOUR = 3600.0

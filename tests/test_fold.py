@@ -172,6 +172,96 @@ class TestContent:
         assert f.state is UrlState.AVAILABLE
         assert f.removal is None
 
+    def test_block_page_of_another_network_does_not_hide_a_dynamic_page(self) -> None:
+        """n1 gets its ISP's 200 block page again and again at the URL, n2 a fresh body on
+        every load: the page is dynamic, n1 blocked, and n2's 404s are a removal (F4)."""
+        rng = random.Random(4)
+        obs = probes(1, 0, 400, 200, BLOCK_PAGE)
+        obs += [ob(2, t + 5, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        assert fold(obs).state is UrlState.GEOBLOCKED
+        f = fold(obs + probes(2, 200, 400, 404, offset=5))
+        assert f.content.dynamic and not f.tracks[1].witness
+        assert f.state is UrlState.REMOVED and f.removal is not None
+        assert f.removal.last_present_at == 195 and f.removal.first_removed_at == 205
+
+    def test_network_served_one_body_is_no_witness_of_a_dynamic_page(self) -> None:
+        """A block page among the first bodies (before n2's loads differ) is left out when the
+        page is found dynamic: n1 never witnesses through it, so it never confirms alone."""
+        rng = random.Random(5)
+        obs = [ob(1, 0, 200, BLOCK_PAGE), ob(2, 1, 200, rng.randbytes(32))]
+        obs += [ob(2, 5, 200, rng.randbytes(32)), *probes(1, 10, 600, 200, BLOCK_PAGE)]
+        obs += [ob(2, t + 1, 200, rng.randbytes(32)) for t in range(10, 200, 10)]
+        f = fold(obs)  # n2, the only witness, is silent from 191 on
+        assert f.content.dynamic and not f.tracks[1].witness
+        assert f.state is UrlState.GEOBLOCKED and f.removal is None
+
+    def test_late_network_block_page_on_a_dynamic_page_neither_dates_nor_confirms(self) -> None:
+        """n2 joins a dynamic page with its block page: the first load holds the URL online,
+        the repeat shows n2 never saw the content. The block page stays known past
+        MAX_VARIANTS fresh loads, and the removal is dated by n1 alone."""
+        rng = random.Random(6)
+        n1 = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 300, 10)]
+        n2 = probes(2, 105, 600, 200, BLOCK_PAGE)
+        f = fold(n1 + n2)  # n1 silent from 290 on: the block page confirms nothing
+        # Never forgotten among n1's one-off bodies: n2's run of block pages is unbroken.
+        assert not f.tracks[2].witness and f.tracks[2].run_first_at == 105
+        assert f.state is UrlState.GEOBLOCKED and f.removal is None
+        f = fold(n1 + n2 + probes(1, 300, 600, 404))
+        assert f.removal is not None
+        assert f.removal.last_present_at == 290 and f.removal.first_removed_at == 300
+
+    def test_block_page_first_seen_during_a_removal_dates_nothing(self) -> None:
+        """n2's first load, a block page, comes between n1's 404s: it holds the URL online
+        (available, no geoblock), and once it repeats the removal keeps n1's dates."""
+        rng = random.Random(7)
+        n1 = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        n1 += probes(1, 200, 300, 404)
+        obs = [*n1, ob(2, 207, 200, BLOCK_PAGE)]
+        assert fold([o for o in obs if o.at <= 210]).state is UrlState.AVAILABLE
+        f = fold(obs + probes(2, 217, 300, 200, BLOCK_PAGE))
+        assert f.state is UrlState.REMOVED and f.removal is not None
+        assert f.removal.last_present_at == 190 and f.removal.first_removed_at == 200
+        assert f.removal.confirmed_at == 217
+
+    def test_first_fresh_body_after_removal_evidence_is_still_a_present(self) -> None:
+        """n1 sees 404 from 200, but n2's first load at 205 is a fresh body (a CDN edge not yet
+        purged) and its next a 404: the content was served at 205, so it went after that."""
+        rng = random.Random(9)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        obs += [*probes(1, 200, 300, 404), ob(2, 205, 200, rng.randbytes(32))]
+        f = fold(obs + probes(2, 215, 300, 404))
+        assert f.removal is not None and f.removal.last_present_at == 205
+        assert 205 < f.removal.first_removed_at <= 215
+        # Gone silent after that one load, its present still stands: dated no earlier than
+        # the confirmation.
+        f = fold(obs)
+        assert f.removal is not None and f.removal.last_present_at == 205
+        assert f.removal.first_removed_at == f.removal.confirmed_at
+
+    def test_replacement_first_loaded_by_a_new_agent_is_no_present(self) -> None:
+        """n2's first load (195) is the stable page that replaced a dynamic page; n1 loads it
+        next: the repeat takes n2's provisional present back, and the removal is dated by the
+        page's first sighting without waiting for n2."""
+        rng = random.Random(10)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 200, 10)]
+        obs += [ob(2, 195, 200, OTHER), *probes(1, 200, 300, 200, OTHER)]
+        f = fold(obs)
+        assert not f.tracks[2].witness
+        assert f.removal is not None and f.removal.last_present_at == 190
+        assert f.removal.first_removed_at == 195 and f.removal.confirmed_at == 210
+
+    def test_block_page_of_an_agent_silent_across_the_removal_is_no_reappearance(self) -> None:
+        """n2 loads its block page once, falls silent, and is back after the removal with it
+        (forgotten among n1's one-off bodies): its old provisional present and the new load
+        are not two fresh bodies in a row."""
+        rng = random.Random(8)
+        obs = [ob(1, t, 200, rng.randbytes(32)) for t in range(0, 400, 10)]
+        obs += [ob(2, 105, 200, BLOCK_PAGE), *probes(1, 400, 600, 404)]
+        obs += probes(2, 505, 600, 200, BLOCK_PAGE)
+        f, evs = refold([Notice(0.0)], obs, method(), lambda _: 2)
+        assert f.state is UrlState.REMOVED and f.episode == 1
+        assert not any(isinstance(e, Reappearance) for e in evs)
+
     def test_isp_block_page_never_becomes_the_content(self) -> None:
         """A 200 block page seen by n1 only, the content by n2 and n3: the content is baseline."""
         obs = probes(1, 0, 100, 200, BLOCK_PAGE) + probes(2, 0, 100, 200, CONTENT, offset=1)

@@ -33,8 +33,10 @@ from tests.simulator import (
     INTERVAL,
     JITTER,
     PRESENT,
+    URL,
     Agent,
     K,
+    Label,
     Landscape,
     Network,
     Probe,
@@ -119,10 +121,45 @@ def removal_events(events: Iterable[Event]) -> list[Removal]:
     return [e for e in events if isinstance(e, Removal)]
 
 
-PARKED = frozenset({"dynamic-blockpage", "cloaked-pages", "truncated-baseline"})
-"""Configurations the random landscapes leave out while they reproduce an open finding (F4,
-F11 in tests/SIM_FINDINGS.md, each a strict xfail below), or whose truth is not knowable from
-hashes (cloaked pages: F10, kept pending); drop one once fixed."""
+PARKED = frozenset({"cloaked-pages"})
+"""Configurations the random landscapes leave out while they reproduce an open finding
+(tests/SIM_FINDINGS.md, each a strict xfail below), or whose truth is not knowable from hashes
+(cloaked pages: F10, kept pending); drop one once fixed."""
+
+
+def known_present_until(run: Run, removed_at: float) -> float:
+    """The latest the rules can know the content present before a removal at `removed_at`.
+
+    The truth, unless the content was first served cut at the byte cap: networks may then
+    agree on the cut hash, and a full body cannot be compared with it (DOMAIN 2), so the
+    content is known present only at the last cut body before the removal.
+    """
+    served = sorted((p.obs for p in run.made if p.label is Label.CONTENT or p.obs.truncated),
+                    key=lambda o: o.at)  # fmt: skip
+    cut = [o.at for o in served if o.truncated and o.at < removed_at]
+    if served and served[0].truncated and cut:
+        return min(removed_at - STEP, cut[-1])
+    return removed_at - STEP
+
+
+def mistakable_loads(run: Run) -> set[float]:
+    """Block page loads the rules must take for the content, by when they were made.
+
+    On a dynamic page, a network's 200 block page at the URL loaded once, its agent then silent
+    (no answer but glitches) past the liveness horizon: a body never seen before is a present
+    (DOMAIN 2), and only the repeat that never came would have told it from the content.
+    """
+    if not run.land.dynamic:
+        return set()
+    out = set()
+    for p in run.made:
+        if p.label is not Label.BLOCKED or p.obs.status != 200 or p.obs.final_url != URL:
+            continue
+        later = [q.obs.at for q in run.made if q.obs.agent_id == p.obs.agent_id
+                 and q.obs.at > p.obs.at and q.label is not Label.GLITCH]  # fmt: skip
+        if not later or min(later) > p.obs.at + HORIZON:
+            out.add(p.obs.at)
+    return out
 
 
 def truth_violations(run: Run, blips: bool = True) -> list[str]:
@@ -132,12 +169,15 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
     """
     land, events, bad = run.land, run.events, []
     removals = removal_events(events)
+    mistakable = mistakable_loads(run)
     for r in removals:
         seg = land.segment_at(r.first_removed_at)
         if seg.kind == PRESENT:
             bad.append(f"false removal: {r} while the content was present (since {seg.start})")
             continue
-        if r.last_present_at is None or r.last_present_at > seg.start:
+        if r.last_present_at is None or (
+            r.last_present_at > seg.start and r.last_present_at not in mistakable
+        ):
             bad.append(f"removal {r}: last present after the true removal at {seg.start}")
         if not r.observed_present:
             bad.append(f"removal {r}: flagged not observed present, but a witness saw it")
@@ -171,9 +211,10 @@ def truth_violations(run: Run, blips: bool = True) -> list[str]:
             bad.append(f"true removal at {start} ({mode}) confirmed {len(found)} times: {found}")
             continue
         r = found[0]
-        if r.first_removed_at > start + STEP:
+        taken_for_content = any(start <= m <= r.first_removed_at for m in mistakable)
+        if r.first_removed_at > start + STEP and not taken_for_content:
             bad.append(f"removal at {start} ({mode}) dated late: {r}")
-        if r.last_present_at is not None and r.last_present_at < start - STEP:
+        if r.last_present_at is not None and r.last_present_at < known_present_until(run, start):
             bad.append(f"removal at {start} ({mode}): last present too early: {r}")
         if r.confirmed_at >= until:
             bad.append(
@@ -403,7 +444,6 @@ class TestFindings:
         )
         assert truth_violations(refold_all(land)) == []
 
-    @pytest.mark.xfail(strict=True, reason="F4: a repeating block page hides a dynamic page")
     def test_block_page_at_the_url_of_a_dynamic_page(self) -> None:
         """One network's 200 block page at the URL does not stop a dynamic page being recognised."""
         land = Landscape(
@@ -530,12 +570,12 @@ class TestFindings:
         assert removal_events(run.events) == []
         assert run.fold.state is UrlState.PENDING
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="F11 (partly fixed): no false removal, but the interval starts at the last cut body",
-    )
     def test_first_loads_cut_at_the_byte_cap_in_two_networks(self) -> None:
-        """Bodies cut at the byte cap never make the full content look replaced."""
+        """Bodies cut at the byte cap never make the full content look replaced.
+
+        The cut hash agreed by two networks is the baseline; a full body cannot be compared
+        with it (DOMAIN 2), so the content is last known present at the last cut body.
+        """
         cut = (Window(0.0, minutes(3), "truncated"),)
         land = Landscape(
             segments=(Segment(0.0, PRESENT), Segment(minutes(15), "404")),
@@ -547,4 +587,8 @@ class TestFindings:
             agents=(agent(1, "net0"), agent(2, "net1"), agent(3, "net2", minutes(2))),
             end=minutes(35),
         )
-        assert truth_violations(refold_all(land)) == []
+        run = refold_all(land)
+        assert truth_violations(run) == []
+        (r,) = removal_events(run.events)
+        last_cut = max(p.obs.at for p in run.made if p.obs.truncated)
+        assert r.last_present_at == last_cut < minutes(3) and r.observed_present
