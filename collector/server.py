@@ -29,6 +29,7 @@ from collector.selfmetrics import SelfMetrics
 from collector.service import AgentHub, AgentLinkService, IntakeService
 from collector.signatures import Signatures
 from collector.store import Store, StoreError, Writer
+from collector.store.model import DEFAULT_FLUSH_EVERY
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class CollectorConfig:
     # Evidence: with a log key, every notice, result and verdict is a leaf of a signed log.
     # Verdict states are written behind, at most this often (results, episodes and events are
     # committed with every batch; a crash refolds the URLs not yet written at start).
-    flush_every: float = 5.0
+    flush_every: float = DEFAULT_FLUSH_EVERY
     log_key_file: Path | None = None
     checkpoint_every: float = 300.0
     verify_workers: int = 1  # processes checking agents' signatures (0: on the event loop)

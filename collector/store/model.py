@@ -10,6 +10,10 @@ if TYPE_CHECKING:
     from collector.evidence.leaves import Observation
 
 
+DEFAULT_FLUSH_EVERY = 5.0
+"""Seconds between writes of the verdict states behind (`serve --flush-every`)."""
+
+
 class StoreError(Exception):
     """The database could not do what was asked; nothing of that call was committed."""
 

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from collector.evidence.leaves import url_sha256
 from collector.method import UrlState, order_overdue_sql, overdue_sql
-from collector.store.model import CorruptDatabase, StoreError, Target
+from collector.store.model import DEFAULT_FLUSH_EVERY, CorruptDatabase, StoreError, Target
+
+# url_state is written behind (at most every DEFAULT_FLUSH_EVERY seconds), so a URL whose
+# newest results are not written yet can show a `live_until` up to that much in the past: it is
+# stale only once its live_until is older than that.
+STALE_GRACE = DEFAULT_FLUSH_EVERY
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -102,7 +107,7 @@ def provider_figures(
     params: list[float] = []
     for deadline in deadlines:
         params += [deadline, now]
-    params += [order_deadline, now, now]
+    params += [order_deadline, now, now - STALE_GRACE]
     reappeared = dict(
         conn.execute("SELECT provider, COUNT(*) FROM reappearance_log GROUP BY provider").fetchall()
     )
@@ -210,7 +215,7 @@ def url_outcomes(
         " (u.active = 1 AND s.live_until < ?)"
         " FROM url_state s JOIN urls u ON u.id = s.url_id WHERE 1 = 1"
     )
-    params: list[float] = [now if now is not None else time.time()]
+    params: list[float] = [(now if now is not None else time.time()) - STALE_GRACE]
     if since is not None:
         sql += " AND s.notified_at >= ?"
         params.append(since)
