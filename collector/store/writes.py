@@ -497,10 +497,12 @@ class Store:
                     except sqlite3.Error:
                         raise
                     except Exception:
-                        # What memory holds of the URLs it touched is not what is stored.
+                        # What memory holds of the URLs it touched is not what is stored. (The
+                        # verdicts earlier batches of the group logged still want a checkpoint.)
                         self._forget(results)
                         self._pending_reload()
-                        self._reload_log()
+                        if self.evidence is not None:
+                            self.evidence.reload()
                         again.append(i)
                 self._refold_pending(latest)
                 self._checkpoint_if_verdict(latest)
