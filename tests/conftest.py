@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -85,6 +86,23 @@ def agent_config(
         metrics_listen="127.0.0.1:0",
     )
     return replace(config, **changes)
+
+
+@contextlib.asynccontextmanager
+async def logging_collector(
+    tmp_path: Path, prefixes: Path, key_file: Path, **changes: Any
+) -> AsyncIterator[Collector]:
+    """The test collector keeping an evidence log signed with `key_file`, stopped gracefully."""
+    config = replace(
+        collector_config(tmp_path, prefixes), log_key_file=key_file, checkpoint_every=3600.0,
+        **changes,
+    )  # fmt: skip
+    collector = Collector(config)
+    await collector.start()
+    try:
+        yield collector
+    finally:
+        await collector.stop(grace=1)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from collector.store.reads import connect_readonly, results_count, url_statuses
 from demo.hoster import Fate, Hoster
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
-from tests.conftest import HOST_A, agent_config, collector_config, eventually
+from tests.conftest import HOST_A, agent_config, eventually, logging_collector
 
 pytestmark = pytest.mark.integration
 
@@ -50,22 +49,6 @@ URL = "http://a.example/reported"
 def log_key(tmp_path: Path) -> tuple[Path, NoteVerifier]:
     private, verifier = init_log_key(tmp_path / "log-key", "test.takedown/log")
     return private, verifier
-
-
-@contextlib.asynccontextmanager
-async def logging_collector(
-    tmp_path: Path, prefixes: Path, key_file: Path, **changes: Any
-) -> AsyncIterator[Collector]:
-    config = replace(
-        collector_config(tmp_path, prefixes), log_key_file=key_file, checkpoint_every=3600.0,
-        **changes,
-    )  # fmt: skip
-    collector = Collector(config)
-    await collector.start()
-    try:
-        yield collector
-    finally:
-        await collector.stop(grace=1)
 
 
 @pytest.fixture
@@ -115,6 +98,16 @@ async def hello(
     return call
 
 
+async def signed_stream(
+    channel: grpc.aio.Channel,
+) -> tuple[int, grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage], ResultSigner]:
+    """A reported URL, and an agent with a new key that said hello: (url id, call, signer)."""
+    url_id = await submit(channel)
+    key = AgentKey(Ed25519PrivateKey.generate())
+    call = await hello(channel, key.public_key)
+    return url_id, call, signer(key, urls={url_id: URL})
+
+
 async def first_of(
     call: grpc.aio.StreamStreamCall[pb.AgentMessage, pb.CollectorMessage], kind: str
 ) -> pb.CollectorMessage:
@@ -156,10 +149,7 @@ class TestStream:
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
         """Valid signatures: stored, acked, one observation leaf per result after the key."""
-        url_id = await submit(channel)
-        key = AgentKey(Ed25519PrivateKey.generate())
-        call = await hello(channel, key.public_key)
-        s = signer(key, urls={url_id: URL})
+        url_id, call, s = await signed_stream(channel)
         results = [result(url_id, n) for n in (1, 2, 3)]
         batch = pb.ResultBatch(
             batch_id=1, results=results, signatures=[s.signature(r) for r in results]
@@ -174,10 +164,7 @@ class TestStream:
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
         """One result signed over other values: INVALID_ARGUMENT naming it, nothing stored."""
-        url_id = await submit(channel)
-        key = AgentKey(Ed25519PrivateKey.generate())
-        call = await hello(channel, key.public_key)
-        s = signer(key, urls={url_id: URL})
+        url_id, call, s = await signed_stream(channel)
         results = [result(url_id, n) for n in (1, 2, 3)]
         signatures = [s.signature(r) for r in results]
         signatures[1] = s.signature(result(url_id, 2, status=404))  # signed: 404; sent: 200
@@ -242,10 +229,7 @@ class TestStream:
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
         """A result the agent could not sign (its URL left its assignment) is rejected alone."""
-        url_id = await submit(channel)
-        key = AgentKey(Ed25519PrivateKey.generate())
-        call = await hello(channel, key.public_key)
-        s = signer(key, urls={url_id: URL})
+        url_id, call, s = await signed_stream(channel)
         results = [result(url_id, 1), result(url_id, 2)]
         await call.write(
             pb.AgentMessage(
@@ -459,7 +443,7 @@ s = Signatures(Path(sys.argv[1]), workers=1)
 async def main():
     await s.first_bad(bytes(32), [], [])
     print(" ".join(str(p) for p in s._pool._processes), flush=True)  # type: ignore[union-attr]
-    await asyncio.sleep(60)
+    await asyncio.Event().wait()  # until the test kills it
 asyncio.run(main())
 """
 

@@ -27,8 +27,8 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +39,7 @@ from collector.importer import import_file
 from collector.server import Collector
 from collector.store.reads import connect_readonly, url_statuses
 from demo.hoster import Fate, Hoster
-from tests.conftest import HOST_A, HOST_B, agent_config, collector_config, eventually, scrape
+from tests.conftest import HOST_A, HOST_B, agent_config, eventually, logging_collector, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,17 +116,10 @@ def debug_log(tmp_path: Path) -> Iterator[Path]:
         handler.close()
 
 
-@contextlib.asynccontextmanager
-async def serving_collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
-    """The conftest collector's configuration with an evidence log, stopped gracefully."""
+def serving_collector(tmp_path: Path, prefixes: Path) -> Any:
+    """The conftest collector with an evidence log, stopped gracefully when the block ends."""
     key_file, _ = init_log_key(tmp_path / "log-key", "test.takedown/log")
-    config = replace(collector_config(tmp_path, prefixes), log_key_file=key_file)
-    collector = Collector(config)
-    await collector.start()
-    try:
-        yield collector
-    finally:
-        await collector.stop(grace=1)
+    return logging_collector(tmp_path, prefixes, key_file)
 
 
 @contextlib.asynccontextmanager

@@ -294,13 +294,6 @@ class Store:
             raise
         return int(row[0])
 
-    def agent_key(self, name: str) -> bytes:
-        """The public key pinned for agent `name`, empty if none."""
-        row = self.conn.execute(
-            "SELECT public_key FROM agent_keys WHERE name = ?", (name,)
-        ).fetchone()
-        return bytes(row[0]) if row else b""
-
     def _pin_key(self, name: str, network: str, key: bytes, source: str, now: float) -> None:
         row = self.conn.execute(
             "SELECT public_key, leaf FROM agent_keys WHERE name = ?", (name,)
