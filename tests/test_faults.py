@@ -199,7 +199,10 @@ def url_ids(db: Path) -> dict[str, int]:
 def check_ledger(db: Path, agent: AgentProc) -> int:
     """The agent (exited) left nothing unacknowledged, and its journal equals what is stored."""
     left = unacked(agent.spool)
-    assert left == 0, f"{agent.name}: {left} results still unacknowledged in its spool"
+    assert left == 0, (
+        f"{agent.name}: {left} results still unacknowledged in its spool; its log:\n"
+        f"{agent.proc.tail()}"
+    )
     produced = journal(agent.spool)
     got = stored(db, agent.name)
     missing = sorted(produced.keys() - got.keys())

@@ -18,6 +18,7 @@ from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
 from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
+from collector.store.writes import REFOLD_DELAY
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()
@@ -334,3 +335,59 @@ def test_bounded_verdict_cache_changes_nothing(tmp_path: Path, table: PrefixTabl
         finally:
             store.close()
     assert dumps[0] == dumps[1]
+
+
+def test_late_refolds_are_spread_over_transactions(tmp_path: Path, table: PrefixTable) -> None:
+    """After an outage every URL of a network may need a refold from its whole history: each
+    transaction does a budget's worth (at least one URL), so acks are never held for all of
+    them, and the refolds left over reach the same verdicts as a full refold."""
+    store = Store(tmp_path / "c.db", table, Policy(confirmations=2, min_vantage_points=1))
+    try:
+        ids = [
+            o.url_id
+            for o in store.submit_reports(
+                [report(f"http://x.example/{i}") for i in range(6)], NOW, PLANNER
+            )
+        ]
+        first, second = (store.register_agent(f"a{n}", f"net{n}", "1", NOW) for n in (1, 2))
+        watched, other = ids[:5], ids[5]
+
+        def probe(url_id: int, t: int, status: int = 200) -> ResultIn:
+            r = res(url_id, t * 10 + url_id, status)  # a seq of its own per URL and time
+            return dataclasses.replace(r, started_at=NOW + t)
+
+        store.ingest(first, [probe(u, t, 404 if t > 20 else 200) for t in range(1, 31)
+                             for u in watched], NOW + 40)  # fmt: skip
+        # The second network's spool arrives after the first's newer results: late for all.
+        store.ingest(second, [probe(u, t, 404 if t > 25 else 200) for t in range(1, 31)
+                              for u in watched], NOW + 100)  # fmt: skip
+
+        def waiting() -> int:
+            (n,) = store.conn.execute(
+                "SELECT COUNT(*) FROM url_state WHERE refold_pending = 1"
+            ).fetchone()
+            return int(n)
+
+        assert waiting() == 5
+        store.refold_budget = 0.0  # one URL per transaction, whatever this machine's speed
+        store.ingest(first, [probe(other, 31)], NOW + 100 + REFOLD_DELAY)
+        assert waiting() == 4
+        store.idle()
+        assert waiting() == 3
+        store.refold_due(NOW + 200, limited=False)
+        assert waiting() == 0
+
+        def history() -> list[list[tuple[object, ...]]]:
+            return [
+                store.conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+                for t in ("episodes", "url_events")
+            ]
+
+        before = history()
+        changes = store.refold(now=NOW + 300)
+        assert all(b == a for _, b, a in changes), "a spread refold decided differently"
+        assert history() == before
+        states = {s for (s,) in store.conn.execute("SELECT state FROM url_state")}
+        assert states == {"removed", "available"}  # the five watched, and the other one
+    finally:
+        store.close()

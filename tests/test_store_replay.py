@@ -103,7 +103,7 @@ class TestStoreReplay:
                 store.submit_reports(reports, T0, PLANNER)
                 for agent, batch in batches:
                     store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000)
-                store.refold_due(T0 + 1000)  # what the planner does every --replan-every
+                store.refold_due(T0 + 1000, limited=False)  # every refold owed (replans do it)
                 incremental = snapshot(db)
                 changes = store.refold(now=T0 + 2000)
             finally:

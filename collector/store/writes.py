@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ _FULL_MESSAGES = ("database or disk is full", "disk i/o error")
 CACHE_URLS = 250_000
 # How long a URL that got a result older than its tail waits for its refold (see ingest).
 REFOLD_DELAY = 2.0
+# Seconds of late refolds one writer transaction does at most (always at least one URL): a
+# refold reads a URL's whole history, and after an outage every URL of a network may be due,
+# seconds of work that would hold back every ack. The rest waits for the next transaction.
+REFOLD_BUDGET = 0.1
 # A result probed this long before its URL was reported cannot be one of ours.
 ANCIENT_SLACK = 86400.0
 
@@ -176,6 +181,7 @@ class Store:
         self._entries: OrderedDict[int, UrlEntry] = OrderedDict()
         self._cache_urls = cache_urls
         self._pending: dict[int, float] = {}
+        self.refold_budget = REFOLD_BUDGET
         self._last_now = 0.0
         # The evidence log, when the collector has a log key: every notice, stored result and
         # verdict event is a leaf appended in the transaction that stores the fact.
@@ -195,19 +201,19 @@ class Store:
         # A crash left URLs whose url_state is older than their results: refold them now.
         self._pending.update((u, 0.0) for (u,) in self.conn.execute("SELECT url_id FROM unflushed"))
         if self._pending:  # a crash left refolds due
-            self.refold_due(0.0)
+            self.refold_due(0.0, limited=False)
 
     def close(self) -> None:
         """Refold what is due (a clean stop leaves no refold for the next start), then close."""
         try:
-            self.refold_due(self._last_now)
+            self.refold_due(self._last_now, limited=False)
             self.flush(self._last_now)
         finally:
             self.conn.close()
 
     def idle(self) -> None:
-        """Nothing to do for a while: refold what a rollback left behind, write the dirty
-        folds (see flush)."""
+        """Nothing to do for a while: refold what a rollback left behind and a budget's worth
+        of the late refolds due, write the dirty folds (see flush)."""
         if self._stale:
             try:
                 with self._transaction():
@@ -215,6 +221,8 @@ class Store:
             except sqlite3.Error as exc:
                 self._forget()
                 raise translate(exc, self.path) from exc
+        if self._pending:
+            self.refold_due(self._last_now, everything=False)
         if self._dirty:
             self.flush(self._last_now)
 
@@ -452,7 +460,7 @@ class Store:
         try:
             with self._transaction():
                 done = self._ingest(agent_id, results, now, clock_offset)
-                self._refold_pending(now)
+                self._refold_pending(now, budget=self.refold_budget)
                 self._checkpoint_if_verdict(now)
         except sqlite3.Error as exc:
             self._forget(results)
@@ -497,7 +505,7 @@ class Store:
                         if self.evidence is not None:
                             self.evidence.reload()
                         again.append(i)
-                self._refold_pending(latest)
+                self._refold_pending(latest, budget=self.refold_budget)
                 self._checkpoint_if_verdict(latest)
         except sqlite3.Error as exc:
             self._forget()
@@ -519,8 +527,10 @@ class Store:
             except StoreError as exc:
                 log.error("flush_failed error=%s", exc)
 
-    def _refold_pending(self, now: float, everything: bool = False) -> None:
-        """Refold the URLs that got a result older than their tail, once it waited REFOLD_DELAY.
+    def _refold_pending(self, now: float, budget: float | None, everything: bool = False) -> None:
+        """Refold the URLs that got a result older than their tail, once it waited REFOLD_DELAY
+        (`everything`: all of them), the longest waiting first, for at most `budget` seconds
+        (None: no limit); what is left stays due for the next call.
 
         A spool delivered late arrives in many batches; refolding its URLs from the stored
         results after each would cost a read of their whole history per batch. Meanwhile the
@@ -528,10 +538,24 @@ class Store:
         database says a refold is due (done at start after a crash).
         """
         self._last_now = max(self._last_now, now)
-        due = [u for u, since in self._pending.items() if everything or now - since >= REFOLD_DELAY]
+        due = sorted(
+            (since, u)
+            for u, since in self._pending.items()
+            if everything or now - since >= REFOLD_DELAY
+        )
         if not due:
             return
-        self._refold_urls(sorted(due), now, None)
+        began = time.monotonic()
+        done = 0
+        for _, url_id in due:
+            self._refold_urls([url_id], now, None)
+            done += 1
+            if budget is not None and time.monotonic() - began >= budget:
+                break
+        log.debug(
+            "refolded_late urls=%d left=%d seconds=%.3f",
+            done, len(self._pending), time.monotonic() - began,
+        )  # fmt: skip
 
     def _pending_reload(self) -> None:
         """After a rollback: the pending set is what the database says."""
@@ -540,13 +564,16 @@ class Store:
             for (u,) in self.conn.execute("SELECT url_id FROM url_state WHERE refold_pending = 1")
         }
 
-    def refold_due(self, now: float) -> int:
-        """Refold every URL waiting for one (the planner calls this); return how many."""
+    def refold_due(self, now: float, limited: bool = True, everything: bool = True) -> int:
+        """Refold the URLs waiting for one, or those waiting REFOLD_DELAY (not `everything`),
+        for at most `refold_budget` seconds (all of them unless `limited`, as at start and
+        stop); return how many were waiting."""
         n = len(self._pending)
         if n:
+            budget = self.refold_budget if limited else None
             try:
                 with self._transaction():
-                    self._refold_pending(now, everything=True)
+                    self._refold_pending(now, budget, everything)
                     self._checkpoint_if_verdict(now)
             except sqlite3.Error as exc:
                 self._forget()
