@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
+import re
 import sqlite3
 import threading
 import time
@@ -391,3 +393,67 @@ def test_late_refolds_are_spread_over_transactions(tmp_path: Path, table: Prefix
         assert states == {"removed", "available"}  # the five watched, and the other one
     finally:
         store.close()
+
+
+VERDICTS = (
+    ("url_state", "url_id, state, episode, last_present_at, folded, removal_first_removed_at,"
+     " removal_confirmed_at, memory"),
+    ("episodes", "*"),
+    ("url_events", "url_id, at, kind, detail"),
+)  # fmt: skip
+
+
+def test_restart_resumes_folds_from_the_flushed_states(
+    tmp_path: Path, table: PrefixTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed between flushes, a store resumes each unflushed URL from its url_state row and
+    folds only the results stored after it, rather than refolding whole histories; the
+    verdicts are those of a store that wrote every state with its batch."""
+    ids: list[int] = []
+
+    def feed(store: Store, agents: list[int], steps: range) -> None:
+        for t in steps:
+            for n, agent in enumerate(agents):
+                batch = [
+                    dataclasses.replace(
+                        res(u, t * 10 + u, 404 if t > 15 and u in ids[:2] else 200),
+                        started_at=NOW + t + n / 2,  # the second network half a second later
+                    )
+                    for u in ids
+                ]
+                store.ingest(agent, batch, NOW + t + 1)
+
+    snapshots = []
+    for label, flush_every in (("every", 0.0), ("behind", 1e9)):
+        db = tmp_path / f"{label}.db"
+        store = Store(db, table, Policy(confirmations=2), flush_every=flush_every)
+        ids = [
+            o.url_id
+            for o in store.submit_reports(
+                [report(f"http://x.example/{i}") for i in range(4)], NOW, PLANNER
+            )
+        ]
+        agents = [store.register_agent(f"a{n}", f"net{n}", "1", NOW) for n in (1, 2)]
+        feed(store, agents, range(1, 11))
+        store.flush(NOW + 11)
+        feed(store, agents, range(11, 21))
+        if label == "behind":
+            store.conn.close()  # SIGKILL: the last ten rounds are in no url_state row
+            with caplog.at_level(logging.INFO, logger="collector.store.writes"):
+                store = Store(db, table, Policy(confirmations=2), flush_every=flush_every)
+            assert re.search(r"folds_resumed urls=4 refolds=0 ", caplog.text), caplog.text
+        store.flush(NOW + 21)  # the folds as resumed (every state is written already)
+        snapshots.append(
+            [
+                store.conn.execute(f"SELECT {c} FROM {t} ORDER BY 1, 2").fetchall()
+                for t, c in VERDICTS
+            ]
+        )
+        feed(store, agents, range(21, 31))
+        store.close()
+        with sqlite3.connect(db) as conn:
+            snapshots.append(
+                [conn.execute(f"SELECT {c} FROM {t} ORDER BY 1, 2").fetchall() for t, c in VERDICTS]
+            )
+    assert snapshots[2:] == snapshots[:2]  # right after the restart, and at the end
+    assert {row[1] for row in snapshots[1][0]} == {"removed", "available"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 import sqlite3
 import tempfile
@@ -51,7 +52,8 @@ def snapshot(db: Path) -> tuple[list[tuple[object, ...]], ...]:
 
 @st.composite
 def deliveries(draw: st.DrawFn) -> tuple[list[tuple[int, list[ResultIn]]], int]:
-    """Three agents' results on two URLs, cut into batches, shuffled, some delivered twice."""
+    """Three agents' results on two URLs, cut into batches, some delivered twice: shuffled,
+    or in about the order they were probed (agents a few seconds apart), as when all is well."""
     rng = random.Random(draw(st.integers(0, 2**32)))
     removed_at = {1: draw(st.sampled_from([200.0, 400.0, None])), 2: 300.0}
     blocked = draw(st.sampled_from([set(), {1}]))
@@ -79,7 +81,13 @@ def deliveries(draw: st.DrawFn) -> tuple[list[tuple[int, list[ResultIn]]], int]:
             t += 10.0
         size = draw(st.integers(1, 8))
         batches += [(agent, out[i : i + size]) for i in range(0, len(out), size)]
-    rng.shuffle(batches)
+    if draw(st.booleans()):
+        rng.shuffle(batches)
+    else:
+        # Each agent delivers in its own order (its seqs rising), some seconds behind. A
+        # batch's first probe was made in the step floor(started_at); the sort is stable.
+        delay = {agent: rng.uniform(0.0, 20.0) for agent in (1, 2, 3)}
+        batches.sort(key=lambda b: math.floor(b[1][0].started_at) + delay[b[0]])
     again = draw(st.integers(0, 3))
     batches += rng.sample(batches, min(again, len(batches)))
     return batches, draw(st.integers(1, 3))
@@ -117,16 +125,18 @@ def _shift(r: ResultIn) -> ResultIn:
 
 
 class TestWriteBehind:
-    @settings(max_examples=15, deadline=None)
-    @given(deliveries(), st.integers(0, 10_000))
+    @settings(max_examples=25, deadline=None)
+    @given(deliveries(), st.integers(0, 10_000), st.integers(0, 10_000))
     def test_crash_before_a_flush_loses_no_verdict(
-        self, case: tuple[list[tuple[int, list[ResultIn]]], int], cut: int
+        self, case: tuple[list[tuple[int, list[ResultIn]]], int], cut: int, flush: int
     ) -> None:
-        """States written behind, the process gone before a flush: after a restart (which
-        refolds the unflushed URLs) and the rest of the batches, the verdicts equal those of a
-        store that wrote every state with its batch."""
+        """States written behind (flushed once, at some point), the process gone later: after
+        a restart (which resumes the unflushed URLs from their checkpoints, or refolds them)
+        and the rest of the batches, the verdicts equal those of a store that wrote every
+        state with its batch."""
         batches, cache = case
         cut %= len(batches) + 1
+        flush %= len(batches) + 1
         reports = [ReportIn("http://x/a", T0, None, "r1"), ReportIn("http://x/b", T0, None, "r2")]
         with tempfile.TemporaryDirectory() as tmp:
             snapshots = []
@@ -141,6 +151,8 @@ class TestWriteBehind:
                 ids = {a: store.register_agent(f"a{a}", f"n{a}", "t", T0) for a in (1, 2, 3)}
                 store.submit_reports(reports, T0, PLANNER)
                 for n, (agent, batch) in enumerate(batches):
+                    if crash_at is not None and n == flush:
+                        store.flush(T0 + 1000)  # a checkpoint the restart may resume from
                     if n == crash_at:
                         store.conn.close()  # SIGKILL: no flush, no refold, memory gone
                         store = open_store()

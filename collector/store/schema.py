@@ -255,3 +255,11 @@ def m007_unflushed(db: Any) -> None:
     """URLs folded since their url_state row was last written (write-behind): a crash before
     the next flush refolds them at start."""
     _run(db, "CREATE TABLE unflushed (url_id INTEGER PRIMARY KEY)")
+
+
+@migrations()
+def m008_fold_checkpoints(db: Any) -> None:
+    """url_state rows as checkpoints: how many results each folded (-1: not known, a refold at
+    the next start after a crash), and the highest seq of each agent a flush covered."""
+    _run(db, "ALTER TABLE url_state ADD COLUMN folded INTEGER NOT NULL DEFAULT -1")
+    _run(db, "CREATE TABLE fold_marks (agent_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")

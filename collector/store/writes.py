@@ -37,6 +37,7 @@ from collector.fold import (
     Tail,
     UrlFold,
     classify,
+    event_order,
     refold,
 )
 from collector.method import Policy, ProbeClass, UrlState, is_order_overdue, is_overdue
@@ -116,6 +117,7 @@ class UrlEntry:
     created_at: float
     first_notice: float
     tail: Tail | None = None  # recent observations, in memory only (see fold.Tail)
+    folded: int = -1  # stored results folded into `fold` (-1: not known)
 
 
 _STATE_COLUMNS = "url_id, memory, provider, asn, cdn, origin_ip, method"
@@ -127,13 +129,17 @@ _SAVE_STATE = (
     " removal_first_removed_at = ?, removal_confirmed_at = ?, removal_latency = ?,"
     " removal_nxdomain = ?, removal_observed_present = ?, removed_at = ?, reappearances = ?,"
     " memory = ?, method = ?, opened_at = ?, live_until = ?, last_conclusive_at = ?,"
-    " first_provider = ?, truncated_vs_reference = ?, notified_at = ?, updated_at = ?"
-    " WHERE url_id = ?"
+    " first_provider = ?, truncated_vs_reference = ?, notified_at = ?, updated_at = ?,"
+    " folded = ? WHERE url_id = ?"
 )
 
 
-def _state_row(url_id: int, entry: UrlEntry, now: float) -> tuple[Any, ...]:
-    """The parameters of _SAVE_STATE for one URL's fold."""
+def _state_row(
+    url_id: int, entry: UrlEntry, now: float, checkpoint: bool = True
+) -> tuple[Any, ...]:
+    """The parameters of _SAVE_STATE for one URL's fold. Only a `checkpoint` (a flush, or a
+    state written with its batch) records how many results it folded: a restart resumes from
+    it (see Store._resume); other writes record -1, and a restart refolds such a URL."""
     f = entry.fold
     first = f.first_removal
     first_provider = first.provider if first and first.provider else entry.provider
@@ -144,7 +150,7 @@ def _state_row(url_id: int, entry: UrlEntry, now: float) -> tuple[Any, ...]:
             int(first.nxdomain) if first else 0, int(first.observed_present) if first else 1,
             f.removed_at, f.reappearances, dump_fold(f), f.method.version, f.opened_at,
             f.live_until, f.last_conclusive_at, first_provider, f.truncated_vs_reference,
-            entry.first_notice, now, url_id)  # fmt: skip
+            entry.first_notice, now, entry.folded if checkpoint else -1, url_id)  # fmt: skip
 
 
 _OBSERVATIONS = (
@@ -152,6 +158,9 @@ _OBSERVATIONS = (
     " r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
     " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id = ?"
     " ORDER BY r.started_at, r.agent_id, r.seq"
+)
+_OBSERVATIONS_SINCE = _OBSERVATIONS.replace(
+    "WHERE r.url_id = ?", "WHERE r.url_id = ? AND r.started_at >= ?"
 )
 _HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
 
@@ -198,10 +207,66 @@ class Store:
         self._stale: set[int] = set()
         self._flushed_at = 0.0
         self._pending_reload()
-        # A crash left URLs whose url_state is older than their results: refold them now.
-        self._pending.update((u, 0.0) for (u,) in self.conn.execute("SELECT url_id FROM unflushed"))
+        # A crash left URLs whose url_state is older than their results: resume their folds
+        # from it, or refold them.
+        self._resume_unflushed()
         if self._pending:  # a crash left refolds due
             self.refold_due(0.0, limited=False)
+
+    def _resume_unflushed(self) -> None:
+        """At start, after a crash: each URL folded since its url_state row was written
+        resumes from that row (the results after it folded on top), or is marked for a refold
+        from its whole history where that cannot be proven equal."""
+        unflushed = [u for (u,) in self.conn.execute("SELECT url_id FROM unflushed ORDER BY 1")]
+        if not unflushed:
+            return
+        began = time.monotonic()
+        marks = dict(self.conn.execute("SELECT agent_id, seq FROM fold_marks").fetchall())
+        resumed = 0
+        with self._transaction():
+            for url_id in unflushed:
+                if url_id in self._pending or not self._resume(url_id, marks):
+                    self._pending.setdefault(url_id, 0.0)
+                else:
+                    resumed += 1
+        log.info(
+            "folds_resumed urls=%d refolds=%d seconds=%.3f",
+            resumed, len(unflushed) - resumed, time.monotonic() - began,
+        )  # fmt: skip
+
+    def _resume(self, url_id: int, marks: dict[int, int]) -> bool:
+        """Fold the results stored after the URL's checkpoint onto it; False if that would
+        not equal a refold: the row is no checkpoint, or a result it does not cover is older
+        than its newest input.
+
+        A checkpoint written by a flush covers every result stored before it, which is each
+        agent's results up to its highest seq then (`fold_marks`); `folded` counts them. If as
+        many of the stored results are within the marks, the covered set is exactly the one
+        folded (any result stored after the flush with a seq within the marks would make one
+        too many), and the others come after the checkpoint in event time or it is refused.
+        """
+        row = self.conn.execute(
+            "SELECT folded, method FROM url_state WHERE url_id = ?", (url_id,)
+        ).fetchone()
+        if row is None or row[0] < 0 or row[1] != self.method.version:
+            return False
+        folded = int(row[0])
+        entry = self._load({url_id}, active_only=False).get(url_id)
+        if entry is None:
+            return False
+        fold = entry.fold
+        (total,) = self.conn.execute(
+            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
+        ).fetchone()
+        recent = self._observations(url_id, since=fold.newest_at)
+        after = sorted((o for o in recent if o.seq > marks.get(o.agent_id, -1)), key=event_order)
+        if total - len(after) != folded or (after and event_order(after[0]) < fold.newest_key):
+            return False
+        for obs in after:
+            fold.observe(obs, self.networks_at(obs.at))
+        entry.tail, entry.folded = None, total
+        self._dirty[url_id] = entry
+        return True
 
     def close(self) -> None:
         """Refold what is due (a clean stop leaves no refold for the next start), then close."""
@@ -386,8 +451,8 @@ class Store:
             fold = UrlFold.start(Notice(report.notified_at, report.sha256, due), self.method)
             c.execute(
                 "INSERT INTO url_state (url_id, state, notified_at, opened_at, order_issued_at,"
-                " order_deadline, origin_ip, baseline, memory, method, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " order_deadline, origin_ip, baseline, memory, method, updated_at, folded)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (url_id, UrlState.PENDING.value, report.notified_at, report.notified_at,
                  report.order_issued_at, report.order_deadline, report.origin_ip, report.sha256,
                  dump_fold(fold), self.method.version, now),
@@ -609,7 +674,17 @@ class Store:
                 self.conn.executemany(
                     _SAVE_STATE, [_state_row(u, dirty[u], now) for u in sorted(dirty)]
                 )
+                # What these states cover: every result stored so far, i.e. up to each agent's
+                # highest seq (see _resume). URLs a rollback left stale stay unflushed.
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO fold_marks (agent_id, seq) SELECT a.id,"
+                    " (SELECT MAX(r.seq) FROM results r WHERE r.agent_id = a.id) FROM agents a"
+                    " WHERE EXISTS (SELECT 1 FROM results r WHERE r.agent_id = a.id)"
+                )
                 self.conn.execute("DELETE FROM unflushed")
+                self.conn.executemany(
+                    "INSERT INTO unflushed (url_id) VALUES (?)", [(u,) for u in self._stale]
+                )
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
         n = len(dirty)
@@ -712,6 +787,8 @@ class Store:
                     late.add(r.url_id)
                 else:
                     entry.fold = entry.tail.head
+                    if entry.folded >= 0:
+                        entry.folded += 1
                     history.setdefault(r.url_id, []).extend(events)
                     if changed:
                         rewrite.add(r.url_id)
@@ -964,7 +1041,11 @@ class Store:
             )
         ]
 
-    def _observations(self, url_id: int) -> list[Observation]:
+    def _observations(self, url_id: int, since: float | None = None) -> list[Observation]:
+        """The URL's stored results in event order (those probed at or after `since`)."""
+        sql, params = _OBSERVATIONS, (url_id,)  # type: tuple[str, tuple[Any, ...]]
+        if since is not None and since > float("-inf"):
+            sql, params = _OBSERVATIONS_SINCE, (url_id, since)
         return [
             Observation(
                 agent,
@@ -995,7 +1076,7 @@ class Store:
                 provider,
                 asn,
                 cdn,
-            ) in self.conn.execute(_OBSERVATIONS, (url_id,))
+            ) in self.conn.execute(sql, params)
         ]
 
     def _refold_urls(
@@ -1017,9 +1098,9 @@ class Store:
             notices = self._notices(url_id)
             if not notices:
                 continue
-            fold, events = refold(notices, self._observations(url_id), self.method,
-                                  self.networks_at)  # fmt: skip
-            entry.fold, entry.tail = fold, None
+            observations = self._observations(url_id)
+            fold, events = refold(notices, observations, self.method, self.networks_at)
+            entry.fold, entry.tail, entry.folded = fold, None, len(observations)
             if self._pending.pop(url_id, None) is not None:
                 self.conn.execute(
                     "UPDATE url_state SET refold_pending = 0 WHERE url_id = ?", (url_id,)
@@ -1036,8 +1117,8 @@ class Store:
             )
             self._record(url_id, entry, events)
             self.conn.execute(*_save(url_id, entry, now))
-            if self._dirty.pop(url_id, None) is not None:
-                self.conn.execute("DELETE FROM unflushed WHERE url_id = ?", (url_id,))
+            self._dirty.pop(url_id, None)
+            self.conn.execute("DELETE FROM unflushed WHERE url_id = ?", (url_id,))
             changed.append((url_id, before, fold.state))
         return changed
 
@@ -1097,10 +1178,11 @@ class Store:
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            for (url_id, memory, provider, asn, cdn, origin_ip, method, created, notified
-                 ) in self.conn.execute(
+            for (url_id, memory, provider, asn, cdn, origin_ip, method, created, notified,
+                 folded) in self.conn.execute(
                 "SELECT s.url_id, s.memory, s.provider, s.asn, s.cdn, s.origin_ip, s.method,"
-                " u.created_at, s.notified_at FROM url_state s JOIN urls u ON u.id = s.url_id"
+                " u.created_at, s.notified_at, s.folded"
+                " FROM url_state s JOIN urls u ON u.id = s.url_id"
                 f" WHERE s.url_id IN ({marks}){active}",
                 chunk,
             ).fetchall():  # fmt: skip
@@ -1112,6 +1194,7 @@ class Store:
                 except UnreadableState:
                     fold, stale = UrlFold.start(Notice(notified), self.method), True
                 entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
+                entry.folded = folded
                 if stale:
                     self._refold_urls([url_id], 0.0, {url_id: entry})
                 out[url_id] = entry
@@ -1182,7 +1265,7 @@ def _us(seconds: float) -> int:
 
 
 def _save(url_id: int, entry: UrlEntry, now: float) -> tuple[str, tuple[Any, ...]]:
-    return _SAVE_STATE, _state_row(url_id, entry, now)
+    return _SAVE_STATE, _state_row(url_id, entry, now, checkpoint=False)
 
 
 def method_of(policy: Policy, planner: Planner) -> Method:
