@@ -277,9 +277,10 @@ def serve_parser() -> configargparse.ArgParser:
         "--metrics-max-age",
         type=duration_or_zero,
         default="10s",
-        help="per-provider figures on /metrics may be this old: a scrape is answered from the"
-        " last scan and starts a new one in the background past half of it (a scan reads every"
-        " URL's state); 0 scans at every scrape",
+        help="per-provider figures on /metrics may be about this old: a background thread"
+        " rescans every URL's state past half of it (less often if a scan takes long: at most"
+        " a fifth of the time scanning) and renders the text once, so a scrape never waits for"
+        " a scan once the first has landed; 0 scans at every scrape",
     )
     p.add_argument(
         "--buckets",

@@ -5,11 +5,13 @@ state into gauges, so every figure is right straight after a restart. Labels
 are providers and agents, never URLs or report ids.
 
 The per-provider figures scan every URL's state (about 200 ms for 100,000
-URLs). With ``max_age`` > 0 a scrape is answered from the last scan while it
-is younger than ``max_age`` and starts a new scan in the background once it is
-older than half of that (stale-while-revalidate), so a scrape costs only the
-text exposition and Prometheus sees figures at most about one scrape interval
-old. Agent health is always read live.
+URLs). With ``max_age`` > 0 a scrape is answered from the last scan while it is
+younger than ``max_age``, and a scan older than half of that is replaced in the
+background (stale-while-revalidate). The server also keeps the scan fresh
+between scrapes (``refresh_forever``, from its start) and has the provider
+families' text rendered with each scan (``provider_text``), so no scrape waits
+for a scan once the first has landed, whatever the scrape interval, and a
+scrape costs the agent families (read live) and a copy of that text.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from collector.durations import duration_label as deadline_label
 from collector.method import METHOD_VERSION, UrlState
@@ -60,6 +63,7 @@ class StateCollector(Collector):
         order_deadline: float = 12 * 3600.0,
         max_age: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
+        prerendered: bool = False,
     ) -> None:
         self.order_deadline = order_deadline
         self.db_path = db_path
@@ -71,13 +75,24 @@ class StateCollector(Collector):
         self.monotonic = monotonic
         self._kept: tuple[float, list[reads.ProviderFigures]] | None = None
         self._scanning = threading.Lock()  # one scan at a time
+        # With `prerendered`, collect() leaves the provider families out: the caller appends
+        # provider_text(), rendered once per scan rather than at every scrape.
+        self.prerendered = prerendered
+        self._text: tuple[list[reads.ProviderFigures], bytes] | None = None
+        self.scan_seconds = 0.0  # how long the last scan took (with its rendering)
+        self._refreshing = False  # refresh_forever keeps the scan fresh: no scrape waits
 
     def describe(self) -> list[Metric]:
         return []
 
     def scan(self) -> list[reads.ProviderFigures]:
-        """Read the per-provider figures now, and keep them for later scrapes."""
+        """Read the per-provider figures now, and keep them for later scrapes. (The first
+        scrape after a start may wait for the refresher's first scan: that one is served.)"""
+        waited = self._kept
         with self._scanning:
+            kept = self._kept
+            if self._refreshing and kept is not None and kept is not waited:
+                return kept[1]
             return self._scan_holding_lock()
 
     def _scan_holding_lock(self) -> list[reads.ProviderFigures]:
@@ -89,8 +104,39 @@ class StateCollector(Collector):
             )
         finally:
             conn.close()
+        if self.prerendered:
+            self._text = (figures, self._render(figures))
         self._kept = (started, figures)
+        self.scan_seconds = max(0.0, self.monotonic() - started)
         return figures
+
+    def _render(self, figures: Sequence[reads.ProviderFigures]) -> bytes:
+        """The text exposition of the provider families, as generate_latest writes it."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families([*self._urls(figures), *self._latency(figures)]))
+        return generate_latest(registry)
+
+    def provider_text(self) -> bytes:
+        """The provider families' text for a scrape (see `figures` for how fresh)."""
+        figures = self.figures()
+        text = self._text
+        if text is None or text[0] is not figures:
+            text = (figures, self._render(figures))
+            self._text = text
+        return text[1]
+
+    def refresh_forever(self, stop: threading.Event) -> None:
+        """Keep the kept scan fresh between scrapes, for a thread of its own until `stop`:
+        a scan when the kept one is past half of `max_age`, at most one in five seconds of
+        scanning (a scan of a million URLs takes seconds: the figures then age more)."""
+        self._refreshing = True
+        while not stop.is_set():
+            kept = self._kept
+            due = kept is None or self.monotonic() - kept[0] > self.max_age / 2
+            if due and self._scanning.acquire(blocking=False):
+                self._rescan()  # releases the lock
+            pause = max(self.max_age / 4, 4 * self.scan_seconds)
+            stop.wait(pause)
 
     def _rescan(self) -> None:
         """A background scan; the scrape that started it took the lock for it."""
@@ -102,22 +148,27 @@ class StateCollector(Collector):
             self._scanning.release()
 
     def figures(self) -> list[reads.ProviderFigures]:
-        """The figures a scrape shows: kept ones while fresh enough, else a new scan."""
+        """The figures a scrape shows: a new scan without max_age, before the first has
+        landed, or (unless `refresh_forever` runs) past max_age; else the kept ones, replaced
+        in the background past half of max_age (by the refresher, if one runs)."""
         kept = self._kept
         if self.max_age <= 0 or kept is None:
             return self.scan()
         age = self.monotonic() - kept[0]
-        if age > self.max_age:
+        if age > self.max_age and not self._refreshing:
             return self.scan()
         # Taken here, released by the scan: scrapes racing in before it starts start no other.
-        if age > self.max_age / 2 and self._scanning.acquire(blocking=False):
+        # With a refresher, scans are its own (scrapes would scan at their own pace).
+        stale = age > self.max_age / 2 and not self._refreshing
+        if stale and self._scanning.acquire(blocking=False):
             threading.Thread(target=self._rescan, name="metrics-scan", daemon=True).start()
         return kept[1]
 
     def collect(self) -> Iterator[Metric]:
-        figures = self.figures()
-        yield from self._urls(figures)
-        yield from self._latency(figures)
+        if not self.prerendered:
+            figures = self.figures()
+            yield from self._urls(figures)
+            yield from self._latency(figures)
         conn = reads.connect_readonly(self.db_path)
         try:
             yield from self._agents(conn)
@@ -218,3 +269,13 @@ class StateCollector(Collector):
         for name, cls, n in reads.result_counts(conn):
             results.add_metric([name, cls], n)
         yield results
+
+
+class _Families(Collector):
+    """Metric families already built, for one rendering."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class Collector:
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self.state: StateCollector | None = None
+        self._refresher: threading.Thread | None = None
+        self._refresher_stop = threading.Event()
         self._planning: asyncio.Task[None] | None = None
         self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
@@ -184,17 +188,25 @@ class Collector:
             raise OSError(f"cannot listen for gRPC on {self.config.listen}")
         await server.start()
         self._server = server
-        self.registry.register(
-            StateCollector(
-                self.config.db,
-                self.hub.connected,
-                self.config.buckets,
-                self.config.deadlines,
-                self.clock,
-                self.config.planner.order_deadline,
-                max_age=self.config.metrics_max_age,
-            )
+        self.state = StateCollector(
+            self.config.db,
+            self.hub.connected,
+            self.config.buckets,
+            self.config.deadlines,
+            self.clock,
+            self.config.planner.order_deadline,
+            max_age=self.config.metrics_max_age,
+            prerendered=True,
         )
+        self.registry.register(self.state)
+        if self.config.metrics_max_age > 0:  # the first scan starts now, then stays fresh
+            self._refresher = threading.Thread(
+                target=self.state.refresh_forever,
+                args=(self._refresher_stop,),
+                name="metrics-refresh",
+                daemon=True,
+            )
+            self._refresher.start()
         await self._start_http()
         await self.replan()
         self._planning = asyncio.create_task(self._replan_forever(), name="replan")
@@ -222,7 +234,11 @@ class Collector:
 
     async def _start_http(self) -> None:
         async def metrics(_: web.Request) -> web.Response:
-            body = await asyncio.to_thread(generate_latest, self.registry)
+            def render() -> bytes:
+                assert self.state is not None
+                return generate_latest(self.registry) + self.state.provider_text()
+
+            body = await asyncio.to_thread(render)
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def healthz(_: web.Request) -> web.Response:
@@ -287,6 +303,10 @@ class Collector:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._refresher_stop.set()
+        if self._refresher is not None:
+            await asyncio.to_thread(self._refresher.join, 30)
+            self._refresher = None
         if self.config.log_key_file is not None and self.writer.running:
             try:
                 await self.checkpoint()  # the last results and verdicts under a signed head

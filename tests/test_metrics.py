@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from collector.attribution import PrefixTable
 from collector.metrics import StateCollector
@@ -135,3 +135,45 @@ def test_scrapes_racing_a_background_scan_start_no_other(
         time.sleep(0.01)
     assert len(calls) == 1
     assert state.figures() is not first  # the background scan's figures are served now
+
+
+def test_prerendered_text_is_the_exposition_and_kept_fresh_without_scrapes(store: Store) -> None:
+    """As the server runs it: the provider families are rendered once per scan, byte for byte
+    what the registry would render; a refresher thread replaces the scan while nobody scrapes,
+    so a scrape finds new figures without waiting for a scan."""
+    url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
+    agent = store.register_agent("a1", "net", "t", NOW)
+    store.ingest(agent, [res(url_id, 1)], NOW)
+    plain = StateCollector(store.path, dict, clock=lambda: NOW)
+    reference = CollectorRegistry()
+    reference.register(plain)
+    state = StateCollector(store.path, dict, clock=lambda: NOW, max_age=0.2, prerendered=True)
+    registry = CollectorRegistry()
+    registry.register(state)
+    assert "takedown_urls" not in generate_latest(registry).decode()
+    assert "takedown_agent_connected" in generate_latest(registry).decode()
+
+    def providers(text: bytes) -> list[str]:
+        return sorted(line for line in text.decode().splitlines() if "provider=" in line)
+
+    first = state.provider_text()
+    assert providers(first) == providers(generate_latest(reference))
+    assert 'takedown_urls{provider="Example",state="available"} 1.0' in first.decode()
+
+    stop = threading.Event()
+    refresher = threading.Thread(target=state.refresh_forever, args=(stop,), daemon=True)
+    refresher.start()
+    try:
+        store.ingest(agent, [res(url_id, 2, 404), res(url_id, 3, 404)], NOW)
+        kept = state._kept
+        deadline = time.monotonic() + 10
+        while state._kept is kept:  # no scrape meanwhile: only the refresher scans
+            assert time.monotonic() < deadline, "the refresher never replaced the scan"
+            stop.wait(0.02)
+        text = state.provider_text()
+        assert 'takedown_urls{provider="Example",state="removed"} 1.0' in text.decode()
+        assert providers(text) == providers(generate_latest(reference))
+    finally:
+        stop.set()
+        refresher.join(10)
+    assert not refresher.is_alive()
