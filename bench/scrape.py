@@ -3,12 +3,13 @@
 A database is filled through the collector's own ``Store`` (reports, then results from two
 agents whose peer addresses are attributed to ``--providers`` providers; a third of the URLs
 get removed, so the latency histograms fill). A collector child process serves it, and
-``/metrics`` is fetched ``--scrapes`` times over HTTP on 127.0.0.1, twice: scanning the
-database at every scrape (``--metrics-max-age 0``), and answering from a kept scan refreshed in
-the background (``--metrics-max-age``, scrapes paced at 0.6 of it, so every scrape finds the
-scan past half its age and starts a new one, as with Prometheus scraping more often than the
-max age). In-process, the same ``StateCollector`` is timed with its queries apart from the
-text exposition.
+``/metrics`` is fetched ``--scrapes`` times over HTTP on 127.0.0.1, three times: scanning the
+database at every scrape (``--metrics-max-age 0``), and with ``--metrics-max-age`` (the
+server's refresher keeps a scan and its rendered text fresh) with scrapes paced at 0.6 and at
+1.5 of the max age (Prometheus scraping more often than the max age, and less often: the
+shipped 30 s interval against the 10 s default). The first scrape of each run comes right
+after the collector serves, and is shown apart. In-process, the same ``StateCollector`` is
+timed with its queries apart from the text exposition.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import ResultIn, Store
 
-TARGET_SECONDS = 0.250
+TARGET_SECONDS = 0.050  # issue 13: with any scrape interval, at 1,000 providers and 100,000 URLs
 PROVIDER_FAMILIES = (b"takedown_urls", b"takedown_removal_latency", b"takedown_overdue")
 PROVIDER_NET = ipaddress.ip_network("127.100.0.0/16")  # peer addresses in stored results only
 
@@ -104,7 +105,9 @@ class ScrapeReport:
     providers: int
     urls: int
     scrapes: list[float]
-    kept: list[float]  # with max_age: the scrapes after the first (which scans)
+    kept: list[float]  # with max_age, scraped every 0.6 of it: the scrapes after the first
+    slow: list[float]  # the same, scraped every 1.5 of max_age
+    first: list[float]  # the first scrape after the start, of the two max_age runs
     max_age: float
     size: int
     samples: int
@@ -128,6 +131,14 @@ class ScrapeReport:
     @property
     def kept_worst(self) -> float:
         return max(self.kept) if self.kept else 0.0
+
+    @property
+    def slow_p50(self) -> float:
+        return percentile(self.slow, 50)
+
+    @property
+    def slow_worst(self) -> float:
+        return max(self.slow) if self.slow else 0.0
 
 
 async def _scrape(
@@ -189,38 +200,48 @@ def benchmark(
             times, body = run(_scrape(collector.info["metrics_port"], scrapes, seconds))
         finally:
             collector.stop(60.0)
-        collector = start_collector(db, prefixes, metrics_max_age=max_age)
-        try:
-            paced, kept_body = run(
-                _scrape(collector.info["metrics_port"], scrapes + 1, seconds, 0.6 * max_age)
-            )
-        finally:
-            collector.stop(60.0)
-        if provider_lines(kept_body) != provider_lines(body):
-            raise RuntimeError("/metrics from a kept scan differs from a fresh scan")
+        paced: dict[float, list[float]] = {}
+        for pace in (0.6, 1.5):
+            collector = start_collector(db, prefixes, metrics_max_age=max_age)
+            try:
+                paced[pace], kept_body = run(
+                    _scrape(collector.info["metrics_port"], scrapes + 1, seconds, pace * max_age)
+                )
+            finally:
+                collector.stop(60.0)
+            if provider_lines(kept_body) != provider_lines(body):
+                raise RuntimeError("/metrics from a kept scan differs from a fresh scan")
         collect_s, expose_s = in_process(db)
         samples = sum(len(f.samples) for f in text_string_to_metric_families(body.decode()))
         report = ScrapeReport(
-            providers, urls, times, paced[1:], max_age, len(body), samples, collect_s,
-            expose_s, file_size(db),
+            providers, urls, times, paced[0.6][1:], paced[1.5][1:],
+            [paced[0.6][0], paced[1.5][0]], max_age, len(body), samples, collect_s, expose_s,
+            file_size(db),
         )  # fmt: skip
     report.text = _render(report)
     return report
 
 
 def _render(r: ScrapeReport) -> str:
-    ok = "ok" if r.worst <= TARGET_SECONDS else "MISSED"
-    kept_ok = "ok" if r.kept_worst <= TARGET_SECONDS else "MISSED"
+    def verdict(seconds: float) -> str:
+        return (
+            f"<= {1000 * TARGET_SECONDS:.0f} ms: {'ok' if seconds <= TARGET_SECONDS else 'MISSED'}"
+        )
+
+    age = f"max age {r.max_age:g} s"
     rows: list[list[object]] = [
         ["providers / URLs", f"{r.providers:,} / {r.urls:,}"],
         ["database", mib(r.db_bytes)],
         ["scrapes", len(r.scrapes)],
         ["scan every scrape: /metrics p50 (ms)", 1000 * r.p50],
         ["scan every scrape: /metrics worst (ms)", 1000 * r.worst],
-        ["scan every scrape: target", f"<= {1000 * TARGET_SECONDS:.0f} ms: {ok}"],
-        [f"kept scan (max age {r.max_age:g} s): /metrics p50 (ms)", 1000 * r.kept_p50],
-        [f"kept scan (max age {r.max_age:g} s): /metrics worst (ms)", 1000 * r.kept_worst],
-        ["kept scan: target", f"<= {1000 * TARGET_SECONDS:.0f} ms: {kept_ok}"],
+        ["scan every scrape: target", verdict(r.worst)],
+        [f"{age}, scraped every 0.6 of it: p50 (ms)", 1000 * r.kept_p50],
+        [f"{age}, scraped every 0.6 of it: worst (ms)", 1000 * r.kept_worst],
+        [f"{age}, scraped every 1.5 of it: p50 (ms)", 1000 * r.slow_p50],
+        [f"{age}, scraped every 1.5 of it: worst (ms)", 1000 * r.slow_worst],
+        [f"{age}: target", verdict(max(r.kept_worst, r.slow_worst))],
+        ["first scrape after a start, worst (ms)", 1000 * max(r.first, default=0.0)],
         ["body size", mib(r.size)],
         ["samples", r.samples],
         ["in-process: queries (ms)", 1000 * r.collect_s],

@@ -74,7 +74,8 @@ def test_scale() -> None:
 def test_scrape() -> None:
     """/metrics over HTTP names every provider; the in-process split is measured."""
     report = scrape.benchmark(providers=40, urls=800, scrapes=3, seconds=30, max_age=0.5)
-    assert len(report.scrapes) == 3 and len(report.kept) == 3
+    assert len(report.scrapes) == 3 and len(report.kept) == len(report.slow) == 3
+    assert len(report.first) == 2
     assert report.samples > 40 * 20
     assert report.collect_s > 0
     assert "/metrics worst" in report.text
