@@ -403,12 +403,14 @@ VERDICTS = (
 )  # fmt: skip
 
 
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
 def test_restart_resumes_folds_from_the_flushed_states(
-    tmp_path: Path, table: PrefixTable, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, table: PrefixTable, caplog: pytest.LogCaptureFixture, damaged: bool
 ) -> None:
     """Killed between flushes, a store resumes each unflushed URL from its url_state row and
     folds only the results stored after it, rather than refolding whole histories; the
-    verdicts are those of a store that wrote every state with its batch."""
+    verdicts are those of a store that wrote every state with its batch. A damaged row (cut
+    short, or a field missing) is said in the log and refolded from the stored results."""
     ids: list[int] = []
 
     def feed(store: Store, agents: list[int], steps: range) -> None:
@@ -439,9 +441,26 @@ def test_restart_resumes_folds_from_the_flushed_states(
         feed(store, agents, range(11, 21))
         if label == "behind":
             store.conn.close()  # SIGKILL: the last ten rounds are in no url_state row
+            if damaged:
+                with sqlite3.connect(db) as conn:
+                    (memory,) = conn.execute(
+                        "SELECT memory FROM url_state WHERE url_id = ?", (ids[0],)
+                    ).fetchone()
+                    conn.execute(
+                        "UPDATE url_state SET memory = ? WHERE url_id = ?",
+                        (memory[: len(memory) // 2], ids[0]),
+                    )
+                    conn.execute(
+                        "UPDATE url_state SET memory = json_remove(memory, '$.tracks')"
+                        " WHERE url_id = ?",
+                        (ids[1],),
+                    )
             with caplog.at_level(logging.INFO, logger="collector.store.writes"):
                 store = Store(db, table, Policy(confirmations=2), flush_every=flush_every)
-            assert re.search(r"folds_resumed urls=4 refolds=0 ", caplog.text), caplog.text
+            want = "urls=2 refolds=0 .*refolded: 2" if damaged else "urls=4 refolds=0 .*refolded: 0"
+            assert re.search(f"folds_resumed {want}", caplog.text), caplog.text
+            for url_id in ids[:2] if damaged else ():
+                assert f"fold_state_unreadable url_id={url_id} " in caplog.text
         store.flush(NOW + 21)  # the folds as resumed (every state is written already)
         snapshots.append(
             [

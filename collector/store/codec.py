@@ -89,12 +89,22 @@ class UnreadableState(ValueError):
 
 
 def load_fold(text: str, method: Method) -> UrlFold:
+    """The fold a state was dumped from; UnreadableState if it is of another codec version
+    or damaged (not JSON, or JSON that is not a state of this version: a field missing or of
+    the wrong kind)."""
     try:
         d: dict[str, Any] = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UnreadableState(f"fold state is not JSON: {exc}") from exc
     if not isinstance(d, dict) or d.get("v") != CODEC_VERSION:
         raise UnreadableState("fold state from another codec version")
+    try:
+        return _decode(d, method)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise UnreadableState(f"fold state damaged: {exc!r}") from exc
+
+
+def _decode(d: dict[str, Any], method: Method) -> UrlFold:
     c = d["content"]
     content = ContentMemory(
         baseline=bytes.fromhex(c["baseline"]) if c["baseline"] else None,

@@ -222,22 +222,23 @@ class Store:
             return
         began = time.monotonic()
         marks = dict(self.conn.execute("SELECT agent_id, seq FROM fold_marks").fetchall())
-        resumed = 0
+        outcomes = {"resumed": 0, "refolded": 0, "due": 0}
         with self._transaction():
             for url_id in unflushed:
-                if url_id in self._pending or not self._resume(url_id, marks):
+                outcome = "due" if url_id in self._pending else self._resume(url_id, marks)
+                if outcome == "due":
                     self._pending.setdefault(url_id, 0.0)
-                else:
-                    resumed += 1
+                outcomes[outcome] += 1
         log.info(
-            "folds_resumed urls=%d refolds=%d seconds=%.3f",
-            resumed, len(unflushed) - resumed, time.monotonic() - began,
+            "folds_resumed urls=%d refolds=%d seconds=%.3f (damaged states refolded: %d)",
+            outcomes["resumed"], outcomes["due"], time.monotonic() - began, outcomes["refolded"],
         )  # fmt: skip
 
-    def _resume(self, url_id: int, marks: dict[int, int]) -> bool:
-        """Fold the results stored after the URL's checkpoint onto it; False if that would
-        not equal a refold: the row is no checkpoint, or a result it does not cover is older
-        than its newest input.
+    def _resume(self, url_id: int, marks: dict[int, int]) -> str:
+        """Fold the results stored after the URL's checkpoint onto it ("resumed"); "due" if
+        that would not equal a refold (the row is no checkpoint, or a result it does not
+        cover is older than its newest input); "refolded" if its state was unreadable (see
+        _load).
 
         A checkpoint written by a flush covers every result stored before it, which is each
         agent's results up to its highest seq then (`fold_marks`); `folded` counts them. If as
@@ -249,11 +250,14 @@ class Store:
             "SELECT folded, method FROM url_state WHERE url_id = ?", (url_id,)
         ).fetchone()
         if row is None or row[0] < 0 or row[1] != self.method.version:
-            return False
+            return "due"
         folded = int(row[0])
-        entry = self._load({url_id}, active_only=False).get(url_id)
+        refolded: set[int] = set()
+        entry = self._load({url_id}, active_only=False, refolded=refolded).get(url_id)
         if entry is None:
-            return False
+            return "due"
+        if refolded:
+            return "refolded"  # in full: nothing to resume
         fold = entry.fold
         (total,) = self.conn.execute(
             "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
@@ -261,12 +265,12 @@ class Store:
         recent = self._observations(url_id, since=fold.newest_at)
         after = sorted((o for o in recent if o.seq > marks.get(o.agent_id, -1)), key=event_order)
         if total - len(after) != folded or (after and event_order(after[0]) < fold.newest_key):
-            return False
+            return "due"
         for obs in after:
             fold.observe(obs, self.networks_at(obs.at))
         entry.tail, entry.folded = None, total
         self._dirty[url_id] = entry
-        return True
+        return "resumed"
 
     def close(self) -> None:
         """Refold what is due (a clean stop leaves no refold for the next start), then close."""
@@ -1117,8 +1121,9 @@ class Store:
             )
             self._record(url_id, entry, events)
             self.conn.execute(*_save(url_id, entry, now))
-            self._dirty.pop(url_id, None)
             self.conn.execute("DELETE FROM unflushed WHERE url_id = ?", (url_id,))
+            if self.flush_every > 0:  # the next flush writes it as a checkpoint (see _resume)
+                self._dirty[url_id] = entry
             changed.append((url_id, before, fold.state))
         return changed
 
@@ -1150,14 +1155,17 @@ class Store:
         ).fetchone()
         return int(row[0])
 
-    def _load(self, url_ids: set[int], active_only: bool = True) -> dict[int, UrlEntry]:
+    def _load(
+        self, url_ids: set[int], active_only: bool = True, refolded: set[int] | None = None
+    ) -> dict[int, UrlEntry]:
         """The folds of those of `url_ids` that agents are assigned; others get no entry.
 
         Every agent is assigned every active URL (the quorum needs all vantage points), so an
         unknown id, or a URL retired since (after its watch period), is not assigned and its
         results are refused, never stored. The cache holds active URLs only (`plan` drops
         the ones it retires), so only the ids missing from it are checked in the database.
-        A fold state this version cannot read is refolded from the stored results.
+        A fold state this version cannot read is refolded from the stored results (its id
+        added to `refolded`).
         """
         cached = self._entries
         out: dict[int, UrlEntry] = {}
@@ -1186,17 +1194,21 @@ class Store:
                 f" WHERE s.url_id IN ({marks}){active}",
                 chunk,
             ).fetchall():  # fmt: skip
-                stale = False
+                stale = method != self.method.version  # an upgrade: refolded, quietly
                 try:
-                    if method != self.method.version:
-                        raise UnreadableState(f"folded by method {method!r}")
-                    fold = load_fold(memory, self.method)
-                except UnreadableState:
-                    fold, stale = UrlFold.start(Notice(notified), self.method), True
+                    fold = None if stale else load_fold(memory, self.method)
+                except UnreadableState as exc:
+                    log.warning("fold_state_unreadable url_id=%d reason=%s: refolded from"
+                                " its stored results", url_id, exc)  # fmt: skip
+                    stale, fold = True, None
+                if fold is None:
+                    fold = UrlFold.start(Notice(notified), self.method)
                 entry = UrlEntry(fold, provider, asn, bool(cdn), origin_ip, created, notified)
                 entry.folded = folded
                 if stale:
                     self._refold_urls([url_id], 0.0, {url_id: entry})
+                    if refolded is not None:
+                        refolded.add(url_id)
                 out[url_id] = entry
                 if active_only:
                     cached[url_id] = entry
