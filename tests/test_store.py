@@ -18,7 +18,15 @@ from collector.attribution import PrefixTable
 from collector.method import Policy
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
-from collector.store import CorruptDatabase, ResultIn, StorageFull, Store, Submitted, Writer
+from collector.store import (
+    CorruptDatabase,
+    Ingested,
+    ResultIn,
+    StorageFull,
+    Store,
+    Submitted,
+    Writer,
+)
 from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
 from collector.store.writes import REFOLD_DELAY
 
@@ -476,3 +484,59 @@ def test_restart_resumes_folds_from_the_flushed_states(
             )
     assert snapshots[2:] == snapshots[:2]  # right after the restart, and at the end
     assert {row[1] for row in snapshots[1][0]} == {"removed", "available"}
+
+
+def test_full_disk_in_a_group_commit_loses_nothing_and_recovers(
+    tmp_path: Path, table: PrefixTable
+) -> None:
+    """The disk fills during a group commit: every batch of the group gets StorageFull (so
+    none is acknowledged), nothing of it is stored and no verdict moves; when space returns,
+    the agents' resent batches are stored once and the verdicts equal a run without the fault."""
+    policy = Policy(confirmations=2, min_vantage_points=1)
+    snapshots = []
+    for db, fault in ((tmp_path / "full.db", True), (tmp_path / "calm.db", False)):
+        store = Store(db, table, policy, flush_every=5.0)
+        try:
+            ids = [
+                o.url_id
+                for o in store.submit_reports(
+                    [report(f"http://x.example/{i}") for i in range(3)], NOW, PLANNER
+                )
+            ]
+            agents = [store.register_agent(f"a{n}", "net", "1", NOW) for n in range(3)]
+            first = [(a, [res(u, 10 * u + n) for u in ids], NOW, None)
+                     for n, a in enumerate(agents)]  # fmt: skip
+            assert all(not isinstance(o, BaseException) for o in store.ingest_group(first))
+            # The removals: large enough that the file must grow.
+            group = [(a, [res(u, 1000 * (n + 1) + k * 10 + u, 404) for k in range(300)
+                          for u in ids], NOW + 10, None)
+                     for n, a in enumerate(agents)]  # fmt: skip
+            if fault:
+                before = store.conn.execute("SELECT url_id, state FROM url_state").fetchall()
+                pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+                store.conn.execute(f"PRAGMA max_page_count = {pages}")
+                outcomes = store.ingest_group(group)
+                assert all(isinstance(o, StorageFull) for o in outcomes), outcomes
+                assert "full" in str(outcomes[0])
+                assert results_count(store.conn) == 9
+                assert (
+                    store.conn.execute("SELECT url_id, state FROM url_state").fetchall() == before
+                )
+                store.conn.execute(f"PRAGMA max_page_count = {2**31}")  # space returns
+            outcomes = store.ingest_group(group)  # the agents resend what was not acknowledged
+            assert [o.stored for o in outcomes if isinstance(o, Ingested)] == [900] * 3
+            store.flush(NOW + 20)
+            snapshots.append(
+                (
+                    results_count(store.conn),
+                    store.conn.execute(
+                        "SELECT url_id, state, removal_first_removed_at, folded, memory"
+                        " FROM url_state ORDER BY url_id"
+                    ).fetchall(),
+                )
+            )
+        finally:
+            store.close()
+    assert snapshots[0] == snapshots[1]
+    assert snapshots[0][0] == 9 + 2700
+    assert {row[1] for row in snapshots[0][1]} == {"removed"}
