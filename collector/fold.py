@@ -457,32 +457,52 @@ class UrlFold:
         return self.method.planned(now, self.state, self.opened_at, self.order_due, self.removed_at)
 
     def _live(self, now: float) -> list[Track]:
-        planned, horizon = self._planned(now), self.policy.horizon
-        floor = horizon(planned)
-        return [
-            t
-            for t in self.tracks.values()
-            if now - t.last_at <= (floor if t.gap <= planned else horizon(t.gap))
-        ]
+        """The tracks live at `now`: newest result younger than the horizon of the planned
+        interval, or of the track's own gap where that is longer (Policy.horizon, inlined:
+        this runs for every observation)."""
+        planned, policy = self._planned(now), self.policy
+        li, jitter = policy.liveness_intervals, 1.0 + policy.jitter
+        floor = li * planned * jitter
+        live = []
+        for t in self.tracks.values():
+            gap = t.gap
+            if now - t.last_at <= (floor if gap <= planned else li * gap * jitter):
+                live.append(t)
+        return live
 
     def _update_liveness(self, now: float) -> None:
-        planned, horizon = self._planned(now), self.policy.horizon
-        witnesses = [t for t in self.tracks.values() if t.witness]
-        relevant = witnesses or list(self.tracks.values())
-        self.live_until = max(
-            (t.last_at + horizon(max(planned, t.gap)) for t in relevant), default=None
-        )
+        """live_until: when the last witness (or, with none, the last track) stops being live."""
+        planned, policy = self._planned(now), self.policy
+        li, jitter = policy.liveness_intervals, 1.0 + policy.jitter
+        witnesses: float | None = None
+        anyone: float | None = None
+        for t in self.tracks.values():
+            gap = t.gap
+            until = t.last_at + li * (planned if planned >= gap else gap) * jitter
+            if anyone is None or until > anyone:
+                anyone = until
+            if t.witness and (witnesses is None or until > witnesses):
+                witnesses = until
+        self.live_until = witnesses if witnesses is not None else anyone
 
     def _decide(self, now: float, networks: int) -> list[Event]:
-        k = self.policy.confirmations
-        live = self._live(now)
-        witnesses = [t for t in live if t.witness]
-        confirmed_run = [t for t in live if t.last_class is ProbeClass.REMOVED and t.run >= k]
-        seeing = [t for t in witnesses if t.last_class is ProbeClass.PRESENT]
         if self.state is UrlState.REMOVED and self.removal is not None:
             # Confirmed in this episode: only content seen again (a new episode) reopens it,
             # never a witness's present from before the removal.
             return []
+        k = self.policy.confirmations
+        live = self._live(now)
+        witnesses: list[Track] = []
+        confirmed_run: list[Track] = []
+        seeing: list[Track] = []
+        for t in live:
+            last = t.last_class
+            if t.witness:
+                witnesses.append(t)
+                if last is ProbeClass.PRESENT:
+                    seeing.append(t)
+            if last is ProbeClass.REMOVED and t.run >= k:
+                confirmed_run.append(t)
         if seeing:
             # Blocked somewhere: a run of removed results that began before a live witness
             # last saw the content. A witness whose run is newer than every present is seeing
