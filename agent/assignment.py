@@ -3,7 +3,8 @@
 The link hands it plain changes; it answers what to (re)schedule and what to
 stop, and keeps its digests current so a reconnect only resends the buckets
 that differ. The decisions are pure; the URL texts go to a `UrlTexts` store
-(`agent.texts`): the spool's file, or a compact in-memory arena.
+(`agent.texts`): the spool's file, an unnamed temporary file (an agent without a
+state directory), or a compact in-memory arena (the default, for tests and tools).
 
 Memory: per URL a slot (`agent.slots.Slots`) and, in arrays, its interval in
 milliseconds and a CRC-32 of its text, about 20 bytes; no Python object per

@@ -21,6 +21,7 @@ from agent.link import CollectorRefused
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
 from agent.spool import SpoolError
+from agent.texts import TextsError
 from client.credentials import CredentialError, add_client_options, client_security
 from client.options import ArgParser, host_port, ip_address, number, optional_host_port
 
@@ -112,7 +113,8 @@ def build_parser() -> configargparse.ArgParser:
         "--state-dir",
         type=Path,
         help="directory for spool.db: results are kept there until the collector acknowledges"
-        " them, with the assignment, so a restart resumes both (default: memory only)",
+        " them, with the assignment, so a restart resumes both (default: results in memory,"
+        " URL texts in an unnamed temporary file in TMPDIR, gone when the agent exits)",
     )
     p.add_argument(
         "--agent-key-file",
@@ -266,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CollectorRefused, CredentialError, AgentKeyError) as exc:
         print(f"takedown-agent: {exc}", file=sys.stderr)
         return 2
-    except SpoolError as exc:
+    except (SpoolError, TextsError) as exc:
         print(f"takedown-agent: {exc}", file=sys.stderr)
         return 1
     log.info("agent_stopped")

@@ -32,6 +32,7 @@ from agent.outbox import Outbox, ResultQueue
 from agent.probe import ProbeConfig, Prober
 from agent.schedule import Schedule
 from agent.spool import Spool, SpoolError
+from agent.texts import TempTexts, TextsError
 from client.credentials import ClientTLS
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Agent:
         self.schedule = Schedule(rng or random.Random(), config.jitter, config.first_spread)
         self.outbox: ResultQueue
         self.spool: Spool | None = None
+        self.texts: TempTexts | None = None
         if config.state_dir is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = self._key()  # before the spool opens: a bad key ends the agent with nothing open
@@ -103,7 +105,9 @@ class Agent:
             self.assignment = Assignment(texts=self.spool)  # URL texts stay in the file
         else:
             self.outbox = Outbox(limit=config.outbox_limit)
-            self.assignment = Assignment()  # URL texts in a compact in-memory arena
+            # URL texts in an unnamed temporary file, gone with the process (agent.texts)
+            self.texts = TempTexts()
+            self.assignment = Assignment(texts=self.texts)
         self.signer = (
             None
             if key is None
@@ -129,7 +133,7 @@ class Agent:
         self.probes_by_error: dict[str, int] = {}
         self.probes_by_tls: dict[str, int] = {}
         self.metrics_port = 0
-        self._fatal: SpoolError | None = None
+        self._fatal: SpoolError | TextsError | None = None
         if self.spool is not None:
             now = clock()
             for url_id, interval in self.assignment.resume(self.spool.held()):
@@ -156,8 +160,8 @@ class Agent:
     def _assign(self, change: AssignmentChange) -> None:
         now = self.clock()
         try:
-            applied = self.assignment.apply(change)  # records it in the spool, if any
-        except SpoolError as exc:
+            applied = self.assignment.apply(change)  # records the texts in their store
+        except (SpoolError, TextsError) as exc:
             self._fail(exc)
             return
         for url_id in applied.stop:
@@ -263,10 +267,12 @@ class Agent:
                     hosts.offer(host_of(url), url_id, now)
         return False
 
-    def _fail(self, exc: SpoolError) -> None:
-        """The spool cannot be written: stop probing (nothing unacknowledged is lost)."""
+    def _fail(self, exc: SpoolError | TextsError) -> None:
+        """The spool (or the file of URL texts) cannot be written: stop probing (nothing
+        unacknowledged in the spool is lost)."""
         if self._fatal is None:
-            log.error("spool_failed error=%s", exc)
+            log.error("%s error=%s", "texts_failed" if isinstance(exc, TextsError) else
+                      "spool_failed", exc)  # fmt: skip
             self._fatal = exc
         self._changed.set()
 
@@ -306,3 +312,6 @@ class Agent:
                 self.outbox.close()
             except SpoolError as exc:
                 log.error("spool_close_failed error=%s", exc)
+            finally:
+                if self.texts is not None:
+                    self.texts.close()

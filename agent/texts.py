@@ -2,22 +2,43 @@
 
 A million URLs of 75 characters are 75 MB of text, and as `str` objects in a
 dict about 150 MB: alone the whole memory budget of a small agent. The text is
-needed only when a URL is probed, so it lives either in the spool's SQLite
-file (`agent.spool.Spool`, with `--state-dir`: read back by primary key when
-the URL is due, about 10 µs) or, without a state directory, in `Arena`: one
-`bytearray` holding every URL's UTF-8 bytes, with offsets and lengths in
-arrays (the text plus 16 bytes per URL).
+needed only when a URL is probed, so it lives on disk, read back when the URL
+is due:
+
+* with `--state-dir`, in the spool's SQLite file (`agent.spool.Spool`: read by
+  primary key, about 20 µs), where it survives restarts;
+* without one, in `TempTexts`: an unnamed temporary file in the system's
+  temporary directory, appended to, with an offset and a length per URL in
+  memory (8 bytes per URL) and read back with one `pread`. The file
+  has no name from the start (`O_TMPFILE`, or created and unlinked at once
+  where the file system lacks it), so nothing is left on disk once the
+  process is gone, however it ends: SIGKILL included. Its pages sit in the
+  kernel's page cache, which is not the agent's RSS and is reclaimed under
+  memory pressure.
+
+`Arena` keeps the same layout with the bytes in memory (one `bytearray`):
+`agent.assignment.Assignment`'s default store, for tests and tools.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from array import array
 from collections.abc import Iterable
-from typing import Protocol
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Protocol
 
 from agent.slots import Slots
 
 _MIN_GARBAGE_BEFORE_COMPACT = 1 << 20
+_WRITE_CHUNK = 1 << 20  # bytes gathered before one write to the temporary file
+_ID_BITS = 8  # TempTexts: a page holds 1 << _ID_BITS consecutive ids
+_ID_MASK = (1 << _ID_BITS) - 1
+_LENGTH_BITS = 24  # packed = offset << _LENGTH_BITS | length: 16 MiB texts, 512 GiB files
+_MAX_LENGTH = (1 << _LENGTH_BITS) - 1
+_EMPTY_PAGE = array("q", [-1]) * (1 << _ID_BITS)
 
 
 class UrlTexts(Protocol):
@@ -97,3 +118,185 @@ class Arena:
                 data += self._data[start : start + self._length[slot]]
         self._data = data
         self._garbage = 0
+
+
+class TextsError(Exception):
+    """The temporary file of URL texts cannot be created, written or read. The message names
+    the directory and the OS error, never a URL."""
+
+
+class TempTexts:
+    """URL texts in an unnamed temporary file; in memory 8 bytes per URL: its offset and
+    length packed in one int64, in pages of `array('q')` indexed directly by url id.
+
+    No `Slots` here (which costs 12 bytes per URL more): url ids are dense (collector row
+    ids), so a page of 256 consecutive ids (2 KiB) is mostly full; an empty page is freed.
+    Texts are appended; replacing or removing one leaves its bytes behind as garbage, and
+    once the garbage outweighs the live text (and 1 MiB) the live texts are copied into a
+    new file. After a failed write (a full disk) the store refuses further use: its offsets
+    no longer match the file. `close()` (or the process ending) frees the file.
+    """
+
+    __slots__ = (
+        "_closed", "_count", "_end", "_failure", "_fd", "_file", "_garbage", "_pages", "_used",
+        "directory",
+    )  # fmt: skip
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        """`directory`: where the file's blocks go (default: the system's temporary directory,
+        `tempfile.gettempdir()`: $TMPDIR if usable, else /tmp, ...). TextsError if no file
+        can be made there."""
+        self._closed = False
+        self._failure: str | None = None
+        try:
+            self.directory = str(directory) if directory is not None else tempfile.gettempdir()
+        except OSError as exc:
+            raise TextsError(f"URL texts: no usable temporary directory: {exc}") from exc
+        self._file = self._new_file()
+        self._fd = self._file.fileno()
+        self._end = 0
+        self._pages: dict[int, array[int]] = {}  # id >> _ID_BITS → packed (offset, length)
+        self._used: dict[int, int] = {}  # page → ids held in it, to free empty pages
+        self._count = 0
+        self._garbage = 0
+
+    def _new_file(self) -> IO[bytes]:
+        """A file without a name (O_TMPFILE, or created and unlinked at once), mode 0600."""
+        try:
+            return tempfile.TemporaryFile(dir=self.directory, prefix="takedown-agent-urls-")
+        except OSError as exc:
+            raise TextsError(
+                f"URL texts: cannot create a temporary file in {self.directory}: {exc}"
+                " (set TMPDIR to a writable directory, or use --state-dir)"
+            ) from exc
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the file, garbage included."""
+        return self._end
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise TextsError(f"URL texts: unusable after an earlier error: {self._failure}")
+        if self._closed:
+            raise TextsError("URL texts: closed")
+
+    def url(self, url_id: int) -> str | None:
+        self._check_usable()
+        page = self._pages.get(url_id >> _ID_BITS)
+        packed = -1 if page is None else page[url_id & _ID_MASK]
+        if packed < 0:
+            return None
+        n = packed & _MAX_LENGTH
+        try:
+            data = os.pread(self._fd, n, packed >> _LENGTH_BITS)
+        except OSError as exc:
+            raise TextsError(f"URL texts: cannot read the temporary file: {exc}") from exc
+        if len(data) != n:
+            raise TextsError("URL texts: the temporary file is shorter than written")
+        return data.decode()
+
+    def record_assignment(
+        self, upsert: Iterable[tuple[int, str, float]], remove: Iterable[int]
+    ) -> None:
+        """Keep the texts of `upsert` (its intervals are not kept here), forget `remove`.
+        TextsError if the file cannot be written (the store is unusable from then on)."""
+        self._check_usable()
+        pages, used = self._pages, self._used
+        for url_id in remove:
+            key = url_id >> _ID_BITS
+            page = pages.get(key)
+            if page is None or page[url_id & _ID_MASK] < 0:
+                continue
+            self._garbage += page[url_id & _ID_MASK] & _MAX_LENGTH
+            page[url_id & _ID_MASK] = -1
+            self._count -= 1
+            used[key] -= 1
+            if not used[key]:
+                del pages[key], used[key]
+        pending = bytearray()
+        try:
+            for url_id, url, _ in upsert:
+                text = url.encode()
+                if len(text) > _MAX_LENGTH:
+                    raise OSError(f"a URL text of {len(text)} bytes (at most {_MAX_LENGTH})")
+                key = url_id >> _ID_BITS
+                page = pages.get(key)
+                if page is None:
+                    page = pages[key] = array("q", _EMPTY_PAGE)
+                    used[key] = 0
+                old = page[url_id & _ID_MASK]
+                if old >= 0:
+                    self._garbage += old & _MAX_LENGTH
+                else:
+                    self._count += 1
+                    used[key] += 1
+                page[url_id & _ID_MASK] = (self._end + len(pending)) << _LENGTH_BITS | len(text)
+                pending += text
+                if len(pending) >= _WRITE_CHUNK:
+                    self._end = self._write(self._fd, pending, self._end)
+                    pending.clear()
+            self._end = self._write(self._fd, pending, self._end)
+        except OSError as exc:
+            self._failure = f"cannot write in {self.directory}: {exc}"
+            raise TextsError(f"URL texts: {self._failure}") from exc
+        if self._garbage > max(self._end - self._garbage, _MIN_GARBAGE_BEFORE_COMPACT):
+            self._compact()
+
+    @staticmethod
+    def _write(fd: int, data: bytes | bytearray, offset: int) -> int:
+        """Write all of data at offset; the offset after it."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        return offset
+
+    def _compact(self) -> None:
+        """Copy the live texts into a new file, in id order; the old one is closed. On an
+        error the store is unusable, as after any failed write."""
+        new = self._new_file()
+        fd, end = new.fileno(), 0
+        pending = bytearray()
+        try:
+            for key in sorted(self._pages):
+                page = self._pages[key]
+                for i, packed in enumerate(page):
+                    if packed >= 0:
+                        n = packed & _MAX_LENGTH
+                        page[i] = (end + len(pending)) << _LENGTH_BITS | n
+                        text = os.pread(self._fd, n, packed >> _LENGTH_BITS)
+                        if len(text) != n:
+                            raise OSError("the temporary file is shorter than written")
+                        pending += text
+                        if len(pending) >= _WRITE_CHUNK:
+                            end = self._write(fd, pending, end)
+                            pending.clear()
+            end = self._write(fd, pending, end)
+        except OSError as exc:
+            new.close()
+            self._failure = f"cannot copy the texts to a new file in {self.directory}: {exc}"
+            raise TextsError(f"URL texts: {self._failure}") from exc
+        self._file.close()
+        self._file, self._fd, self._end = new, fd, end
+        self._garbage = 0
+
+    def close(self) -> None:
+        """Close (and so free) the file; later calls raise TextsError. Twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self._file.close()
+
+    def __enter__(self) -> TempTexts:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

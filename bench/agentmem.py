@@ -9,7 +9,7 @@ is steady; the peak is VmHWM.
 Phases: an agent with --state-dir connected to the empty collector (empty RSS); a fresh agent
 with --state-dir receiving all N URLs (URL texts in its spool file); the same agent restarted,
 resuming the N URLs from its spool before it reconnects; an agent without --state-dir
-receiving all N (texts in its in-memory arena).
+receiving all N (texts in an unnamed temporary file, agent.texts.TempTexts).
 
 The agents probe (almost) nothing: the collector plans every URL once per 30 days and the
 agents spread first probes over as long (`--first-spread`), so a run of minutes makes a few
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -67,12 +68,14 @@ class MemoryReport:
 class AgentProcess:
     """One real takedown-agent; stdout and stderr go to a log file."""
 
-    def __init__(self, argv: list[str], log: IO[bytes], metrics_port: int) -> None:
+    def __init__(
+        self, argv: list[str], log: IO[bytes], metrics_port: int, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = argv
         self.log = log
         self.metrics_port = metrics_port
         self.proc = subprocess.Popen(  # noqa: S603 - our own console script
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
         )
 
     @property
@@ -136,6 +139,16 @@ def _agent_argv(target: str, name: str, port: int, state_dir: Path | None) -> li
     return argv
 
 
+def _unnamed_bytes(pid: int, directory: Path) -> int:
+    """Bytes of the process's open, deleted files in `directory` (its file of URL texts)."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if str(fd.readlink()).startswith(f"{directory}/") and fd.stat().st_nlink == 0:
+                total += fd.stat().st_size
+    return total
+
+
 def _free_port() -> int:
     import socket
 
@@ -163,9 +176,12 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
     agents: list[AgentProcess] = []
     log = (workdir / "agents.log").open("ab")
 
-    def start(name: str, state_dir: Path | None, port: int | None = None) -> AgentProcess:
+    def start(
+        name: str, state_dir: Path | None, port: int | None = None, tmpdir: Path | None = None
+    ) -> AgentProcess:
         port = port or _free_port()
-        agent = AgentProcess(_agent_argv(target, name, port, state_dir), log, port)
+        env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
+        agent = AgentProcess(_agent_argv(target, name, port, state_dir), log, port, env)
         agents.append(agent)
         return agent
 
@@ -199,12 +215,17 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
         f["resumed_rss"], f["resumed_peak"] = await _steady_rss(resumed.pid)
         resumed.stop()
 
-        # 4. without --state-dir: the URL texts in the in-memory arena
-        memory_only = start("memory-only", None)
+        # 4. without --state-dir: the URL texts in an unnamed temporary file
+        tmpdir = workdir / "agent-tmp"
+        tmpdir.mkdir()
+        memory_only = start("memory-only", None, tmpdir=tmpdir)
         f["memory_assign_s"] = await _holding(memory_only, n, seconds)
         f["memory_assign_cpu_s"] = cpu_seconds(memory_only.pid)
         f["memory_rss"], f["memory_peak"] = await _steady_rss(memory_only.pid)
+        f["texts_bytes"] = _unnamed_bytes(memory_only.pid, tmpdir)
+        f["tmp_names"] = len(list(tmpdir.iterdir()))  # the file has no name: 0
         memory_only.stop()
+        f["tmp_names"] += len(list(tmpdir.iterdir()))
     finally:
         for agent in agents:
             with contextlib.suppress(Exception):
@@ -251,9 +272,12 @@ def _render(r: MemoryReport) -> str:
          f"{per_url(f['resumed_rss'], f['empty_rss'], n):.0f} B/URL; peak {mib(f['resumed_peak'])}"
          f"; in sync after {f['resume_s']:.1f} s, agent CPU {f['resume_cpu_s']:.1f} s"],
         [f"no --state-dir: holding {n:,} URLs", size(f["memory_rss"]),
-         f"{per_url(f['memory_rss'], f['empty_rss'], n):.0f} B/URL (texts in memory); "
+         f"<= 150 MB: {verdict(f['memory_rss'], TARGET_RSS)}; "
+         f"{per_url(f['memory_rss'], f['empty_rss'], n):.0f} B/URL (texts in a temp file); "
          f"peak {mib(f['memory_peak'])}; received in {f['memory_assign_s']:.1f} s,"
          f" agent CPU {f['memory_assign_cpu_s']:.1f} s"],
+        ["  its file of URL texts (no name)", mib(f["texts_bytes"]),
+         f"in TMPDIR; names seen there while running and after exit: {f['tmp_names']}"],
     ]  # fmt: skip
     return table(f"agent memory: the takedown-agent process, {n:,} URLs", ["figure", "value",
                  "note"], rows)  # fmt: skip

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -11,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.assignment import Assignment, AssignmentChange
+from agent.main import Agent, AgentConfig
 from agent.spool import Spool
-from agent.texts import Arena
+from agent.texts import Arena, TempTexts, TextsError
 from client.digests import BUCKETS
 from collector.service import (
     ASSIGNMENT_CHUNK,
@@ -131,6 +138,152 @@ class TestTexts:
             tracemalloc.stop()
         assert len(a) == 100_000
         assert (used - text) / 100_000 < 64, f"{(used - text) / 100_000:.0f} bytes per URL"
+
+
+def fd_targets(pid: int) -> list[str]:
+    """Where the open file descriptors of a process point (Linux /proc)."""
+    fds = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(str(fd.readlink()))
+        except OSError:  # closed meanwhile
+            continue
+    return targets
+
+
+def disk_full(*_: object) -> int:
+    """os.pwrite on a full file system."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+_HOLDER = """
+import sys
+from agent.texts import TempTexts
+texts = TempTexts(sys.argv[1])
+texts.record_assignment([(u, f"http://h.example/{u}", 5.0) for u in range(50_000)], [])
+assert texts.url(49_999) == "http://h.example/49999"
+print(texts.nbytes, flush=True)
+sys.stdin.read()
+"""
+
+
+class TestTempTexts:
+    """The store of an agent without --state-dir: texts on disk in an unnamed temporary file."""
+
+    def test_texts_read_back_equal_a_model_after_churn(self, tmp_path: Path) -> None:
+        """After many rounds of upserts (new ids, new texts for held ids, non-ASCII) and
+        removals, compactions included, every id reads back its latest text, through the
+        store and through an Assignment over it; and the directory never shows a file."""
+        rng = random.Random(12)
+        model: dict[int, str] = {}
+        with TempTexts(tmp_path) as texts:
+            a = Assignment(texts=texts)
+            for round_ in range(40):
+                upsert = []
+                for u in rng.sample(range(1, 30_000), 4_000):
+                    url = f"http://h{u % 97}.example/{round_}/{u}/" + "ü" * rng.randrange(3)
+                    upsert.append((u, url, rng.choice((5.0, 300.0))))
+                    model[u] = url
+                remove = tuple(rng.sample(sorted(model), min(len(model), 1_500)))
+                for u in remove:
+                    model.pop(u, None)
+                live = {u for u, _, _ in upsert} - set(remove)
+                a.apply(AssignmentChange(remove=remove))
+                a.apply(AssignmentChange(upsert=tuple(e for e in upsert if e[0] in live)))
+                assert list(tmp_path.iterdir()) == []
+            assert len(texts) == len(a) == len(model)
+            assert {u: texts.url(u) for u in model} == model
+            assert {u: url for u, url, _ in a.items()} == model
+            assert texts.url(30_001) is None and a.url(30_001) is None
+            live_bytes = sum(len(url.encode()) for url in model.values())
+            assert texts.nbytes <= 2 * live_bytes + (1 << 20), "garbage is compacted"
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(TextsError, match="closed"):
+            texts.url(1)
+
+    def test_the_text_stays_out_of_memory(self, tmp_path: Path) -> None:
+        """Holding 100,000 URLs of 87 bytes costs under 12 bytes of heap each (8 of them
+        an offset and a length): the text is on disk."""
+        urls = [(u, f"http://h.example/{u:09d}/{'x' * 60}", 300.0) for u in range(1, 100_001)]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            with TempTexts(tmp_path) as texts:
+                for start in range(0, len(urls), 1000):
+                    texts.record_assignment(urls[start : start + 1000], [])
+                used = tracemalloc.get_traced_memory()[0] - before
+                assert texts.nbytes == 87 * 100_000 and texts.url(99) == urls[98][1]
+        finally:
+            tracemalloc.stop()
+        assert used / 100_000 < 12, f"{used / 100_000:.1f} bytes per URL"
+
+    def test_nothing_is_left_on_disk_even_after_sigkill(self, tmp_path: Path) -> None:
+        """A process holding texts has a file in the directory that has no name there (it
+        shows as deleted), and once the process is SIGKILLed nothing remains."""
+        with subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as holder:
+            try:
+                assert holder.stdout is not None
+                written = int(holder.stdout.readline())
+                assert written == sum(len(f"http://h.example/{u}") for u in range(50_000))
+                assert list(tmp_path.iterdir()) == []
+                ours = [t for t in fd_targets(holder.pid) if t.startswith(str(tmp_path))]
+                assert len(ours) == 1 and ours[0].endswith("(deleted)"), ours
+            finally:
+                holder.send_signal(signal.SIGKILL)
+                holder.wait(30)
+        assert holder.returncode == -signal.SIGKILL
+        assert list(tmp_path.iterdir()) == []
+
+    def test_an_unusable_directory_is_a_clear_error(self, tmp_path: Path) -> None:
+        """A directory that does not exist (or is a file) fails at once, naming it."""
+        for where in (tmp_path / "missing", tmp_path / "file"):
+            (tmp_path / "file").write_text("")
+            with pytest.raises(TextsError, match=f"cannot create a temporary file in {where}"):
+                TempTexts(where)
+
+    def test_a_full_disk_is_a_clear_error_and_the_store_stops(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A write that fails (ENOSPC) raises TextsError naming the directory, not the URL;
+        the store then refuses reads and writes (its offsets no longer match the file)."""
+        texts = TempTexts(tmp_path)
+        texts.record_assignment([(1, "http://secret.example/1", 5.0)], [])
+        monkeypatch.setattr(os, "pwrite", disk_full)
+        with pytest.raises(TextsError, match=f"cannot write in {tmp_path}.*No space") as info:
+            texts.record_assignment([(2, "http://secret.example/2", 5.0)], [])
+        assert "secret" not in str(info.value)
+        monkeypatch.undo()
+        with pytest.raises(TextsError, match="unusable after an earlier error"):
+            texts.url(1)
+        with pytest.raises(TextsError, match="unusable"):
+            texts.record_assignment([], [1])
+        texts.close()
+        assert list(tmp_path.iterdir()) == []
+
+    def test_an_agent_without_state_dir_keeps_its_texts_in_a_temporary_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No --state-dir: the agent's assignment reads its texts from a TempTexts in the
+        system's temporary directory (TMPDIR), which shows no file; a full disk stops the
+        agent with the store's error instead of losing texts silently."""
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads TMPDIR again
+        agent = Agent(AgentConfig(collector="127.0.0.1:1", name="a", network="n"))
+        assert agent.spool is None and isinstance(agent.texts, TempTexts)
+        assert agent.assignment.texts is agent.texts and agent.texts.directory == str(tmp_path)
+        agent._assign(AssignmentChange(upsert=((7, "http://a.example/7", 5.0),)))
+        assert agent.assignment.url(7) == "http://a.example/7" and agent._fatal is None
+        assert list(tmp_path.iterdir()) == []
+        monkeypatch.setattr(os, "pwrite", disk_full)
+        agent._assign(AssignmentChange(upsert=((8, "http://a.example/8", 5.0),)))
+        assert isinstance(agent._fatal, TextsError)
+        agent.texts.close()
 
 
 class TestReconcile:

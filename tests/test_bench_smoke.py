@@ -100,4 +100,5 @@ def test_agent_memory() -> None:
     assert f["spooled_rss"] > f["empty_rss"] > 0
     assert f["resumed_rss"] > 0 and f["memory_rss"] > 0
     assert f["spool_bytes"] > 0
+    assert f["texts_bytes"] > 0 and f["tmp_names"] == 0  # the texts' file never has a name
     assert "B/URL" in report.text
