@@ -94,24 +94,31 @@ def deliveries(draw: st.DrawFn) -> tuple[list[tuple[int, list[ResultIn]]], int]:
 
 
 class TestStoreReplay:
-    @settings(max_examples=15, deadline=None)
-    @given(deliveries())
+    @settings(max_examples=40, deadline=None)
+    @given(deliveries(), st.sampled_from([None, 0, 1, 2, 3, 5, 8, 13]))
     def test_incremental_equals_refold(
-        self, case: tuple[list[tuple[int, list[ResultIn]]], int]
+        self, case: tuple[list[tuple[int, list[ResultIn]]], int], flush: int | None
     ) -> None:
-        """Batches in any order, some twice, a small cache: the stored verdicts equal a refold."""
+        """Batches in any order, some twice, a small cache: the stored verdicts equal a refold.
+        With `flush`, states are written behind and flushed every `flush` batches (0: once,
+        at the start), so late URLs refold from those checkpoints where they can."""
         batches, cache = case
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "c.db"
-            store = Store(db, table(Path(tmp)), Policy(), cache_urls=cache, planner=PLANNER)
+            store = Store(db, table(Path(tmp)), Policy(), cache_urls=cache, planner=PLANNER,
+                          flush_every=0.0 if flush is None else 1e9)  # fmt: skip
             try:
                 ids = {a: store.register_agent(f"a{a}", f"n{a}", "t", T0) for a in (1, 2, 3)}
                 reports = [ReportIn("http://x/a", T0, None, "r1"),
                            ReportIn("http://x/b", T0, None, "r2")]  # fmt: skip
                 store.submit_reports(reports, T0, PLANNER)
-                for agent, batch in batches:
-                    store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000)
-                store.refold_due(T0 + 1000, limited=False)  # every refold owed (replans do it)
+                for n, (agent, batch) in enumerate(batches):
+                    if flush is not None and (n == 0 if flush == 0 else n % flush == 0):
+                        store.flush(T0 + 1000)
+                    # Refolds come due as they do between batches (REFOLD_DELAY).
+                    store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000 + 3 * n)
+                store.refold_due(T0 + 10_000, limited=False)  # every refold owed (replans do)
+                store.flush(T0 + 10_000)
                 incremental = snapshot(db)
                 changes = store.refold(now=T0 + 2000)
             finally:

@@ -162,6 +162,11 @@ _OBSERVATIONS = (
 _OBSERVATIONS_SINCE = _OBSERVATIONS.replace(
     "WHERE r.url_id = ?", "WHERE r.url_id = ? AND r.started_at >= ?"
 )
+_OBSERVATIONS_AFTER_MARKS = _OBSERVATIONS.replace(
+    "WHERE r.url_id = ?",
+    "WHERE r.url_id = ? AND r.seq >"
+    " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)",
+)
 _HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
 
 
@@ -617,7 +622,8 @@ class Store:
         began = time.monotonic()
         done = 0
         for _, url_id in due:
-            self._refold_urls([url_id], now, None)
+            if not self._refold_from_checkpoint(url_id):
+                self._refold_urls([url_id], now, None)
             done += 1
             if budget is not None and time.monotonic() - began >= budget:
                 break
@@ -625,6 +631,51 @@ class Store:
             "refolded_late urls=%d left=%d seconds=%.3f",
             done, len(self._pending), time.monotonic() - began,
         )  # fmt: skip
+
+    def _refold_from_checkpoint(self, url_id: int) -> bool:
+        """Refold a late URL from its flushed url_state row and the results stored after it,
+        where that equals a refold from scratch; False (nothing done) where it may not.
+
+        As in `_resume`: the row covers exactly the results within the flush's marks when as
+        many are (`folded`), and a late result stored since is outside them. If every result
+        outside them was probed after the row's newest input, the fold is the row's with
+        those folded on top in event order, and only the history after the row is rewritten,
+        so a network's spool delivered late costs the results since the last flush (seconds)
+        rather than the URL's whole history.
+        """
+        if self.flush_every <= 0:
+            return False  # no flushes, no checkpoints
+        entry = self._entries.get(url_id) or self._dirty.get(url_id)
+        row = self.conn.execute(
+            "SELECT folded, method, memory FROM url_state WHERE url_id = ?", (url_id,)
+        ).fetchone()
+        if entry is None or row is None or row[0] < 0 or row[1] != self.method.version:
+            return False
+        try:
+            base = load_fold(row[2], self.method)
+        except UnreadableState:
+            return False
+        after = self._observations(url_id, after_marks=True)
+        (total,) = self.conn.execute(
+            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
+        ).fetchone()
+        if not after or total - len(after) != row[0] or after[0].at <= base.newest_at:
+            return False
+        head = base.clone()
+        events: list[Event] = []
+        for obs in after:  # in event order
+            events += head.observe(obs, self.networks_at(obs.at))
+        entry.fold, entry.folded = head, int(row[0]) + len(after)
+        entry.tail = Tail(base, head, [], events)
+        self._rewrite_tail(url_id, entry)
+        entry.tail = None
+        self._stale.discard(url_id)
+        if self._pending.pop(url_id, None) is not None:
+            self.conn.execute("UPDATE url_state SET refold_pending = 0 WHERE url_id = ?", (url_id,))
+        # Its url_state row stays the checkpoint, older than its results (see _resume).
+        self.conn.execute("INSERT OR IGNORE INTO unflushed (url_id) VALUES (?)", (url_id,))
+        self._dirty[url_id] = entry
+        return True
 
     def _pending_reload(self) -> None:
         """After a rollback: the pending set is what the database says."""
@@ -1045,10 +1096,15 @@ class Store:
             )
         ]
 
-    def _observations(self, url_id: int, since: float | None = None) -> list[Observation]:
-        """The URL's stored results in event order (those probed at or after `since`)."""
+    def _observations(
+        self, url_id: int, since: float | None = None, after_marks: bool = False
+    ) -> list[Observation]:
+        """The URL's stored results in event order (those probed at or after `since`, or those
+        stored after the last flush's marks)."""
         sql, params = _OBSERVATIONS, (url_id,)  # type: tuple[str, tuple[Any, ...]]
-        if since is not None and since > float("-inf"):
+        if after_marks:
+            sql = _OBSERVATIONS_AFTER_MARKS
+        elif since is not None and since > float("-inf"):
             sql, params = _OBSERVATIONS_SINCE, (url_id, since)
         return [
             Observation(
