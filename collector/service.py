@@ -135,15 +135,21 @@ class AgentHub:
         return {s.agent_id: (s.name, s.network) for s in self._sessions.values()}
 
     def publish(self, targets: Iterable[Target], retired: Iterable[int] = ()) -> None:
-        """Push new or changed targets, and URLs no longer to be probed, to every agent."""
+        """Push new or changed targets, and URLs no longer to be probed, to every agent, in
+        messages of at most ASSIGNMENT_CHUNK of each: a replan may change every URL's interval
+        at once (a million URLs imported together change phase together), and one message of
+        them all would pass the agents' 16 MiB message limit and end their streams."""
         upsert = [_target(t) for t in targets]
         remove = list(retired)
-        if not upsert and not remove:
-            return
-        update = pb.AssignmentUpdate(upsert=upsert, remove=remove)
-        message = pb.CollectorMessage(assignment=update)
-        for session in self._sessions.values():
-            session.push(message)
+        if not self._sessions:
+            return  # an agent that connects later is reconciled from the database
+        for i in range(0, max(len(upsert), len(remove)), ASSIGNMENT_CHUNK):
+            chunk = pb.AssignmentUpdate(
+                upsert=upsert[i : i + ASSIGNMENT_CHUNK], remove=remove[i : i + ASSIGNMENT_CHUNK]
+            )
+            message = pb.CollectorMessage(assignment=chunk)
+            for session in self._sessions.values():
+                session.push(message)
 
 
 def _interval_ms(t: Target) -> int:

@@ -12,6 +12,8 @@ import pytest
 from agent.assignment import Assignment, AssignmentChange
 from client.digests import BUCKETS
 from collector.server import Collector
+from collector.service import ASSIGNMENT_CHUNK, AgentHub, AgentSession
+from collector.store.model import Target
 from collector.store.reads import connect_readonly, results_count, url_statuses
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -307,3 +309,26 @@ class TestClockOffset:
         conn.close()
         assert flag == 1
         call.cancel()
+
+
+async def test_a_replan_of_many_urls_reaches_agents_in_chunks() -> None:
+    """A replan that changes every URL at once (URLs imported together change phase together)
+    reaches each agent in messages of at most ASSIGNMENT_CHUNK targets, in order, far under
+    the agents' 16 MiB message limit; a session still reconciling holds them until it is in
+    sync."""
+    hub = AgentHub()
+    ready, reconciling = AgentSession(1, "a1", "n1"), AgentSession(2, "a2", "n2")
+    ready.ready = True
+    hub.join(ready)
+    hub.join(reconciling)
+    n = 2 * ASSIGNMENT_CHUNK + 500
+    url = "https://files.example.org/" + "x" * 200
+    hub.publish([Target(i, f"{url}/{i}", 900.0) for i in range(n)], retired=[n + 1, n + 2])
+    sent = [ready.outbox.get_nowait() for _ in range(ready.outbox.qsize())]
+    assert [len(m.assignment.upsert) for m in sent] == [ASSIGNMENT_CHUNK] * 2 + [500]
+    assert [t.url_id for m in sent for t in m.assignment.upsert] == list(range(n))
+    assert [u for m in sent for u in m.assignment.remove] == [n + 1, n + 2]
+    assert max(m.ByteSize() for m in sent) < 1 << 20
+    assert reconciling.outbox.empty() and len(reconciling.held) == 3
+    reconciling.release()
+    assert reconciling.outbox.qsize() == 3
