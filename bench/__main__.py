@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import agentmem, ingest, probe, scale, scrape
+from bench import agentmem, ingest, probe, restart, scale, scrape
 from bench.common import machine, table
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
     "scale": scale.main,
     "scrape": scrape.main,
     "memory": agentmem.main,
+    "restart": restart.main,
 }
 
 
