@@ -30,8 +30,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from collector.durations import duration_label as deadline_label
 from collector.method import METHOD_VERSION, UrlState
@@ -48,6 +48,31 @@ DEFAULT_DEADLINES: tuple[float, ...] = (3600.0, 12 * 3600.0, 86400.0)
 
 def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def _go(value: float) -> str:
+    """A sample value as the text exposition writes it (1.0, 1.234567e+06, +Inf)."""
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
+
+
+def _escape(value: str) -> str:
+    """A label value as the text exposition writes it."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+# The provider families in the order and with the texts `_urls` and `_latency` give them.
+_PROVIDER_FAMILIES = (
+    ("takedown_urls", "gauge", "Reported URLs by attributed provider and state"),
+    ("takedown_overdue_urls", "gauge",
+     "URLs still online after notice + deadline; deadline=order: past a binding order"),
+    ("takedown_reappearances_total", "counter", "Times removed content was seen present again"),
+    ("takedown_stale_urls", "gauge",
+     "Watched URLs on which no vantage point that could change the verdict is live"
+     " (the state is held, not guessed)"),
+    ("takedown_method_info", "gauge", "The measurement method the verdicts follow"),
+    ("takedown_removal_latency_seconds", "histogram",
+     "Time from notice to the first removed observation of a confirmed removal"),
+)  # fmt: skip
 
 
 class StateCollector(Collector):
@@ -111,10 +136,46 @@ class StateCollector(Collector):
         return figures
 
     def _render(self, figures: Sequence[reads.ProviderFigures]) -> bytes:
-        """The text exposition of the provider families, as generate_latest writes it."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Families([*self._urls(figures), *self._latency(figures)]))
-        return generate_latest(registry)
+        """The text exposition of the provider families, byte for byte what generate_latest
+        writes for `_urls` and `_latency` (tests hold it to that), written directly: about
+        28,000 samples at 1,000 providers, where prometheus_client's generic path takes a
+        hundred milliseconds and holds the GIL meanwhile, delaying scrapes."""
+        out: list[str] = []
+        states = [st.value for st in UrlState]
+        labels = [(f, _escape(f.provider)) for f in figures]
+        deadlines = [(d, _escape(deadline_label(d))) for d in self.deadlines]
+        go = _go
+        for family, kind, help_text in _PROVIDER_FAMILIES:
+            out.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n")
+            if family == "takedown_urls":
+                out += [f'takedown_urls{{provider="{p}",state="{st}"}} {go(f.states[st])}\n'
+                        for f, p in labels for st in states]  # fmt: skip
+            elif family == "takedown_overdue_urls":
+                for f, p in labels:
+                    out += [f'takedown_overdue_urls{{deadline="{label}",provider="{p}"}}'
+                            f" {go(f.overdue[d])}\n" for d, label in deadlines]  # fmt: skip
+                    out.append(
+                        f'takedown_overdue_urls{{deadline="order",provider="{p}"}}'
+                        f" {go(f.order_overdue)}\n"
+                    )
+            elif family == "takedown_reappearances_total":
+                out += [f'{family}{{provider="{p}"}} {go(f.reappearances)}\n' for f, p in labels]
+            elif family == "takedown_stale_urls":
+                out += [f'{family}{{provider="{p}"}} {go(f.stale)}\n' for f, p in labels]
+            elif family == "takedown_method_info":
+                out.append(f'{family}{{method="{_escape(METHOD_VERSION)}"}} 1.0\n')
+            else:
+                bounds = [_le(b) for b in self.buckets]
+                for f, p in labels:
+                    if f.latency is None:
+                        continue
+                    cumulative, count, total = f.latency
+                    out += [f'{family}_bucket{{le="{le}",provider="{p}"}} {go(c)}\n'
+                            for le, c in zip(bounds, cumulative, strict=True)]  # fmt: skip
+                    out.append(f'{family}_bucket{{le="+Inf",provider="{p}"}} {go(count)}\n')
+                    out.append(f'{family}_count{{provider="{p}"}} {go(count)}\n')
+                    out.append(f'{family}_sum{{provider="{p}"}} {go(total)}\n')
+        return "".join(out).encode()
 
     def provider_text(self) -> bytes:
         """The provider families' text for a scrape (see `figures` for how fresh)."""
@@ -269,13 +330,3 @@ class StateCollector(Collector):
         for name, cls, n in reads.result_counts(conn):
             results.add_metric([name, cls], n)
         yield results
-
-
-class _Families(Collector):
-    """Metric families already built, for one rendering."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.families)

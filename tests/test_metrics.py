@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from collector.attribution import PrefixTable
+from collector.method import UrlState
 from collector.metrics import StateCollector
 from collector.store import Store, reads
 from tests.test_store import NOW, PLANNER, open_store, report, res, table  # noqa: F401
@@ -177,3 +179,35 @@ def test_prerendered_text_is_the_exposition_and_kept_fresh_without_scrapes(store
         stop.set()
         refresher.join(10)
     assert not refresher.is_alive()
+
+
+def test_provider_text_is_byte_for_byte_what_prometheus_client_writes(tmp_path: Path) -> None:
+    """The hand-written exposition of the provider families equals generate_latest's for the
+    same figures: awkward provider names (quotes, backslashes, newlines, non-ASCII), large
+    counts, histograms, providers without removals."""
+    names = ["Plain", 'Quote "q"', "Back\\slash", "New\nline", "Ünïcödé 株式会社", ""]
+    buckets = [60.0, 3600.0, 86400.0]
+    figures = [
+        reads.ProviderFigures(
+            provider=name,
+            states={s.value: (i + 1) * 1_234_567 if s.value == "removed" else i for s in UrlState},
+            overdue={d: i * 3 for d in (3600.0, 43200.0, 86400.0)},
+            order_overdue=i,
+            reappearances=2**40 if i == 1 else i,
+            stale=i % 2,
+            latency=None if i % 3 == 0 else ([i, 2 * i, 3 * i], 4 * i, 1e7 / (i + 1)),
+        )
+        for i, name in enumerate(names)
+    ]
+    state = StateCollector(tmp_path / "unused.db", dict, buckets=buckets, prerendered=True)
+    fast = state._render(figures)
+
+    class Families(Collector):
+        def collect(self) -> Any:
+            yield from state._urls(figures)
+            yield from state._latency(figures)
+
+    reference = CollectorRegistry(auto_describe=False)
+    reference.register(Families())
+    assert fast == generate_latest(reference)
+    assert fast.count(b"\n") == 97  # 12 HELP and TYPE lines, 85 samples
