@@ -263,3 +263,15 @@ def m008_fold_checkpoints(db: Any) -> None:
     the next start after a crash), and the highest seq of each agent a flush covered."""
     _run(db, "ALTER TABLE url_state ADD COLUMN folded INTEGER NOT NULL DEFAULT -1")
     _run(db, "CREATE TABLE fold_marks (agent_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")
+
+
+@migrations()
+def m009_start_cheaply(db: Any) -> None:
+    """What a start reads without scanning: whether the last stop was clean (then the
+    integrity check, a read of the whole file, is skipped), URLs with a refold due, and URLs
+    folded by another method version."""
+    _run(db, "CREATE TABLE lifecycle (id INTEGER PRIMARY KEY CHECK (id = 1), clean_stop INTEGER"
+             " NOT NULL)")  # fmt: skip
+    _run(db, "INSERT INTO lifecycle (id, clean_stop) VALUES (1, 0)")
+    _run(db, "CREATE INDEX url_state_refold_due ON url_state(url_id) WHERE refold_pending = 1")
+    _run(db, "CREATE INDEX url_state_method ON url_state(method)")
