@@ -331,16 +331,25 @@ async def test_geoblocked_for_one_network_is_not_removed(
         assert changed_at - 0.05 <= first <= changed_at + TOLERANCE, (path, first - changed_at)
         assert s.removal_latency == pytest.approx(first - notified, abs=1e-3), path
 
-    metrics = await scrape(METRICS_PORT, hub)
-    urls = {(s.labels["provider"], s.labels["state"]): s.value for s in metrics["takedown_urls"]}
-    for provider in PROVIDERS:
-        for state in ("geoblocked", "removed", "available", "pending"):
-            want = sum(
-                1
-                for p, spec in PAGES.items()
-                if PROVIDERS[spec[0]] == provider and spec[3] == state
-            )
-            assert urls.get((provider, state), 0) == want, (provider, state)
+    want = {
+        (provider, state): sum(
+            1 for spec in PAGES.values() if PROVIDERS[spec[0]] == provider and spec[3] == state
+        )
+        for provider in PROVIDERS
+        for state in ("geoblocked", "removed", "available", "pending")
+    }
+    metrics: dict[str, list[Any]] = {}
+
+    async def figures_current() -> bool:
+        nonlocal metrics
+        metrics = await scrape(METRICS_PORT, hub)
+        urls = {
+            (s.labels["provider"], s.labels["state"]): s.value for s in metrics["takedown_urls"]
+        }
+        return all(urls.get(key, 0) == n for key, n in want.items())
+
+    # /metrics answers from a scan kept up to --metrics-max-age (10 s) old.
+    await eventually(figures_current, 30, f"/metrics to show the verdicts {want}")
     counts = {
         s.labels["provider"]: s.value for s in metrics["takedown_removal_latency_seconds_count"]
     }
