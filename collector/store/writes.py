@@ -173,12 +173,11 @@ _OBSERVATIONS = (
     " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id = ?"
     " ORDER BY r.started_at, r.agent_id, r.seq"
 )
-_OBSERVATIONS_SINCE = _OBSERVATIONS.replace(
-    "WHERE r.url_id = ?", "WHERE r.url_id = ? AND r.started_at >= ?"
-)
+# Results stored after the last flush's marks (see Store._after_checkpoint), probed at or after
+# a time.
 _OBSERVATIONS_AFTER_MARKS = _OBSERVATIONS.replace(
     "WHERE r.url_id = ?",
-    "WHERE r.url_id = ? AND r.seq >"
+    "WHERE r.url_id = ? AND r.started_at >= ? AND r.seq >"
     " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)",
 )
 _HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
@@ -240,11 +239,10 @@ class Store:
         if not unflushed:
             return
         began = time.monotonic()
-        marks = dict(self.conn.execute("SELECT agent_id, seq FROM fold_marks").fetchall())
         outcomes = {"resumed": 0, "refolded": 0, "due": 0}
         with self._transaction():
             for url_id in unflushed:
-                outcome = "due" if url_id in self._pending else self._resume(url_id, marks)
+                outcome = "due" if url_id in self._pending else self._resume(url_id)
                 if outcome == "due":
                     self._pending.setdefault(url_id, 0.0)
                 outcomes[outcome] += 1
@@ -253,17 +251,14 @@ class Store:
             outcomes["resumed"], outcomes["due"], time.monotonic() - began, outcomes["refolded"],
         )  # fmt: skip
 
-    def _resume(self, url_id: int, marks: dict[int, int]) -> str:
+    def _resume(self, url_id: int) -> str:
         """Fold the results stored after the URL's checkpoint onto it ("resumed"); "due" if
         that would not equal a refold (the row is no checkpoint, or a result it does not
         cover is older than its newest input); "refolded" if its state was unreadable (see
         _load).
 
-        A checkpoint written by a flush covers every result stored before it, which is each
-        agent's results up to its highest seq then (`fold_marks`); `folded` counts them. If as
-        many of the stored results are within the marks, the covered set is exactly the one
-        folded (any result stored after the flush with a seq within the marks would make one
-        too many), and the others come after the checkpoint in event time or it is refused.
+        The uncovered results (see _after_checkpoint) come after the checkpoint in event
+        time, or it is refused.
         """
         row = self.conn.execute(
             "SELECT folded, method FROM url_state WHERE url_id = ?", (url_id,)
@@ -278,16 +273,12 @@ class Store:
         if refolded:
             return "refolded"  # in full: nothing to resume
         fold = entry.fold
-        (total,) = self.conn.execute(
-            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
-        ).fetchone()
-        recent = self._observations(url_id, since=fold.newest_at)
-        after = sorted((o for o in recent if o.seq > marks.get(o.agent_id, -1)), key=event_order)
-        if total - len(after) != folded or (after and event_order(after[0]) < fold.newest_key):
+        after = self._after_checkpoint(url_id, folded, fold.newest_at)
+        if after is None or (after and event_order(after[0]) < fold.newest_key):
             return "due"
         for obs in after:
             fold.observe(obs, self.networks_at(obs.at))
-        entry.tail, entry.folded = None, total
+        entry.tail, entry.folded = None, folded + len(after)
         self._dirty[url_id] = entry
         return "resumed"
 
@@ -647,16 +638,34 @@ class Store:
             done, len(self._pending), time.monotonic() - began,
         )  # fmt: skip
 
+    def _after_checkpoint(
+        self, url_id: int, folded: int, newest_at: float
+    ) -> list[Observation] | None:
+        """The results a URL's checkpoint does not cover, in event order, or None if it may
+        not cover exactly the others. `folded` and `newest_at` are the checkpoint's.
+
+        A checkpoint written by a flush covers every result stored before it: each agent's
+        results up to its highest seq then (`fold_marks`). If as many of the stored results
+        are within the marks as it folded, the covered set is exactly the folded one (any
+        result stored after the flush with a seq within the marks would make one too many).
+        Only those probed at or after `newest_at` are read: one outside the marks but older
+        is missing from the list, and the count then refuses.
+        """
+        after = self._observations(url_id, after_marks_since=newest_at)
+        (total,) = self.conn.execute(
+            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
+        ).fetchone()
+        return after if total - len(after) == folded else None
+
     def _refold_from_checkpoint(self, url_id: int) -> bool:
         """Refold a late URL from its flushed url_state row and the results stored after it,
         where that equals a refold from scratch; False (nothing done) where it may not.
 
-        As in `_resume`: the row covers exactly the results within the flush's marks when as
-        many are (`folded`), and a late result stored since is outside them. If every result
-        outside them was probed after the row's newest input, the fold is the row's with
-        those folded on top in event order, and only the history after the row is rewritten,
-        so a network's spool delivered late costs the results since the last flush (seconds)
-        rather than the URL's whole history.
+        If every result the row does not cover (see _after_checkpoint: a late one stored since
+        the flush is among them) was probed after the row's newest input, the fold is the
+        row's with those folded on top in event order, and only the history after the row is
+        rewritten, so a network's spool delivered late costs the results since the last flush
+        (seconds) rather than the URL's whole history.
         """
         if self.flush_every <= 0:
             return False  # no flushes, no checkpoints
@@ -670,11 +679,8 @@ class Store:
             base = load_fold(row[2], self.method)
         except UnreadableState:
             return False
-        after = self._observations(url_id, after_marks=True)
-        (total,) = self.conn.execute(
-            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
-        ).fetchone()
-        if not after or total - len(after) != row[0] or after[0].at <= base.newest_at:
+        after = self._after_checkpoint(url_id, int(row[0]), base.newest_at)
+        if not after or after[0].at <= base.newest_at:
             return False
         head = base.clone()
         events: list[Event] = []
@@ -1112,15 +1118,13 @@ class Store:
         ]
 
     def _observations(
-        self, url_id: int, since: float | None = None, after_marks: bool = False
+        self, url_id: int, after_marks_since: float | None = None
     ) -> list[Observation]:
-        """The URL's stored results in event order (those probed at or after `since`, or those
-        stored after the last flush's marks)."""
+        """The URL's stored results in event order (with `after_marks_since`: those stored
+        after the last flush's marks and probed at or after that time)."""
         sql, params = _OBSERVATIONS, (url_id,)  # type: tuple[str, tuple[Any, ...]]
-        if after_marks:
-            sql = _OBSERVATIONS_AFTER_MARKS
-        elif since is not None and since > float("-inf"):
-            sql, params = _OBSERVATIONS_SINCE, (url_id, since)
+        if after_marks_since is not None:
+            sql, params = _OBSERVATIONS_AFTER_MARKS, (url_id, after_marks_since)
         return [
             Observation(
                 agent,
