@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import (
     Deadline,
     cpu_seconds,
+    free_port,
     memory,
     mib,
     require_loopback,
@@ -149,14 +150,6 @@ def _unnamed_bytes(pid: int, directory: Path) -> int:
     return total
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _holding(agent: AgentProcess, n: int, within: float) -> float:
     """Seconds until the agent holds n URLs and its stream is up."""
     started = time.perf_counter()
@@ -179,7 +172,7 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
     def start(
         name: str, state_dir: Path | None, port: int | None = None, tmpdir: Path | None = None
     ) -> AgentProcess:
-        port = port or _free_port()
+        port = port or free_port()
         env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
         agent = AgentProcess(_agent_argv(target, name, port, state_dir), log, port, env)
         agents.append(agent)

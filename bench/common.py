@@ -16,6 +16,7 @@ import os
 import platform
 import selectors
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -48,6 +49,13 @@ def require_loopback(host: str) -> str:
     if ipaddress.ip_address(host) not in LOOPBACK:
         raise ValueError(f"{host} is not in {LOOPBACK}: benchmarks only use loopback")
     return host
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (a loopback address) just now."""
+    with socket.socket() as s:
+        s.bind((require_loopback(host), 0))
+        return int(s.getsockname()[1])
 
 
 class Deadline:

@@ -65,10 +65,18 @@ def build_batches(
     batch_size: int,
     start: float,
     signer: ResultSigner | None = None,
+    *,
+    first_seq: int | None = None,
+    step: float = 0.001,
+    stagger: float = 0.0,
 ) -> list[tuple[int, bytes]]:
-    """`count` results of one agent, numbered by the agent's Outbox, encoded (and with
+    """`count` results of one agent going round the URLs (90% present, 5% 404, 5% read
+    timeouts), probed `step` seconds apart from `start` (+ `stagger` per agent), numbered by
+    the agent's Outbox from `first_seq` (default: a million per agent), encoded (and with
     `signer`, signed) by agent.link."""
-    outbox = Outbox(limit=batch_size * 2, first_seq=1_000_000 * (agent + 1))
+    if first_seq is None:
+        first_seq = 1_000_000 * (agent + 1)
+    outbox = Outbox(limit=batch_size * 2, first_seq=first_seq)
     out: list[tuple[int, bytes]] = []
     offset = agent * 7919
     for k in range(count):
@@ -83,7 +91,7 @@ def build_batches(
         outbox.add(
             ProbeResult(
                 url_id=url_id,
-                started_at=start + k * 0.001,
+                started_at=start + k * step + agent * stagger,
                 elapsed=0.05,
                 status=status,
                 final_url=url,

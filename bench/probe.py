@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from bench.common import (
     Deadline,
     child_say,
     cpu_seconds,
+    free_port,
     loops,
     require_loopback,
     run,
@@ -247,7 +247,7 @@ async def run_agent_loop(
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         agent = Agent(
             AgentConfig(
-                collector=f"{HOST}:{_free_port()}",
+                collector=f"{HOST}:{free_port(HOST)}",
                 name="bench",
                 network="bench",
                 probe=_probe_config(mode, concurrency),
@@ -304,13 +304,6 @@ async def run_bare(
         return await _measure("bare aiohttp", mode, urls, n, concurrency, seconds, one)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def run_blackbox(
     mode: str,
     urls: Sequence[str],
@@ -340,7 +333,7 @@ async def run_blackbox(
             }
         )
     )
-    port = _free_port()
+    port = free_port(HOST)
     proc = subprocess.Popen(  # noqa: ASYNC220, S603 - a fixed binary; waited on below
         [
             binary,

@@ -31,7 +31,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,14 +45,12 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.link import encode
-from agent.outbox import Outbox
-from agent.result import ErrorClass, ProbeResult
 from bench.common import (
     AgentStream,
     Deadline,
     cpu_seconds,
     file_size,
+    free_port,
     memory,
     mib,
     require_loopback,
@@ -61,7 +58,7 @@ from bench.common import (
     table,
     wait_for_state,
 )
-from bench.ingest import PEER, PROVIDER, page_hash, stamp
+from bench.ingest import PEER, PROVIDER, build_batches, page_hash, stamp
 from bench.scale import report_url
 from client.digests import Digests
 from collector.attribution import PrefixTable
@@ -202,54 +199,7 @@ def digests_of(db: Path) -> list[int]:
     return list(ours.values)
 
 
-def backlog_batches(
-    agent: int,
-    pairs: Sequence[tuple[int, str]],
-    count: int,
-    first_seq: int,
-    start: float,
-    batch_size: int,
-) -> list[tuple[int, bytes]]:
-    """`count` results of one agent going round the URLs (as bench/ingest.py's: 90% present,
-    5% 404, 5% read timeouts), numbered from `first_seq` by the agent's Outbox, encoded."""
-    outbox = Outbox(limit=batch_size * 2, first_seq=first_seq)
-    out: list[tuple[int, bytes]] = []
-    offset = agent * 7919
-    gone = page_hash(-1)
-    for k in range(count):
-        url_id, url = pairs[(k + offset) % len(pairs)]
-        roll = (k * 37 + agent) % 100
-        if roll < 90:
-            status, error, digest = 200, ErrorClass.NONE, page_hash(url_id)
-        elif roll < 95:
-            status, error, digest = 404, ErrorClass.NONE, gone
-        else:
-            status, error, digest = 0, ErrorClass.READ_TIMEOUT, b""
-        outbox.add(
-            ProbeResult(
-                url_id=url_id, started_at=start + k * STEP + agent * 0.00001, elapsed=0.05,
-                status=status, final_url=url, body_sha256=digest,
-                body_bytes=len(digest) and 10_240,
-                peer_ip=PEER if error is ErrorClass.NONE else "", error=error,
-            )
-        )  # fmt: skip
-        if outbox.pending >= batch_size or k == count - 1:
-            batch = outbox.take(batch_size)
-            assert batch is not None
-            message = encode(batch, sent_at=0.0)  # sent_at: stamped when sent
-            out.append((batch.batch_id, message.SerializeToString()))
-            outbox.ack(batch.batch_id)
-    return out
-
-
 # --- the collector: `takedown-collector serve` in a child process ------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def collector_command() -> list[str]:
@@ -284,7 +234,7 @@ class Served:
     @classmethod
     def spawn(cls, label: str, db: Path, prefixes: Path, flush_every: float, log: Path) -> Served:
         before = backlog_of(db)
-        grpc_port, metrics_port = free_port(), free_port()
+        grpc_port, metrics_port = free_port(HOST), free_port(HOST)
         args = [
             *collector_command(), "serve", "--db", str(db),
             "--listen", f"{HOST}:{grpc_port}", "--metrics-listen", f"{HOST}:{metrics_port}",
@@ -526,7 +476,16 @@ async def _restart(
         start = max(time.time() - per_agent * STEP - lead, after)
         after = start + per_agent * STEP + 1.0
         return [
-            backlog_batches(a, filled.pairs, per_agent, seqs[a], start, batch_size)
+            build_batches(
+                a,
+                filled.pairs,
+                per_agent,
+                batch_size,
+                start,
+                first_seq=seqs[a],
+                step=STEP,
+                stagger=0.00001,
+            )
             for a in range(agents)
         ]
 
