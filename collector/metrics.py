@@ -60,12 +60,12 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-# The provider families in the order and with the texts `_urls` and `_latency` give them.
+# The provider families, in the order `_urls` and `_latency` yield them: name, type, help.
 _PROVIDER_FAMILIES = (
     ("takedown_urls", "gauge", "Reported URLs by attributed provider and state"),
     ("takedown_overdue_urls", "gauge",
      "URLs still online after notice + deadline; deadline=order: past a binding order"),
-    ("takedown_reappearances_total", "counter", "Times removed content was seen present again"),
+    ("takedown_reappearances", "counter", "Times removed content was seen present again"),
     ("takedown_stale_urls", "gauge",
      "Watched URLs on which no vantage point that could change the verdict is live"
      " (the state is held, not guessed)"),
@@ -73,6 +73,7 @@ _PROVIDER_FAMILIES = (
     ("takedown_removal_latency_seconds", "histogram",
      "Time from notice to the first removed observation of a confirmed removal"),
 )  # fmt: skip
+_HELP = {name: text for name, _, text in _PROVIDER_FAMILIES}
 
 
 class StateCollector(Collector):
@@ -145,7 +146,8 @@ class StateCollector(Collector):
         labels = [(f, _escape(f.provider)) for f in figures]
         deadlines = [(d, _escape(deadline_label(d))) for d in self.deadlines]
         go = _go
-        for family, kind, help_text in _PROVIDER_FAMILIES:
+        for name, kind, help_text in _PROVIDER_FAMILIES:
+            family = f"{name}_total" if kind == "counter" else name  # as the exposition names it
             out.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n")
             if family == "takedown_urls":
                 out += [f'takedown_urls{{provider="{p}",state="{st}"}} {go(f.states[st])}\n'
@@ -238,18 +240,14 @@ class StateCollector(Collector):
 
     def _urls(self, figures: Sequence[reads.ProviderFigures]) -> Iterator[Metric]:
         urls = GaugeMetricFamily(
-            "takedown_urls",
-            "Reported URLs by attributed provider and state",
-            labels=["provider", "state"],
+            "takedown_urls", _HELP["takedown_urls"], labels=["provider", "state"]
         )
         for f in figures:
             for state in UrlState:
                 urls.add_metric([f.provider, state.value], f.states[state.value])
         yield urls
         overdue = GaugeMetricFamily(
-            "takedown_overdue_urls",
-            "URLs still online after notice + deadline; deadline=order: past a binding order",
-            labels=["provider", "deadline"],
+            "takedown_overdue_urls", _HELP["takedown_overdue_urls"], labels=["provider", "deadline"]
         )
         for f in figures:
             for d in self.deadlines:
@@ -257,24 +255,19 @@ class StateCollector(Collector):
             overdue.add_metric([f.provider, "order"], f.order_overdue)
         yield overdue
         reappeared = CounterMetricFamily(
-            "takedown_reappearances",
-            "Times removed content was seen present again",
-            labels=["provider"],
+            "takedown_reappearances", _HELP["takedown_reappearances"], labels=["provider"]
         )
         for f in figures:
             reappeared.add_metric([f.provider], f.reappearances)
         yield reappeared
         stale = GaugeMetricFamily(
-            "takedown_stale_urls",
-            "Watched URLs on which no vantage point that could change the verdict is live"
-            " (the state is held, not guessed)",
-            labels=["provider"],
+            "takedown_stale_urls", _HELP["takedown_stale_urls"], labels=["provider"]
         )
         for f in figures:
             stale.add_metric([f.provider], f.stale)
         yield stale
         info = GaugeMetricFamily(
-            "takedown_method_info", "The measurement method the verdicts follow", labels=["method"]
+            "takedown_method_info", _HELP["takedown_method_info"], labels=["method"]
         )
         info.add_metric([METHOD_VERSION], 1)
         yield info
@@ -282,7 +275,7 @@ class StateCollector(Collector):
     def _latency(self, figures: Sequence[reads.ProviderFigures]) -> Iterator[Metric]:
         family = HistogramMetricFamily(
             "takedown_removal_latency_seconds",
-            "Time from notice to the first removed observation of a confirmed removal",
+            _HELP["takedown_removal_latency_seconds"],
             labels=["provider"],
         )
         for f in figures:
