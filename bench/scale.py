@@ -158,9 +158,9 @@ def _cache(db: Path, prefixes: Path, count: int) -> None:
         gc.collect()
         before = memory()[0]
         for first in range(1, count + 1, 5000):
-            store._load(set(range(first, min(count + 1, first + 5000))))  # as ingest does
+            store.projection.load(range(first, min(count + 1, first + 5000)))  # as ingest does
         gc.collect()
-        child_say({"bytes": memory()[0] - before, "cached": len(store._entries)})
+        child_say({"bytes": memory()[0] - before, "cached": len(store.projection.entries)})
         sys.stdin.read()
     finally:
         store.close()
@@ -327,7 +327,7 @@ def _render(r: ScaleReport) -> str:
          f" resent, collector CPU {f['reconcile_changed_cpu_s']:.1f} s"],
     ]  # fmt: skip
     if "fill_s" in f:
-        from collector.store.writes import CACHE_URLS  # not in the agent child
+        from collector.projection import CACHE_URLS  # not in the agent child
 
         cached = min(n, CACHE_URLS)  # the writer keeps at most this many verdicts
         projected = f["collector_rss_after_import"] + f["verdict_cache_per_url"] * cached

@@ -29,7 +29,7 @@ from collector.store import (
     Writer,
 )
 from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
-from collector.store.writes import REFOLD_DELAY
+from collector.projection import REFOLD_DELAY
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()
@@ -163,9 +163,9 @@ class TestStore:
         url_id = store.submit_reports([report("http://x.example/a")], NOW, PLANNER)[0].url_id
         agent = store.register_agent("a1", "net", "t", NOW)
         done = store.ingest(agent, [res(url_id, 1), res(url_id, 2, 404), res(url_id, 3, 404)], NOW)
-        assert done.stored == 3 and url_id in store._entries
+        assert done.stored == 3 and url_id in store.projection.entries
         _, retired = store.plan(NOW + 3600, Planner.fixed(60.0, watch_period=60.0))
-        assert retired == [url_id] and url_id not in store._entries
+        assert retired == [url_id] and url_id not in store.projection.entries
         late = store.ingest(agent, [res(url_id, 4, 404)], NOW + 3600)
         store.close()
         assert (late.stored, late.rejected) == (0, 1)
@@ -336,7 +336,7 @@ def test_bounded_verdict_cache_changes_nothing(tmp_path: Path, table: PrefixTabl
                         peer = "198.51.100.7" if k == 5 and rnd == 4 else "192.0.2.1"
                         batch.append(res(url_id, seq, status, peer))
                     store.ingest(agent, batch, NOW + seq)
-            assert len(store._entries) <= cache_urls
+            assert len(store.projection.entries) <= cache_urls
             dumps.append(
                 [
                     store.conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
@@ -380,7 +380,7 @@ def test_late_refolds_are_spread_over_transactions(tmp_path: Path, table: Prefix
             return int(n)
 
         assert waiting() == 5
-        store.refold_budget = 0.0  # one URL per transaction, whatever this machine's speed
+        store.projection.refold_budget = 0.0  # one URL per transaction, whatever this machine's speed
         store.ingest(first, [probe(other, 31)], NOW + 100 + REFOLD_DELAY)
         assert waiting() == 4
         store.idle()
