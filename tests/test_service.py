@@ -206,9 +206,10 @@ class TestAgentStream:
         call.cancel()
 
     async def test_unknown_urls_and_bad_fields_are_rejected_not_stored(
-        self, channel: grpc.aio.Channel, collector: Collector
+        self, channel: grpc.aio.Channel, collector: Collector, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Results for unknown URLs or with impossible fields are counted as rejected."""
+        """Results for unknown URLs, with impossible fields, from the future or from before the
+        URL was reported are rejected, each reason logged, and nothing stored changes."""
         stub = pb_grpc.IntakeStub(channel)
         sub = await stub.Submit(pb.SubmitRequest(reports=[report("http://a.example/1", "U1")]))
         url_id = sub.outcomes[0].url_id
@@ -216,13 +217,42 @@ class TestAgentStream:
         bad_hash.body_sha256 = b"short"
         bad_time = result(url_id, 4)
         bad_time.started_at_unix_us = 5
+        future = result(url_id, 5)
+        future.started_at_unix_us = NOW_US + 7200 * 1_000_000
+        ancient = result(url_id, 6)
+        ancient.started_at_unix_us = NOW_US - 3 * 86400 * 1_000_000
         call = await open_stream(channel)
-        batch = pb.ResultBatch(
-            batch_id=2, results=[result(url_id, 1), result(9999, 2), bad_hash, bad_time]
-        )
+        batch = pb.ResultBatch(batch_id=2, results=[result(url_id, 1), result(9999, 2)])
         await call.write(pb.AgentMessage(batch=batch))
         ack = await next_of(call, "ack")
-        assert (ack.ack.stored, ack.ack.rejected) == (1, 3)
+        assert (ack.ack.stored, ack.ack.rejected) == (1, 1)
+        conn = connect_readonly(collector.config.db)
+
+        def history() -> list[tuple[object, ...]]:  # written with each batch (url_state is not)
+            return conn.execute(
+                "SELECT 'event', url_id, at, kind, detail FROM url_events UNION ALL"
+                " SELECT 'episode', url_id, episode, opened_at, confirmed_at FROM episodes"
+                " ORDER BY 1, 2, 3, 4"
+            ).fetchall()
+
+        try:
+            before = history()
+            assert results_count(conn) == 1
+            for batch_id, bad in enumerate((bad_hash, bad_time, future, ancient), start=3):
+                batch = pb.ResultBatch(batch_id=batch_id, results=[bad])
+                await call.write(pb.AgentMessage(batch=batch))
+                ack = await next_of(call, "ack")
+                assert (ack.ack.stored, ack.ack.rejected) == (0, 1), bad
+            assert results_count(conn) == 1
+            assert history() == before
+        finally:
+            conn.close()
+        logged = caplog.text
+        assert "body_sha256 has 5 bytes" in logged
+        assert "is before 2000-01-01" in logged
+        assert "ahead of the collector's clock" in logged
+        assert f"is before URL id {url_id} was reported" in logged
+        assert "URL id 9999 is unknown or no longer watched" in logged
         call.cancel()
 
     async def test_oversized_message_is_refused(self, channel: grpc.aio.Channel) -> None:
