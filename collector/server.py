@@ -208,8 +208,6 @@ class Collector:
             )
             self._refresher.start()
         await self._start_http()
-        await self.replan()
-        self._planning = asyncio.create_task(self._replan_forever(), name="replan")
         if self.gate is not None and self.config.require_tokens:
             self._revalidating = asyncio.create_task(
                 self.gate.revalidate_forever(self.config.revalidate_every), name="revalidate"
@@ -223,6 +221,9 @@ class Collector:
             log.info("evidence_log_off (no --log-key-file: nothing is logged for evidence)")
         for service in ("", "takedown.v1.AgentLink", "takedown.v1.Intake"):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # The first replan runs once serving (it reads and updates every watched URL: 10 s at
+        # a million); meanwhile agents get the stored intervals, then its changes.
+        self._planning = asyncio.create_task(self._replan_forever(), name="replan")
         log.info(
             "collector_started grpc_port=%d metrics_port=%d db=%s tls=%s tokens=%s",
             self.grpc_port,
@@ -267,11 +268,11 @@ class Collector:
 
     async def _replan_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.config.replan_every)
             try:
                 await self.replan()
             except StoreError as exc:
                 log.error("replan_failed error=%s", exc)
+            await asyncio.sleep(self.config.replan_every)
 
     async def checkpoint(self) -> None:
         """Sign a checkpoint of the evidence log now (nothing without a log key)."""
