@@ -105,6 +105,9 @@ class Ledger(Protocol):
         self, url_id: int, after_marks_since: float | None = None
     ) -> list[Observation]: ...
     def result_count(self, url_id: int) -> int: ...
+    def checkpoints(self, url_ids: Sequence[int]) -> dict[int, Checkpoint]: ...
+    def result_counts(self, url_ids: Sequence[int]) -> dict[int, int]: ...
+    def observations_after_marks(self, url_ids: Sequence[int]) -> dict[int, list[Observation]]: ...
     def refolds_pending(self) -> list[int]: ...
     def unflushed(self) -> list[int]: ...
 
@@ -487,45 +490,62 @@ class Projection:
     def flush_due(self, now: float) -> bool:
         return bool(self._dirty) and now - self.flushed_at >= self.flush_every
 
-    def resume_unflushed(self) -> dict[str, int]:
+    def resume_unflushed(self, chunk: int = 500) -> dict[str, int]:
         """At start, after a crash: each URL folded since its url_state row was written
         resumes from that row (the results after it folded on top), or is marked for a refold
-        from its whole history where that cannot be proven equal. Returns how many of each."""
+        from its whole history where that cannot be proven equal. Returns how many of each.
+        Read `chunk` URLs at a time: a crash can leave a flush interval's worth of URLs."""
         outcomes = {"resumed": 0, "refolded": 0, "due": 0}
-        for url_id in self.ledger.unflushed():
-            outcome = "due" if url_id in self._pending else self._resume(url_id)
-            if outcome == "due":
-                self._pending.setdefault(url_id, 0.0)
-            outcomes[outcome] += 1
+        ids = self.ledger.unflushed()
+        for i in range(0, len(ids), chunk):
+            for outcome in self._resume(ids[i : i + chunk]):
+                outcomes[outcome] += 1
         return outcomes
 
-    def _resume(self, url_id: int) -> str:
-        """Fold the results stored after the URL's checkpoint onto it ("resumed"); "due" if
-        that would not equal a refold (the row is no checkpoint, or a result it does not
-        cover is older than its newest input); "refolded" if its state was unreadable (see
-        load).
+    def _resume(self, url_ids: Sequence[int]) -> list[str]:
+        """Fold the results stored after each URL's checkpoint onto it ("resumed"); "due"
+        (marked for a refold) if that would not equal a refold (the row is no checkpoint, or
+        a result it does not cover is older than its newest input); "refolded" if its state
+        was unreadable (see load).
 
         The uncovered results (see _after_checkpoint) come after the checkpoint in event
         time, or it is refused.
         """
-        mark = self.ledger.checkpoint(url_id, with_fold=False)
-        if mark is None or mark.folded < 0 or mark.method != self.method.version:
-            return "due"
+        marks = self.ledger.checkpoints(url_ids)
+        usable = [
+            u for u in url_ids
+            if u not in self._pending and (m := marks.get(u)) is not None and m.folded >= 0
+            and m.method == self.method.version
+        ]  # fmt: skip
         refolded: set[int] = set()
-        entry = self.load([url_id], active_only=False, refolded=refolded).get(url_id)
-        if entry is None:
-            return "due"
-        if refolded:
-            return "refolded"  # in full: nothing to resume
-        fold = entry.fold
-        after = self._after_checkpoint(url_id, mark.folded, fold.newest_at)
-        if after is None or (after and event_order(after[0]) < fold.newest_key):
-            return "due"
-        for obs in after:
-            fold.observe(obs, self.networks_at(obs.at))
-        entry.tail, entry.folded = None, mark.folded + len(after)
-        self._dirty[url_id] = entry
-        return "resumed"
+        entries = self.load(usable, active_only=False, refolded=refolded)
+        counts = self.ledger.result_counts(usable)
+        stored_after = self.ledger.observations_after_marks(usable)
+        outcomes = []
+        for url_id in url_ids:
+            entry = entries.get(url_id)
+            if url_id in refolded:
+                outcomes.append("refolded")  # in full: nothing to resume
+                continue
+            if entry is None:
+                self._pending.setdefault(url_id, 0.0)
+                outcomes.append("due")
+                continue
+            fold, folded = entry.fold, marks[url_id].folded
+            # As _after_checkpoint, from what was read for the whole chunk.
+            after = [o for o in stored_after.get(url_id, ()) if o.at >= fold.newest_at]
+            if counts.get(url_id, 0) - len(after) != folded or (
+                after and event_order(after[0]) < fold.newest_key
+            ):
+                self._pending.setdefault(url_id, 0.0)
+                outcomes.append("due")
+                continue
+            for obs in after:
+                fold.observe(obs, self.networks_at(obs.at))
+            entry.tail, entry.folded = None, folded + len(after)
+            self._dirty[url_id] = entry
+            outcomes.append("resumed")
+        return outcomes
 
 
 def _adopt_provider(entry: UrlEntry) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from collector.evidence import leaves as ev
@@ -53,9 +53,23 @@ _OBSERVATIONS_AFTER_MARKS = _OBSERVATIONS.replace(
     "WHERE r.url_id = ? AND r.started_at >= ? AND r.seq >"
     " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)",
 )
+_CHUNK_AFTER_MARKS = (
+    "SELECT r.url_id, r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256,"
+    " r.final_url, r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
+    " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id IN ({marks}) AND r.seq >"
+    " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)"
+    " ORDER BY r.url_id, r.started_at, r.agent_id, r.seq"
+)
 _HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
 _KIND_MARKS = ",".join("?" * len(_HISTORY_KINDS))
 _CHUNK = 500  # ids per IN (...) list
+
+
+def _chunks(url_ids: Sequence[int]) -> Iterator[tuple[Sequence[int], str]]:
+    """`url_ids` in pieces for `IN (...)`, each with its placeholders."""
+    for i in range(0, len(url_ids), _CHUNK):
+        chunk = url_ids[i : i + _CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _state_row(url_id: int, entry: UrlEntry, now: float, checkpoint: bool) -> tuple[Any, ...]:
@@ -172,6 +186,39 @@ class SqlLedger:
             "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
         ).fetchone()
         return int(n)
+
+    def checkpoints(self, url_ids: Sequence[int]) -> dict[int, Checkpoint]:
+        out = {}
+        for chunk, marks in _chunks(url_ids):
+            for url_id, folded, method in self.conn.execute(
+                f"SELECT url_id, folded, method FROM url_state WHERE url_id IN ({marks})", chunk
+            ):
+                out[url_id] = Checkpoint(int(folded), str(method))
+        return out
+
+    def result_counts(self, url_ids: Sequence[int]) -> dict[int, int]:
+        out = {}
+        for chunk, marks in _chunks(url_ids):
+            for url_id, n in self.conn.execute(
+                f"SELECT url_id, COUNT(*) FROM results WHERE url_id IN ({marks}) GROUP BY url_id",
+                chunk,
+            ):
+                out[url_id] = int(n)
+        return out
+
+    def observations_after_marks(self, url_ids: Sequence[int]) -> dict[int, list[Observation]]:
+        """Each URL's results stored after the last flush's marks, in event order."""
+        out: dict[int, list[Observation]] = {}
+        for chunk, marks in _chunks(url_ids):
+            for (url_id, agent, network, at, status, error, sha, final, challenge, truncated,
+                 seq, provider, asn, cdn) in self.conn.execute(
+                _CHUNK_AFTER_MARKS.format(marks=marks), chunk
+            ):  # fmt: skip
+                obs = Observation(agent, network, at, status, error, sha or b"", final,
+                                  bool(challenge), bool(truncated), seq, provider, asn,
+                                  bool(cdn))  # fmt: skip
+                out.setdefault(url_id, []).append(obs)
+        return out
 
     def refolds_pending(self) -> list[int]:
         return [
