@@ -107,13 +107,16 @@ class StateCollector(Collector):
         self._text: tuple[list[reads.ProviderFigures], bytes] | None = None
         self.scan_seconds = 0.0  # how long the last scan took (with its rendering)
         self._refreshing = False  # refresh_forever keeps the scan fresh: no scrape waits
+        # Set once the first scan landed (or failed): the server opens /metrics after it, so
+        # no scrape waits for a scan, not even the first after a start.
+        self.first_scan = threading.Event()
 
     def describe(self) -> list[Metric]:
         return []
 
     def scan(self) -> list[reads.ProviderFigures]:
-        """Read the per-provider figures now, and keep them for later scrapes. (The first
-        scrape after a start may wait for the refresher's first scan: that one is served.)"""
+        """Read the per-provider figures now, and keep them for later scrapes. (A scrape
+        racing the refresher's first scan waits for it, and is served that one.)"""
         waited = self._kept
         with self._scanning:
             kept = self._kept
@@ -134,6 +137,7 @@ class StateCollector(Collector):
             self._text = (figures, self._render(figures))
         self._kept = (started, figures)
         self.scan_seconds = max(0.0, self.monotonic() - started)
+        self.first_scan.set()
         return figures
 
     def _render(self, figures: Sequence[reads.ProviderFigures]) -> bytes:
@@ -209,6 +213,7 @@ class StateCollector(Collector):
             log.error("metrics_scan_failed error=%s", exc)
         finally:
             self._scanning.release()
+            self.first_scan.set()
 
     def figures(self) -> list[reads.ProviderFigures]:
         """The figures a scrape shows: a new scan without max_age, before the first has

@@ -36,6 +36,8 @@ from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# How long a start waits for the first /metrics scan before it opens /metrics anyway.
+FIRST_SCAN_WAIT = 120.0
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,6 @@ class Collector:
                 daemon=True,
             )
             self._refresher.start()
-        await self._start_http()
         if self.gate is not None and self.config.require_tokens:
             self._revalidating = asyncio.create_task(
                 self.gate.revalidate_forever(self.config.revalidate_every), name="revalidate"
@@ -224,6 +225,11 @@ class Collector:
         # The first replan runs once serving (it reads and updates every watched URL: 10 s at
         # a million); meanwhile agents get the stored intervals, then its changes.
         self._planning = asyncio.create_task(self._replan_forever(), name="replan")
+        if self._refresher is not None:
+            # /metrics opens once the refresher's first scan landed, so that no scrape waits
+            # for a scan (258 ms at 100,000 URLs; seconds at a million).
+            await asyncio.to_thread(self.state.first_scan.wait, FIRST_SCAN_WAIT)
+        await self._start_http()
         log.info(
             "collector_started grpc_port=%d metrics_port=%d db=%s tls=%s tokens=%s",
             self.grpc_port,

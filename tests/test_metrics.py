@@ -211,3 +211,61 @@ def test_provider_text_is_byte_for_byte_what_prometheus_client_writes(tmp_path: 
     reference.register(Families())
     assert fast == generate_latest(reference)
     assert fast.count(b"\n") == 97  # 12 HELP and TYPE lines, 85 samples
+
+
+@pytest.mark.integration
+async def test_no_scrape_waits_for_a_scan_not_even_the_first_after_a_start(
+    tmp_path: Path, prefixes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real collector opens /metrics only once its refresher's first scan has landed (held
+    back here), so the first scrape is served from it: a scrape that had to scan would fail."""
+    import asyncio
+    import dataclasses
+
+    import aiohttp
+
+    from collector.server import Collector
+    from tests.conftest import collector_config
+
+    config = dataclasses.replace(collector_config(tmp_path, prefixes), metrics_max_age=10.0)
+    store = open_store(config.db, PrefixTable.from_csv(prefixes))
+    store.submit_reports([report("http://a.example/1"), report("http://a.example/2")], NOW, PLANNER)
+    store.close()
+    scan_may_end = threading.Event()
+    real_figures = reads.provider_figures
+
+    def held_figures(*args: Any, **kwargs: Any) -> Any:
+        assert scan_may_end.wait(30)
+        return real_figures(*args, **kwargs)
+
+    monkeypatch.setattr(reads, "provider_figures", held_figures)
+    collector = Collector(config)
+    starting = asyncio.ensure_future(collector.start())
+    try:
+        deadline = time.monotonic() + 30
+        while collector._planning is None:  # serving gRPC, the first scan held back
+            assert time.monotonic() < deadline and not starting.done()
+            await asyncio.sleep(0.01)
+        # However long the scan takes, start() waits for it before it opens /metrics.
+        done, _ = await asyncio.wait({starting}, timeout=1.0)
+        assert not done and collector.metrics_port == 0
+        scan_may_end.set()
+        await asyncio.wait_for(starting, 30)
+        assert collector.state is not None
+
+        def no_scan() -> Any:
+            raise AssertionError("a scrape waited for a scan")
+
+        collector.state.scan = no_scan  # type: ignore[method-assign]
+        url = f"http://127.0.0.1:{collector.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200
+            text = await response.text()
+        pending = [line for line in text.splitlines() if line.startswith("takedown_urls{")
+                   and 'state="pending"' in line]  # fmt: skip
+        assert pending and sum(float(line.rsplit(" ", 1)[1]) for line in pending) == 2
+    finally:
+        scan_may_end.set()
+        if not starting.done():
+            await asyncio.wait_for(starting, 30)
+        await collector.stop(grace=1)
