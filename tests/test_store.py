@@ -17,6 +17,7 @@ import pytest
 
 from collector.attribution import PrefixTable
 from collector.method import Policy
+from collector.projection import REFOLD_DELAY
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import (
@@ -29,7 +30,6 @@ from collector.store import (
     Writer,
 )
 from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
-from collector.projection import REFOLD_DELAY
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()
@@ -380,7 +380,7 @@ def test_late_refolds_are_spread_over_transactions(tmp_path: Path, table: Prefix
             return int(n)
 
         assert waiting() == 5
-        store.projection.refold_budget = 0.0  # one URL per transaction, whatever this machine's speed
+        store.projection.refold_budget = 0.0  # one URL per transaction, whatever the machine
         store.ingest(first, [probe(other, 31)], NOW + 100 + REFOLD_DELAY)
         assert waiting() == 4
         store.idle()
