@@ -7,16 +7,25 @@ and a crash never leaves half a key. `agent.pub` beside it holds the public
 key (PEM) for `takedown-collector agents add NAME --public-key FILE`.
 The key signs each result's `observation_signing_bytes`; it never leaves the
 agent, and no log line shows it.
+
+The two files' encodings are the fixed ones of RFC 8410 (a 48-byte PKCS#8 and a
+44-byte SubjectPublicKeyInfo, each one base64 line), byte for byte what
+cryptography's serializer writes, and a key file in exactly that form (what this
+module and `openssl genpkey -algorithm ed25519` write) is read without it; any
+other file goes to cryptography's PEM loader, which takes whatever form it knows
+and says why it refuses the rest. That loader (the `serialization` package) is
+imported only then: it costs the agent about 1 MiB of RSS.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.credentials import exposed
@@ -26,6 +35,35 @@ from protos.takedown.v1 import takedown_pb2 as pb
 
 KEY_FILE = "agent.key"
 PUBLIC_FILE = "agent.pub"
+
+# RFC 8410: PrivateKeyInfo (version 0, id-Ed25519, the 32-byte seed as an OCTET STRING inside
+# an OCTET STRING) and SubjectPublicKeyInfo (id-Ed25519, the 32-byte key as a BIT STRING).
+_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PRIVATE_PEM = (b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----")
+_PUBLIC_PEM = (b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----")
+
+
+def _pem(der: bytes, armor: tuple[bytes, bytes]) -> bytes:
+    """One PEM block, 64 base64 characters a line (as OpenSSL and cryptography write it)."""
+    text = base64.b64encode(der)
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    return b"\n".join([armor[0], *lines, armor[1]]) + b"\n"
+
+
+def _rfc8410_seed(data: bytes) -> bytes | None:
+    """The seed of a file that is exactly one PEM block of an RFC 8410 Ed25519 PKCS#8 key
+    (the form `_pem` writes, line endings and surrounding space aside); else None."""
+    lines = data.strip().splitlines()
+    if len(lines) < 3 or (lines[0].strip(), lines[-1].strip()) != _PRIVATE_PEM:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_PKCS8_PREFIX) + 32 or not der.startswith(_PKCS8_PREFIX):
+        return None
+    return der[len(_PKCS8_PREFIX) :]
 
 
 class AgentKeyError(OSError):
@@ -37,9 +75,7 @@ class AgentKey:
 
     def __init__(self, private: Ed25519PrivateKey) -> None:
         self._private = private
-        self.public_key: bytes = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        self.public_key: bytes = private.public_key().public_bytes_raw()
 
     def __repr__(self) -> str:
         return f"AgentKey(public_key={self.public_key.hex()})"
@@ -49,9 +85,12 @@ class AgentKey:
         return self._private.sign(data)
 
     def public_pem(self) -> bytes:
-        return self._private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        """The public key as PEM SubjectPublicKeyInfo (`agent.pub`)."""
+        return _pem(_SPKI_PREFIX + self.public_key, _PUBLIC_PEM)
+
+    def _private_pem(self) -> bytes:
+        """The private key as unencrypted PEM PKCS#8 (`agent.key`)."""
+        return _pem(_PKCS8_PREFIX + self._private.private_bytes_raw(), _PRIVATE_PEM)
 
     @classmethod
     def load(cls, path: Path) -> AgentKey:
@@ -66,6 +105,11 @@ class AgentKey:
             raise AgentKeyError(f"cannot read the agent key {path}: {exc.strerror}") from exc
         if exposed(info.st_mode, info.st_gid):  # a group of its own (a mounted Secret) is fine
             raise AgentKeyError(f"the agent key {path} is readable by others; chmod 600 it")
+        seed = _rfc8410_seed(data)
+        if seed is not None:
+            return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        from cryptography.hazmat.primitives import serialization  # any other form: see above
+
         try:
             private = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
@@ -80,12 +124,7 @@ class AgentKey:
         path = state_dir / KEY_FILE
         if not path.exists():
             key = cls(Ed25519PrivateKey.generate())
-            pem = key._private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            if _create_exclusive(path, pem, 0o600):
+            if _create_exclusive(path, key._private_pem(), 0o600):
                 _create_exclusive(state_dir / PUBLIC_FILE, key.public_pem(), 0o644, replace=True)
                 return key
         return cls.load(path)

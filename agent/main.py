@@ -105,8 +105,9 @@ class Agent:
             self.assignment = Assignment(texts=self.spool)  # URL texts stay in the file
         else:
             self.outbox = Outbox(limit=config.outbox_limit)
-            # URL texts in an unnamed temporary file, gone with the process (agent.texts)
-            self.texts = TempTexts()
+            # URL texts in an unnamed temporary file, gone with the process (agent.texts);
+            # its compactions run in steps on the loop (_compact_texts), never all at once
+            self.texts = TempTexts(compact_in_steps=True)
             self.assignment = Assignment(texts=self.texts)
         self.signer = (
             None
@@ -128,6 +129,7 @@ class Agent:
         )
         self._changed = asyncio.Event()
         self._probes: set[asyncio.Task[None]] = set()
+        self._compaction: asyncio.Task[None] | None = None
         self.hosts = HostQueues(config.probe.per_host, config.host_backlog)
         self.probed = 0
         self.probes_by_error: dict[str, int] = {}
@@ -164,6 +166,8 @@ class Agent:
         except (SpoolError, TextsError) as exc:
             self._fail(exc)
             return
+        if self.texts is not None and self.texts.compacting:
+            self._compact_texts_soon(self.texts)
         for url_id in applied.stop:
             self.schedule.remove(url_id)
         for url_id, interval in applied.schedule:
@@ -175,17 +179,43 @@ class Agent:
             )  # fmt: skip
         self._changed.set()
 
+    def _compact_texts_soon(self, texts: TempTexts) -> None:
+        """Make sure the compaction the texts started is carried on (outside an event loop,
+        as in some tests, it is finished here and now)."""
+        if self._compaction is not None and not self._compaction.done():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            try:
+                while texts.compact_step():
+                    pass
+            except TextsError as exc:
+                self._fail(exc)
+            return
+        self._compaction = asyncio.create_task(self._compact_texts(texts), name="compact-texts")
+
+    async def _compact_texts(self, texts: TempTexts) -> None:
+        """Copy the live URL texts to a new file a few pages at a time, letting everything
+        else on the loop run between two steps (each a few milliseconds)."""
+        try:
+            while texts.compact_step():  # noqa: ASYNC110 - sleep(0): a turn for the others
+                await asyncio.sleep(0)
+        except TextsError as exc:
+            self._fail(exc)
+
     async def run(self, stop: asyncio.Event) -> None:
         policy = AddressPolicy(list(self.config.allow_private))
-        runner = None
+        server = None
         if self.config.metrics_listen:
             host, _, port = self.config.metrics_listen.rpartition(":")
-            runner, self.metrics_port = await serve_metrics(self, host.strip("[]"), int(port))
+            server = await serve_metrics(self, host.strip("[]"), int(port))
+            self.metrics_port = server.port
         try:
             await self._run(policy, stop)
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            if server is not None:
+                await server.close()
 
     async def _run(self, policy: AddressPolicy, stop: asyncio.Event) -> None:
         async with Prober(
@@ -313,5 +343,9 @@ class Agent:
             except SpoolError as exc:
                 log.error("spool_close_failed error=%s", exc)
             finally:
+                if self._compaction is not None:
+                    self._compaction.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._compaction
                 if self.texts is not None:
                     self.texts.close()

@@ -65,7 +65,6 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import ContentLengthError
-from cryptography import x509
 from yarl import URL
 
 from agent import tls
@@ -315,9 +314,7 @@ class Prober:
             else tls.probe_context(config.verify_tls, trust_pem)
         )
         self._verifying = self._ssl.verify_mode != ssl.CERT_NONE
-        self._checker = tls.TlsChecker(
-            None if trust_pem is None else x509.load_pem_x509_certificates(trust_pem.encode())
-        )
+        self._checker = tls.TlsChecker(None if trust_pem is None else tls.load_pem_roots(trust_pem))
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
 

@@ -16,6 +16,16 @@ is due:
   kernel's page cache, which is not the agent's RSS and is reclaimed under
   memory pressure.
 
+Replaced and removed texts leave garbage in the file; once it outweighs the live
+text, the live texts are copied into a new file (a compaction: over a second for a
+million URLs). An agent must not stop for that long, so with
+`TempTexts(compact_in_steps=True)` a due compaction is only started where it
+falls due, and `compact_step` carries it on a few pages of ids at a time
+(`agent.main` runs the steps on the event loop, yielding between them).
+Meanwhile the store works as usual: each URL's entry says which of the two files
+holds its text (a generation bit), new texts go to the new file, and the old file
+is closed once every live text has left it.
+
 `Arena` keeps the same layout with the bytes in memory (one `bytearray`):
 `agent.assignment.Assignment`'s default store, for tests and tools.
 """
@@ -36,9 +46,15 @@ _MIN_GARBAGE_BEFORE_COMPACT = 1 << 20
 _WRITE_CHUNK = 1 << 20  # bytes gathered before one write to the temporary file
 _ID_BITS = 8  # TempTexts: a page holds 1 << _ID_BITS consecutive ids
 _ID_MASK = (1 << _ID_BITS) - 1
-_LENGTH_BITS = 24  # packed = offset << _LENGTH_BITS | length: 16 MiB texts, 512 GiB files
+# TempTexts: packed = generation | offset << _LENGTH_BITS | length, -1 for no text: 16 MiB
+# texts, 256 GiB files, and the generation bit tells which file of a compaction holds it
+_LENGTH_BITS = 24
 _MAX_LENGTH = (1 << _LENGTH_BITS) - 1
+_GENERATION = 1 << 62
+_MAX_END = 1 << (62 - _LENGTH_BITS)  # a file stays shorter than this
+_OFFSET_MASK = _MAX_END - 1
 _EMPTY_PAGE = array("q", [-1]) * (1 << _ID_BITS)
+COMPACT_STEP_PAGES = 8  # pages of ids one compaction step copies: 2,048 ids, a few ms
 
 
 class UrlTexts(Protocol):
@@ -133,19 +149,26 @@ class TempTexts:
     ids), so a page of 256 consecutive ids (2 KiB) is mostly full; an empty page is freed.
     Texts are appended; replacing or removing one leaves its bytes behind as garbage, and
     once the garbage outweighs the live text (and 1 MiB) the live texts are copied into a
-    new file. After a failed write (a full disk) the store refuses further use: its offsets
-    no longer match the file. `close()` (or the process ending) frees the file.
+    new file, in id order: inside `record_assignment`, or with `compact_in_steps` a few
+    pages at each `compact_step` (the module docstring). After a failed write (a full disk)
+    the store refuses further use: its offsets no longer match the file. `close()` (or the
+    process ending) frees the file.
     """
 
     __slots__ = (
-        "_closed", "_count", "_end", "_failure", "_fd", "_file", "_garbage", "_pages", "_used",
+        "_closed", "_count", "_end", "_failure", "_fd", "_file", "_garbage", "_generation",
+        "_old_end", "_old_fd", "_old_file", "_pages", "_todo", "_used", "compact_in_steps",
         "directory",
     )  # fmt: skip
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(
+        self, directory: str | Path | None = None, *, compact_in_steps: bool = False
+    ) -> None:
         """`directory`: where the file's blocks go (default: the system's temporary directory,
         `tempfile.gettempdir()`: $TMPDIR if usable, else /tmp, ...). TextsError if no file
-        can be made there."""
+        can be made there. `compact_in_steps`: `record_assignment` only starts a due
+        compaction, and `compact_step` must carry it on (else it runs to its end there)."""
+        self.compact_in_steps = compact_in_steps
         self._closed = False
         self._failure: str | None = None
         try:
@@ -155,10 +178,17 @@ class TempTexts:
         self._file = self._new_file()
         self._fd = self._file.fileno()
         self._end = 0
+        self._generation = 0  # 0 or _GENERATION: the bit of the entries whose text is in _file
         self._pages: dict[int, array[int]] = {}  # id >> _ID_BITS → packed (offset, length)
         self._used: dict[int, int] = {}  # page → ids held in it, to free empty pages
         self._count = 0
-        self._garbage = 0
+        self._garbage = 0  # bytes of _file that no entry points to
+        # While compacting: the previous file, its size, and the keys of the pages still to
+        # copy from it (largest first: pop() takes them in id order).
+        self._old_file: IO[bytes] | None = None
+        self._old_fd = -1
+        self._old_end = 0
+        self._todo: list[int] = []
 
     def _new_file(self) -> IO[bytes]:
         """A file without a name (O_TMPFILE, or created and unlinked at once), mode 0600."""
@@ -175,8 +205,13 @@ class TempTexts:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the file, garbage included."""
-        return self._end
+        """Bytes of the file (of both files while compacting), garbage included."""
+        return self._end + self._old_end
+
+    @property
+    def compacting(self) -> bool:
+        """A compaction has started and `compact_step` has not finished it yet."""
+        return self._old_file is not None
 
     def _check_usable(self) -> None:
         if self._failure is not None:
@@ -191,8 +226,9 @@ class TempTexts:
         if packed < 0:
             return None
         n = packed & _MAX_LENGTH
+        fd = self._fd if packed & _GENERATION == self._generation else self._old_fd
         try:
-            data = os.pread(self._fd, n, packed >> _LENGTH_BITS)
+            data = os.pread(fd, n, (packed >> _LENGTH_BITS) & _OFFSET_MASK)
         except OSError as exc:
             raise TextsError(f"URL texts: cannot read the temporary file: {exc}") from exc
         if len(data) != n:
@@ -205,13 +241,13 @@ class TempTexts:
         """Keep the texts of `upsert` (its intervals are not kept here), forget `remove`.
         TextsError if the file cannot be written (the store is unusable from then on)."""
         self._check_usable()
-        pages, used = self._pages, self._used
+        pages, used, generation = self._pages, self._used, self._generation
         for url_id in remove:
             key = url_id >> _ID_BITS
             page = pages.get(key)
             if page is None or page[url_id & _ID_MASK] < 0:
                 continue
-            self._garbage += page[url_id & _ID_MASK] & _MAX_LENGTH
+            self._forget(page[url_id & _ID_MASK])
             page[url_id & _ID_MASK] = -1
             self._count -= 1
             used[key] -= 1
@@ -230,11 +266,12 @@ class TempTexts:
                     used[key] = 0
                 old = page[url_id & _ID_MASK]
                 if old >= 0:
-                    self._garbage += old & _MAX_LENGTH
+                    self._forget(old)
                 else:
                     self._count += 1
                     used[key] += 1
-                page[url_id & _ID_MASK] = (self._end + len(pending)) << _LENGTH_BITS | len(text)
+                offset = self._end + len(pending)
+                page[url_id & _ID_MASK] = generation | offset << _LENGTH_BITS | len(text)
                 pending += text
                 if len(pending) >= _WRITE_CHUNK:
                     self._end = self._write(self._fd, pending, self._end)
@@ -243,52 +280,88 @@ class TempTexts:
         except OSError as exc:
             self._failure = f"cannot write in {self.directory}: {exc}"
             raise TextsError(f"URL texts: {self._failure}") from exc
-        if self._garbage > max(self._end - self._garbage, _MIN_GARBAGE_BEFORE_COMPACT):
-            self._compact()
+        if self._old_file is None and self._compaction_due():
+            self._start_compaction()
+            if not self.compact_in_steps:
+                while self.compact_step(len(self._todo)):
+                    pass
+
+    def _forget(self, packed: int) -> None:
+        """An entry stops pointing to its text: garbage if the text is in the current file
+        (the old file of a compaction goes away whole)."""
+        if packed & _GENERATION == self._generation:
+            self._garbage += packed & _MAX_LENGTH
+
+    def _compaction_due(self) -> bool:
+        return self._garbage > max(self._end - self._garbage, _MIN_GARBAGE_BEFORE_COMPACT)
 
     @staticmethod
     def _write(fd: int, data: bytes | bytearray, offset: int) -> int:
         """Write all of data at offset; the offset after it."""
+        if offset + len(data) >= _MAX_END:
+            raise OSError(f"the file of URL texts would reach {_MAX_END >> 30} GiB")
         view = memoryview(data)
         while view:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
         return offset
 
-    def _compact(self) -> None:
-        """Copy the live texts into a new file, in id order; the old one is closed. On an
-        error the store is unusable, as after any failed write."""
+    def _start_compaction(self) -> None:
+        """A new file becomes the current one; the texts stay in the old one until copied."""
         new = self._new_file()
-        fd, end = new.fileno(), 0
+        self._old_file, self._old_fd, self._old_end = self._file, self._fd, self._end
+        self._file, self._fd, self._end = new, new.fileno(), 0
+        self._generation ^= _GENERATION
+        self._garbage = 0
+        self._todo = sorted(self._pages, reverse=True)
+
+    def compact_step(self, pages: int = COMPACT_STEP_PAGES) -> bool:
+        """Copy the live texts of up to `pages` pages of ids from the old file to the new one;
+        True while the compaction has more to do. Once it is done the old file is closed (and
+        the next compaction started if so much was replaced meanwhile that one is due). False
+        at once when no compaction runs. On an error the store is unusable, as after any
+        failed write (TextsError)."""
+        if self._old_file is None:
+            return False
+        self._check_usable()
+        old_fd, generation, todo, end = self._old_fd, self._generation, self._todo, self._end
         pending = bytearray()
         try:
-            for key in sorted(self._pages):
-                page = self._pages[key]
+            for _ in range(min(pages, len(todo))):
+                page = self._pages.get(todo.pop())
+                if page is None:  # emptied meanwhile
+                    continue
                 for i, packed in enumerate(page):
-                    if packed >= 0:
+                    if packed >= 0 and packed & _GENERATION != generation:
                         n = packed & _MAX_LENGTH
-                        page[i] = (end + len(pending)) << _LENGTH_BITS | n
-                        text = os.pread(self._fd, n, packed >> _LENGTH_BITS)
+                        text = os.pread(old_fd, n, (packed >> _LENGTH_BITS) & _OFFSET_MASK)
                         if len(text) != n:
                             raise OSError("the temporary file is shorter than written")
+                        page[i] = generation | (end + len(pending)) << _LENGTH_BITS | n
                         pending += text
                         if len(pending) >= _WRITE_CHUNK:
-                            end = self._write(fd, pending, end)
+                            end = self._write(self._fd, pending, end)
                             pending.clear()
-            end = self._write(fd, pending, end)
+            self._end = self._write(self._fd, pending, end)
         except OSError as exc:
-            new.close()
             self._failure = f"cannot copy the texts to a new file in {self.directory}: {exc}"
             raise TextsError(f"URL texts: {self._failure}") from exc
-        self._file.close()
-        self._file, self._fd, self._end = new, fd, end
-        self._garbage = 0
+        if todo:
+            return True
+        self._old_file.close()
+        self._old_file, self._old_fd, self._old_end = None, -1, 0
+        if self._compaction_due():  # so much was replaced while it ran
+            self._start_compaction()
+            return True
+        return False
 
     def close(self) -> None:
         """Close (and so free) the file; later calls raise TextsError. Twice is harmless."""
         if not self._closed:
             self._closed = True
             self._file.close()
+            if self._old_file is not None:
+                self._old_file.close()
 
     def __enter__(self) -> TempTexts:
         return self

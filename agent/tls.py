@@ -24,6 +24,9 @@ handshake. Theory of operation:
   handshake). A session is a few hundred bytes; at most ``SESSION_CACHE`` names are kept.
   Measured (docs/PERFORMANCE.md), resumption saves less than hoped: CPython copies a session
   through DER, certificate included, each time it is read or set.
+* cryptography's X.509 modules are imported at the first chain verification, not with the
+  agent: about 1 MiB of RSS an agent with no HTTPS URL never needs (Ed25519 signing loads
+  cryptography's core, not these).
 
 Nothing here touches addresses: the SSRF guard checks every address where the socket is made.
 """
@@ -42,17 +45,23 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509 import DNSName, IPAddress
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store
+from typing import TYPE_CHECKING, Any
 
 from agent.result import TlsCheck
 
-__all__ = ["TlsChecker", "load_system_roots", "peer_chain", "probe_context", "remember"]
+if TYPE_CHECKING:  # imported where used: see the module docstring
+    from cryptography import x509
+    from cryptography.x509 import DNSName, IPAddress
+    from cryptography.x509.verification import ExtensionPolicy, Store
+
+__all__ = [
+    "TlsChecker",
+    "load_pem_roots",
+    "load_system_roots",
+    "peer_chain",
+    "probe_context",
+    "remember",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +142,9 @@ def probe_context(verify: bool, roots_pem: str | None = None) -> ssl.SSLContext:
 
 def _pem_certificates(data: bytes) -> list[x509.Certificate]:
     """Every certificate of a PEM bundle that parses; one bad entry does not drop the rest."""
+    from cryptography import x509
+    from cryptography.utils import CryptographyDeprecationWarning
+
     certs: list[x509.Certificate] = []
     end = b"-----END CERTIFICATE-----"
     with warnings.catch_warnings():
@@ -162,12 +174,17 @@ def load_system_roots() -> list[x509.Certificate]:
 
 def _server_auth(_: object, __: x509.Certificate, eku: x509.ExtendedKeyUsage | None) -> None:
     """A leaf's extended key usage, when present, must allow TLS servers."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     allowed = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
     if eku is not None and not any(oid in eku for oid in allowed):
         raise ValueError("extended key usage does not allow TLS servers")
 
 
 def _leaf_policy() -> ExtensionPolicy:
+    from cryptography import x509
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
     return (
         ExtensionPolicy.webpki_defaults_ee()
         .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
@@ -178,6 +195,8 @@ def _leaf_policy() -> ExtensionPolicy:
 
 
 def _subject(name: str) -> DNSName | IPAddress:
+    from cryptography.x509 import DNSName, IPAddress
+
     try:
         return IPAddress(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
@@ -203,18 +222,21 @@ class TlsChecker:
     def __init__(self, roots: Sequence[x509.Certificate] | None = None) -> None:
         self._roots = list(roots) if roots is not None else None
         self._store: Store | None = None
-        self._leaf = _leaf_policy()
+        self._leaf: ExtensionPolicy | None = None  # made with the store, at first use
         self._verdicts: OrderedDict[bytes, tuple[TlsCheck, float]] = OrderedDict()
         self.verifications = 0  # chains actually verified (cache misses)
 
     def _trust(self) -> Store | None:
         if self._store is None:
+            from cryptography.x509.verification import Store
+
             roots = self._roots if self._roots is not None else load_system_roots()
             if not roots:
                 log.warning("tls_no_trust_store: every certificate counts as unverified")
                 self._roots = []
                 return None
             self._store = Store(roots)
+            self._leaf = _leaf_policy()
         return self._store
 
     def check(self, obj: ssl.SSLObject, now: float) -> TlsCheck:
@@ -244,8 +266,12 @@ class TlsChecker:
         self.verifications += 1
         until = now + VERDICT_TTL
         store = self._trust()
-        if store is None:
+        if store is None or self._leaf is None:
             return TlsCheck.UNVERIFIED, until
+        from cryptography import x509
+        from cryptography.utils import CryptographyDeprecationWarning
+        from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CryptographyDeprecationWarning)
@@ -265,6 +291,13 @@ class TlsChecker:
             return TlsCheck.UNVERIFIED, until
         leaf_expiry = certs[0].not_valid_after_utc.timestamp()
         return TlsCheck.VERIFIED, min(until, leaf_expiry)
+
+
+def load_pem_roots(pem: str) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle (ValueError if one does not parse): given roots."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificates(pem.encode())
 
 
 def remember(obj: ssl.SSLObject, check: TlsCheck) -> None:

@@ -10,6 +10,9 @@ Phases: an agent with --state-dir connected to the empty collector (empty RSS); 
 with --state-dir receiving all N URLs (URL texts in its spool file); the same agent restarted,
 resuming the N URLs from its spool before it reconnects; an agent without --state-dir
 receiving all N (texts in an unnamed temporary file, agent.texts.TempTexts).
+`--empty-only` runs only the first phase, `--runs` times (a fresh state directory each, so
+each agent makes its key), and also reads the RSS of the agent's interpreter that has only
+imported `agent.cli` (what the modules cost before anything runs).
 
 The agents probe (almost) nothing: the collector plans every URL once per 30 days and the
 agents spread first probes over as long (`--first-spread`), so a run of minutes makes a few
@@ -228,6 +231,79 @@ async def _measure(n: int, seconds: float, workdir: Path) -> MemoryReport:
     return report
 
 
+def _rss_split(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) bytes of a process: its own memory, and mapped files' pages."""
+    anon = file = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            anon = int(line.split()[1]) * 1024
+        elif line.startswith("RssFile:"):
+            file = int(line.split()[1]) * 1024
+    return anon, file
+
+
+def imported_rss() -> int:
+    """VmRSS of a fresh interpreter of the agent's environment once it imported agent.cli."""
+    code = (
+        "import agent.cli, pathlib; print(next(int(l.split()[1]) * 1024 for l in"
+        " pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmRSS:')))"
+    )
+    python = AGENT.parent / "python"
+    out = subprocess.run(  # noqa: S603 - this environment's interpreter, fixed code
+        [str(python), "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return int(out.stdout.strip())
+
+
+async def _measure_empty(runs: int, workdir: Path) -> MemoryReport:
+    """Only the empty phase, `runs` times against one collector."""
+    report = MemoryReport(0)
+    f = report.figures
+    collector = await asyncio.to_thread(start_collector, workdir / "collector.db", None, MONTH)
+    log = (workdir / "agents.log").open("ab")
+    f["empty_runs"] = []
+    try:
+        f["imported_rss"] = [await asyncio.to_thread(imported_rss) for _ in range(runs)]
+        target = require_loopback("127.0.0.1") + f":{collector.info['grpc_port']}"
+        for run in range(runs):
+            port = free_port()
+            argv = _agent_argv(target, f"empty-{run}", port, workdir / f"empty-{run}")
+            agent = AgentProcess(argv, log, port)
+            try:
+                await _holding(agent, 0, 60)
+                rss, peak = await _steady_rss(agent.pid)
+                anon, file = _rss_split(agent.pid)
+                f["empty_runs"].append((rss, peak, anon, file))
+                if not (workdir / f"empty-{run}" / "agent.key").is_file():
+                    raise RuntimeError("the agent made no key in its state directory")
+            finally:
+                agent.stop(30)
+    finally:
+        log.close()
+        await asyncio.to_thread(collector.stop, 60.0)
+    return report
+
+
+def _render_empty(r: MemoryReport) -> str:
+    f = r.figures
+    rows: list[list[object]] = []
+    for i, imported in enumerate(f["imported_rss"]):
+        rows.append([f"interpreter, agent.cli imported ({i + 1})", size(imported), ""])
+    for i, (rss, peak, anon, file) in enumerate(f["empty_runs"]):
+        rows.append([f"agent RSS, empty (connected) ({i + 1})", size(rss),
+                     f"<= 70 MB: {'ok' if rss <= TARGET_EMPTY else 'MISSED'}; peak {mib(peak)};"
+                     f" anon {mib(anon)}, file {mib(file)}"])  # fmt: skip
+    return table("agent memory, empty: the takedown-agent process", ["figure", "value", "note"],
+                 rows)  # fmt: skip
+
+
+def benchmark_empty(runs: int = 3) -> MemoryReport:
+    with tempfile.TemporaryDirectory(prefix="bench-agentmem-") as tmp:
+        report = asyncio.run(_measure_empty(runs, Path(tmp)))
+    report.text = _render_empty(report)
+    return report
+
+
 def benchmark(urls: int = 1_000_000, seconds: float = 600.0) -> MemoryReport:
     with tempfile.TemporaryDirectory(prefix="bench-agentmem-") as tmp:
         report = asyncio.run(_measure(urls, seconds, Path(tmp)))
@@ -283,7 +359,16 @@ def main(argv: Sequence[str] | None = None) -> MemoryReport:
     parser.add_argument("--urls", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=600.0, help="time cap of each phase")
     parser.add_argument("--quick", action="store_true", help="20,000 URLs")
+    parser.add_argument(
+        "--empty-only", action="store_true", help="only the empty agent (connected, no URLs)"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="agents measured with --empty-only")
     args = parser.parse_args(argv)
+    if args.empty_only:
+        report = benchmark_empty(args.runs)
+        print(report.text)
+        sys.stdout.flush()
+        return report
     if args.quick:
         args.urls = min(args.urls, 20_000)
     report = benchmark(args.urls, args.seconds)
