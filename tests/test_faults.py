@@ -30,6 +30,7 @@ import random
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -534,7 +535,15 @@ async def test_kills_and_partition_lose_nothing_and_count_nothing_twice(
         db = tmp_path / label / "collector.db"
         before = verdicts(db)
         await refold_unchanged(db, f"{INTERVAL}s")
-        assert verdicts(db) == before, f"{label}: refold from stored results differs"
+        after = verdicts(db)
+        assert after == before, f"{label}: refold from stored results differs:\n" + "\n".join(
+            f"{table}: incremental only {sorted((Counter(b) - Counter(a)).elements(), key=repr)},"
+            f" refold only {sorted((Counter(a) - Counter(b)).elements(), key=repr)}"
+            for table, b, a in zip(
+                ("url_state", "episodes", "url_events"), before, after, strict=True
+            )
+            if b != a
+        )
     print(
         f"\nseed {SEED}: clean run {clean.seconds:.1f}s {clean.results};"
         f" faulty run {faulty.seconds:.1f}s {faulty.results}; agent kills"
