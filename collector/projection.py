@@ -363,9 +363,14 @@ class Projection:
             _adopt_provider(entry)
             # Not a checkpoint (see Ledger.save_states): the next flush writes it as one.
             self.ledger.save_states([(url_id, entry)], now, False)
-            self.ledger.unmark_unflushed(url_id)
             if self.flush_every > 0:
+                # Dirty until that flush, so listed as unflushed meanwhile: a URL in `_dirty`
+                # is one the ledger lists (record marks only those not in it). A crash before
+                # the flush then refolds it at start (its row is no checkpoint).
+                self.ledger.mark_unflushed([url_id])
                 self._dirty[url_id] = entry
+            else:
+                self.ledger.unmark_unflushed(url_id)
             changed.append((url_id, before, fold.state))
         return changed
 

@@ -603,3 +603,41 @@ def test_outdated_counts_states_of_other_method_versions(
         assert "url_state_method" in plan, plan
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("how", ["refold command", "late result"])
+def test_results_after_a_refold_survive_a_crash_before_the_flush(
+    tmp_path: Path, table: PrefixTable, how: str
+) -> None:
+    """A refold writes its URL's state and takes it off the unflushed list; results folded
+    after it, before the next flush, must put it back, or a crash then leaves the URL's state
+    as the refold wrote it and the restart does not know it is behind. Here the results after
+    the refold confirm a removal: after the crash the URL is removed, as without the crash."""
+    db = tmp_path / "c.db"
+    store = Store(db, table, Policy(confirmations=2, min_vantage_points=1), flush_every=1e9)
+    (url_id,) = [o.url_id for o in store.submit_reports([report("http://x.example/r")], NOW,
+                                                         PLANNER)]  # fmt: skip
+    a, b = (store.register_agent(name, name, "1", NOW) for name in ("a", "b"))
+    store.ingest(a, [res(url_id, 10), res(url_id, 20)], NOW + 21)
+    store.flush(NOW + 21)
+    if how == "refold command":
+        store.refold(now=NOW + 22)
+    else:  # older than the fold's tail: refolded once REFOLD_DELAY has passed
+        store.projection.retire([url_id])  # out of the cache: the tail starts at its state
+        store.ingest(b, [res(url_id, 15, 404)], NOW + 22)  # b: never a witness
+        assert store.projection.pending == 1
+        store.refold_due(NOW + 22 + REFOLD_DELAY)
+        assert store.projection.pending == 0
+    store.ingest(a, [res(url_id, 30, 404), res(url_id, 40, 404)], NOW + 41)
+    store.conn.close()  # SIGKILL before the next flush
+    store = Store(db, table, Policy(confirmations=2, min_vantage_points=1), flush_every=1e9)
+    try:
+        conn = connect_readonly(db)
+        try:
+            (status,) = [s for s in url_statuses(conn) if s.url_id == url_id]
+        finally:
+            conn.close()
+        assert status.state == "removed"
+        assert status.removal_first_removed_at == NOW + 30
+    finally:
+        store.close()
