@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from collector.attribution import PrefixTable
 from collector.method import Policy
+from collector.projection import REFOLD_DELAY
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store import ResultIn, Store
@@ -163,7 +164,10 @@ class TestWriteBehind:
                     if n == crash_at:
                         store.conn.close()  # SIGKILL: no flush, no refold, memory gone
                         store = open_store()
-                    store.ingest(ids[agent], [_shift(r) for r in batch], T0 + 1000)
+                    # Time passes as batches arrive, so late results' refolds come due
+                    # between them (and before the crash), as in a running collector.
+                    now = T0 + 1000 + n * REFOLD_DELAY
+                    store.ingest(ids[agent], [_shift(r) for r in batch], now)
                 store.close()  # refolds what is due and flushes
                 snapshots.append(snapshot(db))
             assert snapshots[1] == snapshots[0]
