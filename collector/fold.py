@@ -39,6 +39,14 @@ Latency runs from the episode's opening (the notice, or the reappearance) to tha
 *Episodes.* A present after a confirmed removal is a reappearance: a new episode, whose witnesses
 start afresh. A new notice for removed content opens a new episode from that notice.
 
+*Basis.* A verdict names the observations it rests on, as (agent id, seq) pairs (`Removal.basis`,
+`Reappearance.basis`), so that evidence can point at the stored results. For that a `Track` keeps
+the seq of its last present and of the first `k` removed results of its run (no more than k+1
+seqs), the fold the observation of the episode's last present (and of the one before it, see
+`_removed`), all dropped once the episode's removal is confirmed; and, until the content is
+recognised, which probe made each candidate sighting (`sighted`): agreement later makes those
+sightings presents.
+
 No I/O, no clock: time arrives with each input.
 """
 
@@ -58,6 +66,9 @@ from collector.method import (
     ProbeClass,
     UrlState,
 )
+
+Basis = tuple[tuple[int, int], ...]
+"""Observations as sorted, distinct (agent id, seq) pairs: what identifies a stored result."""
 
 Planned = Callable[[float, UrlState, float, float | None, float | None], float]
 """(now, state, opened_at, order_due, removed_at) -> the URL's planned probe interval."""
@@ -116,6 +127,12 @@ class Removal:
     nxdomain: bool = False
     observed_present: bool = True
     provider: str = ""
+    basis: Basis = ()
+    """The observations it rests on, as sorted (agent id, seq) pairs: for each live witness that
+    confirmed it, its last present in the episode and the first k removed results after it;
+    the episode's last present (the interval's lower end), whoever saw it; for content nobody
+    saw present, the first k removed results of each network's agents that agreed. Only the
+    event carries it: `UrlFold.removal` and `first_removal` keep the verdict without it."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,8 @@ class Reappearance:
     episode: int
     at: float
     provider: str = ""
+    basis: Basis = ()
+    """The present that showed it again (on a dynamic page, with the fresh body before it)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +211,10 @@ class Track:
     run_first_at: float | None = None
     run_nxdomain: bool = False
     fresh_at: float | None = None  # its one fresh body on a dynamic page so far (see _fresh)
+    # What a removal may come to rest on, until the episode's is confirmed (see _confirm):
+    present_seq: int | None = None  # seq of the observation at last_present_at
+    run_seqs: tuple[int, ...] = ()  # seqs of the run's first k removed results
+    fresh_seq: int | None = None  # seq of the observation at fresh_at
 
     @property
     def provisional(self) -> bool:
@@ -201,9 +224,9 @@ class Track:
     def reset(self) -> None:
         self.witness = False
         self.last_class = None
-        self.last_present_at = None
-        self.run, self.run_first_at, self.run_nxdomain = 0, None, False
-        self.fresh_at = None
+        self.last_present_at = self.present_seq = None
+        self.run, self.run_first_at, self.run_nxdomain, self.run_seqs = 0, None, False, ()
+        self.fresh_at = self.fresh_seq = None
 
 
 @dataclass(slots=True)
@@ -222,7 +245,7 @@ class UrlFold:
     prev_present_at: float | None = None  # the present before it (see _removed)
     first_removed_at: float | None = None  # first witness removal evidence after it
     first_removed_any: float | None = None  # first removed result of any agent in the episode
-    removal: Removal | None = None  # the current episode's
+    removal: Removal | None = None  # the current episode's (without its basis: see _confirm)
     first_removal: Removal | None = None
     reappearances: int = 0
     provider: str = ""
@@ -234,6 +257,11 @@ class UrlFold:
     live_until: float | None = None  # after this, no vantage point that matters is live
     truncated_vs_reference: int = 0
     last_class: ProbeClass | None = None  # class of the newest observation folded
+    last_present_obs: tuple[int, int] | None = None  # (agent, seq) at last_present_at, and
+    prev_present_obs: tuple[int, int] | None = None  # at prev_present_at, until the removal
+    sighted: dict[tuple[int, float], int] | None = None
+    """(agent, at) -> seq of the 2xx loads judged before the content was recognised, while the
+    content memory may still count their sightings as presents (see _sight); None when empty."""
 
     @classmethod
     def start(cls, notice: Notice, method: Method) -> UrlFold:
@@ -260,6 +288,7 @@ class UrlFold:
             self,
             content=self.content.clone(),
             tracks={a: dataclasses.replace(t) for a, t in self.tracks.items()},
+            sighted=dict(self.sighted) if self.sighted else None,
         )
 
     @property
@@ -305,11 +334,13 @@ class UrlFold:
             track.last_at = obs.at
             track.network = obs.network
         cls, judged = self._classify(obs, networks)
-        cls, provisional = self._fresh(track, obs.at, cls, judged)
+        cls, provisional = self._fresh(track, obs, cls, judged)
         self.last_class = cls
         events: list[Event] = []
         if judged is not None and judged.established:
             self._established(judged.established)
+        if self.sighted is not None and self.content.known:
+            self.sighted = None  # recognised: no sighting is counted as present later
         nxdomain = cls is ProbeClass.NXDOMAIN
         if nxdomain:
             cls = ProbeClass.REMOVED if policy.nxdomain_is_removal else ProbeClass.INCONCLUSIVE
@@ -318,7 +349,7 @@ class UrlFold:
                 events += self._present(track, obs, provisional)
             else:
                 since = judged.since if judged is not None else obs.at
-                self._removed(track, obs.at, min(since, obs.at), nxdomain)
+                self._removed(track, obs, min(since, obs.at), nxdomain)
             track.last_class = cls
             self.last_conclusive_at = obs.at
         self._attribute(obs, ProbeClass.INCONCLUSIVE if provisional else cls, events)
@@ -327,7 +358,7 @@ class UrlFold:
         return events
 
     def _fresh(
-        self, track: Track, at: float, cls: ProbeClass, judged: Judgement | None
+        self, track: Track, obs: Observation, cls: ProbeClass, judged: Judgement | None
     ) -> tuple[ProbeClass, bool]:
         """One body never seen before on a dynamic page may be anyone's (a network's block page).
 
@@ -337,15 +368,16 @@ class UrlFold:
         page served to its network), the agent never saw the content and is no witness, and the
         evidence stands; anything else confirms the present, and the evidence is stale.
         """
+        at = obs.at
         fresh = judged is not None and judged.fresh
         if fresh and self.state is UrlState.REMOVED:
             # After a removal the content is back only on two fresh bodies in a row.
             if track.fresh_at is None:
-                track.fresh_at = at
+                track.fresh_at, track.fresh_seq = at, obs.seq
                 return ProbeClass.INCONCLUSIVE, False
             return cls, False
         if fresh and not track.witness:
-            track.fresh_at = at
+            track.fresh_at, track.fresh_seq = at, obs.seq
             return cls, True
         if cls is not ProbeClass.INCONCLUSIVE:
             since = judged.since if judged is not None else at
@@ -354,9 +386,11 @@ class UrlFold:
                     # That body has repeated: the provisional present was a page served to
                     # its network (to this agent or another), never the content.
                     t.witness, t.last_present_at, t.fresh_at = False, None, None
+                    t.present_seq = t.fresh_seq = None
             if track.provisional and track.fresh_at is not None:
-                self._presented(track.fresh_at)  # anything else: it was the content
-            track.fresh_at = None
+                # Anything else: it was the content.
+                self._presented(track.fresh_at, obs.agent_id, track.fresh_seq)
+            track.fresh_at = track.fresh_seq = None
         return cls, False
 
     def _classify(self, obs: Observation, networks: int) -> tuple[ProbeClass, Judgement | None]:
@@ -364,6 +398,8 @@ class UrlFold:
         if cls is not None:
             return cls, None
         need = max(1, min(self.policy.min_vantage_points, networks))
+        if not self.content.known:
+            self._sight(obs)
         judged = self.content.judge(
             obs.sha256, obs.final_url, obs.truncated, Sighting(obs.agent_id, obs.network, obs.at),
             need, self.policy.dynamic_after,
@@ -372,6 +408,26 @@ class UrlFold:
             self.truncated_vs_reference += 1
         return _FROM_CONTENT[judged.verdict], judged
 
+    def _sight(self, obs: Observation) -> None:
+        """Remember which probe a candidate sighting is (called before it is judged), while
+        the content is not recognised.
+
+        Bounded by what the content memory keeps: once SIGHTED_KEPT entries more than the
+        sightings it holds, those it no longer holds are dropped (never this one: it is about
+        to be judged), so the scan comes at most once per SIGHTED_KEPT results.
+        """
+        key = (obs.agent_id, obs.at)
+        sighted = self.sighted
+        if sighted is None:
+            sighted = self.sighted = {}
+        sighted[key] = obs.seq
+        if len(sighted) > SIGHTED_KEPT:
+            candidates = self.content.candidates.values()
+            if len(sighted) > SIGHTED_KEPT + sum(len(seen) for seen in candidates):
+                held = {(s.agent_id, s.at) for seen in candidates for s in seen}
+                held.add(key)
+                self.sighted = {k: seq for k, seq in sighted.items() if k in held}
+
     def _established(self, sightings: Iterable[Sighting]) -> None:
         """Earlier sightings of what is now known to be the content were presents."""
         for s in sightings:
@@ -379,39 +435,55 @@ class UrlFold:
             if track is None:
                 continue
             track.witness = True
-            track.last_present_at = max(s.at, track.last_present_at or s.at)
+            seq = self.sighted.get((s.agent_id, s.at)) if self.sighted else None
+            present = max(s.at, track.last_present_at or s.at)
+            if present != track.last_present_at:
+                track.last_present_at, track.present_seq = present, seq
             if track.run_first_at is not None and track.run_first_at < s.at:
                 track.run, track.run_first_at, track.run_nxdomain = 0, None, False
+                track.run_seqs = ()
             if track.run == 0:
                 track.last_class = ProbeClass.PRESENT
             if self.last_present_at is None or s.at > self.last_present_at:
                 self.last_present_at = s.at
+                self.last_present_obs = _seen(s.agent_id, seq)
 
     def _present(self, track: Track, obs: Observation, provisional: bool) -> list[Event]:
         events: list[Event] = []
         if self.state is UrlState.REMOVED:
+            seen = (obs.agent_id, obs.seq)
+            basis: Basis = (seen,)
+            if track.fresh_at is not None and track.fresh_seq is not None:
+                basis = tuple(sorted({(obs.agent_id, track.fresh_seq), seen}))
             self._open_episode(obs.at)
             self.reappearances += 1
-            events.append(Reappearance(self.episode, obs.at, obs.provider or self.provider))
+            events.append(Reappearance(self.episode, obs.at, obs.provider or self.provider, basis))
         track.witness = True
-        track.last_present_at = obs.at
+        track.last_present_at, track.present_seq = obs.at, obs.seq
         track.run, track.run_first_at, track.run_nxdomain = 0, None, False
+        track.run_seqs = ()
         if not provisional:  # else the episode's dates wait for this agent's next load
-            self._presented(obs.at)
+            self._presented(obs.at, obs.agent_id, obs.seq)
         return events
 
-    def _presented(self, at: float) -> None:
-        """The content was present at `at`: removal evidence from before it is stale."""
+    def _presented(self, at: float, agent: int, seq: int | None) -> None:
+        """The content was present at `at` (the agent's result `seq`): removal evidence from
+        before it is stale."""
         if self.last_present_at is not None and at < self.last_present_at:
             return
         if self.last_present_at != at:
             self.prev_present_at = self.last_present_at
+            self.prev_present_obs = self.last_present_obs
+            self.last_present_obs = _seen(agent, seq)
         self.last_present_at = at
         if self.first_removed_at is not None and self.first_removed_at <= at:
             self.first_removed_at = None
 
-    def _removed(self, track: Track, at: float, since: float, nxdomain: bool) -> None:
+    def _removed(self, track: Track, obs: Observation, since: float, nxdomain: bool) -> None:
+        at = obs.at
         track.run += 1
+        if track.run <= self.method.policy.confirmations:
+            track.run_seqs += (obs.seq,)
         if track.run_first_at is None:
             track.run_first_at = since
         track.run_nxdomain = nxdomain
@@ -424,6 +496,7 @@ class UrlFold:
             # never seen before, so it looked like the content): the content was last seen
             # at the present before it, and went by the replacement's first sighting.
             self.last_present_at = self.prev_present_at
+            self.last_present_obs = self.prev_present_obs
         if self.last_present_at is not None and since <= self.last_present_at:
             since = at
         if self.first_removed_at is None:
@@ -433,8 +506,8 @@ class UrlFold:
         self.episode += 1
         self.opened_at = at
         self.removal = None
-        self.last_present_at = None
-        self.prev_present_at = None
+        self.last_present_at = self.last_present_obs = None
+        self.prev_present_at = self.prev_present_obs = None
         self.first_removed_at = None
         self.first_removed_any = None
         self.last_conclusive_at = None
@@ -541,19 +614,28 @@ class UrlFold:
     def _confirm(self, now: float, confirming: list[Track]) -> Removal:
         observed = any(t.witness for t in confirming)
         unresolved = [
-            t.fresh_at for t in self.tracks.values() if t.provisional and t.fresh_at is not None
+            (t.fresh_at, agent, t.fresh_seq)
+            for agent, t in self.tracks.items()
+            if t.provisional and t.fresh_at is not None
         ]
         for t in self.tracks.values():
-            t.fresh_at = None
-        if unresolved and max(unresolved) > (self.last_present_at or float("-inf")):
+            t.fresh_at = t.fresh_seq = None
+        if unresolved and max(unresolved)[0] > (self.last_present_at or float("-inf")):
             # A provisional present left unresolved by an agent gone silent stands; without
             # removal evidence kept from after it, the removal dates from its confirmation.
-            self._presented(max(unresolved))
+            at, agent, seq = max(unresolved)
+            self._presented(at, agent, seq)
             if self.first_removed_at is None:
                 self.first_removed_at = now
         first = self.first_removed_at if observed else self.first_removed_any
         if first is None:
             first = min((t.run_first_at for t in confirming if t.run_first_at), default=now)
+        basis = self._basis(confirming)
+        # Confirmed: nothing in this episode rests on anything any more (only a new episode,
+        # which starts afresh, decides again), so the seqs kept to name a basis go.
+        for t in self.tracks.values():
+            t.present_seq, t.run_seqs = None, ()
+        self.last_present_obs = self.prev_present_obs = None
         removal = Removal(
             episode=self.episode,
             last_present_at=self.last_present_at,
@@ -563,12 +645,36 @@ class UrlFold:
             nxdomain=any(t.run_nxdomain for t in confirming),
             observed_present=observed,
             provider=self.provider,
+            basis=basis,
         )
-        self.removal = removal
+        # The event carries the basis; the fold keeps the verdict without it (per URL in
+        # memory, for as long as the URL is watched: up to 3 pairs per witness otherwise).
+        self.removal = dataclasses.replace(removal, basis=())
         if self.first_removal is None:
-            self.first_removal = removal
+            self.first_removal = self.removal
         return removal
 
+    def _basis(self, confirming: list[Track]) -> Basis:
+        """What a removal confirmed by `confirming` rests on (see Removal.basis)."""
+        chosen = {id(t) for t in confirming}
+        basis: set[tuple[int, int]] = set()
+        for agent, t in self.tracks.items():
+            if id(t) not in chosen:
+                continue
+            if t.witness and t.present_seq is not None:
+                basis.add((agent, t.present_seq))
+            basis.update((agent, seq) for seq in t.run_seqs)
+        if self.last_present_at is not None and self.last_present_obs is not None:
+            basis.add(self.last_present_obs)
+        return tuple(sorted(basis))
+
+
+def _seen(agent: int, seq: int | None) -> tuple[int, int] | None:
+    return None if seq is None else (agent, seq)
+
+
+SIGHTED_KEPT = 32
+"""Entries `UrlFold.sighted` may hold beyond the sightings the content memory has (see _sight)."""
 
 Input = Notice | Observation
 

@@ -14,18 +14,30 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 6
+CODEC_VERSION = 7
+"""7: the observations a verdict rests on (`Removal.basis` and what the fold keeps to name
+them). A state of another version is unreadable: the URL is refolded from its results."""
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
     if r is None:
         return None
     return [r.episode, r.last_present_at, r.first_removed_at, r.confirmed_at, r.latency,
-            r.nxdomain, r.observed_present, r.provider]  # fmt: skip
+            r.nxdomain, r.observed_present, r.provider, [list(b) for b in r.basis]]  # fmt: skip
 
 
 def _load_removal(v: list[Any] | None) -> Removal | None:
-    return None if v is None else Removal(*v)
+    if v is None:
+        return None
+    episode, last_present, first_removed, confirmed, latency, nx, observed, provider, basis = v
+    return Removal(
+        episode, last_present, first_removed, confirmed, latency, nx, observed, provider,
+        tuple((agent, seq) for agent, seq in basis),
+    )  # fmt: skip
+
+
+def _obs(v: list[int] | None) -> tuple[int, int] | None:
+    return None if v is None else (v[0], v[1])
 
 
 def dump_fold(f: UrlFold) -> str:
@@ -64,6 +76,9 @@ def dump_fold(f: UrlFold) -> str:
                 t.run_first_at,
                 t.run_nxdomain,
                 t.fresh_at,
+                t.present_seq,
+                t.run_seqs,
+                t.fresh_seq,
             ]
             for agent, t in f.tracks.items()
         },
@@ -80,8 +95,12 @@ def dump_fold(f: UrlFold) -> str:
         "live_until": f.live_until,
         "truncated_vs_reference": f.truncated_vs_reference,
         "last_class": f.last_class.value if f.last_class else None,
+        "present_obs": [f.last_present_obs, f.prev_present_obs],
+        "sighted": [[agent, at, seq] for (agent, at), seq in (f.sighted or {}).items()],
     }
-    return json.dumps(data, separators=(",", ":"))
+    # Built afresh above, so it holds no cycle: the check would only cost time (every URL a
+    # batch touches is dumped).
+    return json.dumps(data, separators=(",", ":"), check_circular=False)
 
 
 class UnreadableState(ValueError):
@@ -133,6 +152,9 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
             run_first,
             nx,
             fresh,
+            present_seq,
+            tuple(run_seqs) if run_seqs else (),
+            fresh_seq,
         )
         for agent, (
             net,
@@ -146,9 +168,16 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
             run_first,
             nx,
             fresh,
+            present_seq,
+            run_seqs,
+            fresh_seq,
         ) in d["tracks"].items()
     }
     provider, asn, cdn, from_present = d["provider"]
+    last_present_obs, prev_present_obs = d["present_obs"]
+    first_removal = _load_removal(d["first_removal"])
+    # Usually the first episode's: one object, as in the fold that was dumped.
+    removal = first_removal if d["removal"] == d["first_removal"] else _load_removal(d["removal"])
     newest = d["newest"]
     return UrlFold(
         method=method,
@@ -163,8 +192,8 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
         prev_present_at=d["prev_present_at"],
         first_removed_at=d["first_removed_at"],
         first_removed_any=d["first_removed_any"],
-        removal=_load_removal(d["removal"]),
-        first_removal=_load_removal(d["first_removal"]),
+        removal=removal,
+        first_removal=first_removal,
         reappearances=d["reappearances"],
         provider=provider,
         asn=asn,
@@ -175,4 +204,7 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
         live_until=d["live_until"],
         truncated_vs_reference=d["truncated_vs_reference"],
         last_class=ProbeClass(d["last_class"]) if d["last_class"] else None,
+        last_present_obs=_obs(last_present_obs),
+        prev_present_obs=_obs(prev_present_obs),
+        sighted={(agent, at): seq for agent, at, seq in d["sighted"]} or None,
     )
