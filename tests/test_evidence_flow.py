@@ -383,6 +383,18 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
     verdicts = [r["leaf"] for r in rows if r["leaf"]["leaf"] == "verdict"]
     assert [v["event"] for v in verdicts] == ["removal_confirmed"]
     assert verdicts[0]["method"].startswith("tm-")
+    # The verdict names what it rests on: each witness's last present and the k = 2 removed
+    # observations after it that confirmed (both agents saw the page, so both are witnesses).
+    by_index = {r["index"]: r["leaf"] for r in rows}
+    basis = verdicts[0]["basis"]
+    assert basis and all(by_index[i]["leaf"] == "observation" for i in basis), basis
+    rested_on = [by_index[i]["observation"] for i in basis]
+    assert {o["agent"] for o in rested_on} == {"agent-1", "agent-2"}
+    for name in ("agent-1", "agent-2"):
+        mine = [o for o in rested_on if o["agent"] == name]
+        present = [o["started_at_us"] for o in mine if o["status"] == 200]
+        removed = [o["started_at_us"] for o in mine if o["status"] == 404]
+        assert present and len(removed) >= 2 and max(present) < min(removed), (name, mine)
     for path in bundle.iterdir():  # no URL, no case reference, no body byte
         data = path.read_bytes()
         for marker in (url.encode(), b"/removed", b"CASE-77", hoster.marker.encode()):
@@ -408,6 +420,10 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
     def dropped(rows: list[dict[str, Any]], _: Path) -> None:
         del rows[observed[1]]
 
+    def dropped_basis(rows: list[dict[str, Any]], _: Path) -> None:
+        at = next(i for i, r in enumerate(rows) if r["index"] == basis[-1])
+        del rows[at]
+
     def reordered(rows: list[dict[str, Any]], _: Path) -> None:
         a, b = observed[0], observed[1]
         rows[a], rows[b] = rows[b], rows[a]
@@ -429,6 +445,7 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
     assert tampered("status", status) >= {"signature", "inclusion"}
     assert tampered("time", when) >= {"signature", "inclusion"}
     assert "chain" in tampered("dropped", dropped)
+    assert {"chain", "basis"} <= tampered("dropped-basis", dropped_basis)
     assert "order" in tampered("reordered", reordered)
     assert "signature" in tampered("swapped", swapped)
     assert "signature" in tampered("key", other_key)

@@ -281,7 +281,7 @@ class SqlLedger:
                 self.log_verdict(
                     url_id, ev.VerdictEvent.REMOVAL_CONFIRMED, entry.fold.method.version,
                     event.episode, event.confirmed_at, event.last_present_at or 0.0,
-                    event.first_removed_at,
+                    event.first_removed_at, basis=event.basis,
                 )  # fmt: skip
                 self._event(url_id, event.confirmed_at, "removal", {
                     "episode": event.episode, "last_present_at": event.last_present_at,
@@ -298,7 +298,7 @@ class SqlLedger:
                 if isinstance(event, Reappearance):
                     self.log_verdict(
                         url_id, ev.VerdictEvent.REAPPEARANCE, entry.fold.method.version,
-                        event.episode, event.at, event.at, 0.0,
+                        event.episode, event.at, event.at, 0.0, basis=event.basis,
                     )  # fmt: skip
                     c.execute(
                         "INSERT OR IGNORE INTO reappearance_log (url_id, episode, provider, at)"
@@ -356,6 +356,17 @@ class SqlLedger:
 
     # -- the evidence log's verdicts ---------------------------------------------------------------
 
+    def _leaves(self, basis: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+        """The observation leaves of these stored results, in log order."""
+        found = []
+        for agent_id, seq in basis:
+            row = self.conn.execute(
+                "SELECT leaf FROM results WHERE agent_id = ? AND seq = ?", (agent_id, seq)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                found.append(int(row[0]))
+        return tuple(sorted(set(found)))
+
     def url_sha256(self, url_id: int) -> bytes:
         digest = self.url_hashes.get(url_id)
         if digest is None:
@@ -370,9 +381,11 @@ class SqlLedger:
     def log_verdict(
         self, url_id: int, kind: ev.VerdictEvent, method: str, episode: int, decided: float,
         last_present: float, first_removed: float, deadline: float = 0.0,
-        deadline_at: float = 0.0,
+        deadline_at: float = 0.0, basis: Sequence[tuple[int, int]] = (),
     ) -> None:  # fmt: skip
-        """A verdict leaf, unless the log holds this very verdict already.
+        """A verdict leaf, unless the log holds this very verdict already. `basis` names the
+        stored results it rests on, as (agent id, seq); the leaf names their observation
+        leaves (results stored before the log had a key have none).
 
         A refold writes a URL's history again; a verdict it decides again, with the same
         times and method, is already in the log. One that differs is logged: the log keeps
@@ -395,7 +408,8 @@ class SqlLedger:
                 url_sha256=self.url_sha256(url_id), event=kind, method=method,
                 decided_at_us=us(decided), episode=episode, last_present_us=us(last_present),
                 first_removed_us=us(first_removed), deadline_seconds=round(deadline),
-                deadline_at_us=us(deadline_at), basis=(), url_prev=self.evidence.head(url_id),
+                deadline_at_us=us(deadline_at), basis=self._leaves(basis),
+                url_prev=self.evidence.head(url_id),
             ),
             url_id,
         )  # fmt: skip

@@ -275,3 +275,10 @@ def m009_start_cheaply(db: Any) -> None:
     _run(db, "INSERT INTO lifecycle (id, clean_stop) VALUES (1, 0)")
     _run(db, "CREATE INDEX url_state_refold_due ON url_state(url_id) WHERE refold_pending = 1")
     _run(db, "CREATE INDEX url_state_method ON url_state(method)")
+
+
+@migrations()
+def m010_result_leaves(db: Any) -> None:
+    """Each stored result's observation leaf in the evidence log (NULL without a log key), so a
+    verdict leaf can name the observations it rests on (its `basis`) by log index."""
+    _run(db, "ALTER TABLE results ADD COLUMN leaf INTEGER")

@@ -554,23 +554,26 @@ class Store:
             for r, where in zip(accepted, wheres, strict=True)
         ]  # fmt: skip
         folded = p.fold(entries, batch)
+        leaves: Sequence[int | None] = [None] * len(accepted)
+        if self.evidence is not None:
+            leaves = self._log_observations(accepted, wheres, now)
         counts: dict[str, int] = {}
         rows = []
-        for r, where, (_, obs), cls in zip(accepted, wheres, batch, folded.classes, strict=True):
+        for r, where, (_, obs), cls, leaf in zip(
+            accepted, wheres, batch, folded.classes, leaves, strict=True
+        ):
             counts[cls.value] = counts.get(cls.value, 0) + 1
             rows.append(
                 (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
                  r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error,
                  r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
-                 r.tls, int(obs.cdn), where.country if where else None)
+                 r.tls, int(obs.cdn), where.country if where else None, leaf)
             )  # fmt: skip
-        if self.evidence is not None:
-            self._log_observations(accepted, wheres, now)
         self.conn.executemany(
             "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
             " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
-            " class, provider, asn, stored_at, tls, cdn, country)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " class, provider, asn, stored_at, tls, cdn, country, leaf)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         p.record(folded, now)
@@ -596,10 +599,12 @@ class Store:
 
     def _log_observations(
         self, accepted: Sequence[ResultIn], wheres: Sequence[Attribution | None], now: float
-    ) -> None:
-        """One observation leaf per stored result, in the order they are stored."""
+    ) -> list[int]:
+        """One observation leaf per stored result, in the order they are stored; their
+        indices."""
         log = self.evidence
         assert log is not None
+        indices = []
         for r, where in zip(accepted, wheres, strict=True):
             if r.evidence is None:
                 raise StoreError(
@@ -614,12 +619,13 @@ class Store:
                 if where
                 else ev.Attribution("unattributed", 0, False)
             )
-            log.append(
+            indices.append(log.append(
                 ev.ObservationLeaf(
                     observation, signature, attribution, us(now), log.head(r.url_id),
                 ),
                 r.url_id,
-            )  # fmt: skip
+            ))  # fmt: skip
+        return indices
 
     def _attribute(self, peer_ip: str, origin_ip: str | None) -> Attribution | None:
         """The peer's attribution; behind a CDN, the hotline-supplied origin's instead."""
