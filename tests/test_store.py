@@ -10,6 +10,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -639,5 +640,31 @@ def test_results_after_a_refold_survive_a_crash_before_the_flush(
             conn.close()
         assert status.state == "removed"
         assert status.removal_first_removed_at == NOW + 30
+    finally:
+        store.close()
+
+
+def test_a_plan_gives_up_when_the_writer_is_stopping(tmp_path: Path, table: PrefixTable) -> None:
+    """A stop must not wait for a replan of every URL: once `interrupted` says so, the plan
+    changes nothing and says so in the log; the next plan does the work."""
+    store = open_store(tmp_path / "c.db", table)
+    try:
+        ids = [o.url_id for o in store.submit_reports(
+            [report(f"http://x.example/{i}") for i in range(3)], NOW, PLANNER)]  # fmt: skip
+        intervals = "SELECT id, interval FROM urls ORDER BY id"
+        before = store.conn.execute(intervals).fetchall()
+        later = NOW + 30 * 86400  # a month on, every interval is another
+        asked: list[int] = []
+
+        def stopping_after(n: int) -> Callable[[], bool]:
+            return lambda: asked.append(1) is None and len(asked) > n
+
+        store.interrupted = stopping_after(1)  # stops inside the plan, after its first look
+        assert store.plan(later, PLANNER) == ([], [])
+        assert store.conn.execute(intervals).fetchall() == before
+        store.interrupted = lambda: False
+        changed, _ = store.plan(later, PLANNER)
+        assert sorted(t.url_id for t in changed) == ids
+        assert store.conn.execute(intervals).fetchall() != before
     finally:
         store.close()

@@ -45,6 +45,7 @@ class Writer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._closing = threading.Event()  # close() was called: long jobs may give up
 
     async def start(self) -> None:
         """Open the store on the writer thread; raises StoreError if it cannot be opened."""
@@ -67,6 +68,7 @@ class Writer:
         except BaseException as exc:
             loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
+        store.interrupted = self._closing.is_set
         loop.call_soon_threadsafe(_settle, ready, None, None)
         try:
             while True:
@@ -144,9 +146,11 @@ class Writer:
         return following
 
     async def close(self) -> None:
-        """Finish queued work, then close the database."""
+        """Finish queued work (a replan in progress gives up: Store.plan), then close the
+        database."""
         if self._thread is None:
             return
+        self._closing.set()
         self._queue.put(_STOP)
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,6 +87,14 @@ def _stopped_cleanly(conn: sqlite3.Connection) -> bool:
     return bool(row and row[0])
 
 
+# Rows a plan reads between two looks at `Store.interrupted` (about 0.1 s of work).
+PLAN_CHECK_EVERY = 10_000
+
+
+class PlanInterrupted(Exception):
+    """The writer is stopping: the plan in progress is abandoned (see Store.plan)."""
+
+
 class Attributor(Protocol):
     def lookup(self, ip: str) -> Attribution: ...
 
@@ -111,6 +119,8 @@ class Store:
         self.policy = policy
         self.planner = planner or Planner()
         self.method = method_of(policy, self.planner)
+        # Whether the writer is stopping (see Writer and plan): long jobs give up early.
+        self.interrupted: Callable[[], bool] = lambda: False
         # The evidence log, when the collector has a log key: every notice, stored result and
         # verdict event is a leaf appended in the transaction that stores the fact.
         self.evidence = EvidenceLog(self.conn, log_signer) if log_signer is not None else None
@@ -685,7 +695,14 @@ class Store:
         return int(row[0])
 
     def plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
-        """Recompute every active URL's probe interval; return the changes to push to agents."""
+        """Recompute every active URL's probe interval; return the changes to push to agents.
+
+        A plan reads every watched URL (10 s at a million): once `interrupted()` says the
+        writer is stopping it gives up, changing nothing (the next start plans again), so a
+        stop never waits for it.
+        """
+        if self.interrupted():
+            return [], []
         self.flush(now)  # the plan reads url_state
         try:
             with self._transaction():
@@ -696,6 +713,10 @@ class Store:
         except sqlite3.Error as exc:
             self._reload_log()
             raise translate(exc, self.path) from exc
+        except PlanInterrupted:
+            self._reload_log()
+            log.info("replan_interrupted (stopping): nothing changed, the next start replans")
+            return [], []
 
     def _plan(self, now: float, planner: Planner) -> tuple[list[Target], list[int]]:
         rows = self.conn.execute(
@@ -705,7 +726,11 @@ class Store:
         ).fetchall()
         wanted: dict[int, float] = {}
         stop: list[int] = []
-        for url_id, _, _, state, notified, order_at, order_deadline, removed_at in rows:
+        for i, (url_id, _, _, state, notified, order_at, order_deadline, removed_at) in enumerate(
+            rows
+        ):
+            if i % PLAN_CHECK_EVERY == 0 and self.interrupted():
+                raise PlanInterrupted
             interval = planner.interval(
                 now, UrlState(state), notified, planner.order_due(order_at, order_deadline),
                 removed_at,
