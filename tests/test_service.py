@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -362,3 +363,62 @@ async def test_a_replan_of_many_urls_reaches_agents_in_chunks() -> None:
     assert reconciling.outbox.empty() and len(reconciling.held) == 3
     reconciling.release()
     assert reconciling.outbox.qsize() == 3
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+async def test_integrity_is_checked_once_serving_after_an_unclean_stop(
+    tmp_path: Path, prefixes: Path, caplog: pytest.LogCaptureFixture, damaged: bool
+) -> None:
+    """After a crash the collector serves first and checks the database beside it: intact, it
+    records so; damaged, it says what is wrong, turns NOT_SERVING and takes nothing more."""
+    import asyncio
+    import logging
+    import sqlite3
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from collector.attribution import PrefixTable
+    from collector.method import Policy
+    from collector.reports_file import ReportIn
+    from collector.schedule import Planner
+    from collector.store import Store
+    from tests.conftest import collector_config
+
+    caplog.set_level(logging.INFO, logger="collector.server")
+    config = collector_config(tmp_path, prefixes)
+    store = Store(config.db, PrefixTable.from_csv(prefixes), Policy())
+    store.submit_reports(
+        [ReportIn(f"http://x.example/{i}", time.time() - 60, None, f"R{i}") for i in range(300)],
+        time.time(), Planner(),
+    )  # fmt: skip
+    store.conn.close()  # SIGKILL: the next start must check
+    if damaged:
+        with sqlite3.connect(config.db) as conn:
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (size,) = conn.execute("PRAGMA page_size").fetchone()
+        with config.db.open("r+b") as f:
+            f.seek(size * (pages // 2) + 16)
+            f.write(b"\xff" * 512)
+    collector = Collector(config)
+    await collector.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            want = "database_integrity_failed" if damaged else "database_integrity_ok"
+            while want not in caplog.text:
+                assert time.monotonic() < deadline, f"no {want} in the log"
+                await asyncio.sleep(0.05)
+            unchecked = await collector.writer.run(lambda s: s.unchecked)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="takedown.v1.Intake"))
+            stub = pb_grpc.IntakeStub(channel)
+            if not damaged:
+                assert not unchecked  # the next clean stop may skip the check
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                return
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Submit(pb.SubmitRequest(reports=[report("http://y.example/1", "N")]))
+            assert "integrity check failed" in (refused.value.details() or "")
+    finally:
+        await collector.stop(grace=1)

@@ -30,7 +30,13 @@ from collector.store import (
     Submitted,
     Writer,
 )
-from collector.store.reads import connect_readonly, results_count, url_outcomes, url_statuses
+from collector.store.reads import (
+    connect_readonly,
+    integrity_problem,
+    results_count,
+    url_outcomes,
+    url_statuses,
+)
 
 NOW = time.time()
 CONTENT = hashlib.sha256(b"content").digest()
@@ -544,11 +550,12 @@ def test_full_disk_in_a_group_commit_loses_nothing_and_recovers(
     assert {row[1] for row in snapshots[0][1]} == {"removed"}
 
 
-def test_integrity_is_checked_after_an_unclean_stop_only(
+def test_integrity_is_known_only_once_checked(
     tmp_path: Path, table: PrefixTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PRAGMA quick_check reads the whole file (5 s at 2.3 GB): a start after a clean stop
-    skips it, a start after a crash (or on a new or older database) runs it."""
+    """PRAGMA quick_check reads the whole file (5 s at 2.3 GB), so opening the store never runs
+    it; the store says whether a check is due (a new database, an unclean stop, or a clean stop
+    of a store never checked) and a clean stop after a passed check makes it not due."""
     statements: list[str] = []
     connect = sqlite3.connect
 
@@ -560,20 +567,26 @@ def test_integrity_is_checked_after_an_unclean_stop_only(
     monkeypatch.setattr(sqlite3, "connect", traced)
     db = tmp_path / "c.db"
 
-    def opened() -> tuple[Store, bool]:
+    def opened() -> Store:
         statements.clear()
         store = open_store(db, table)
-        return store, any("quick_check" in s for s in statements)
+        assert not any("quick_check" in s for s in statements)
+        return store
 
-    store, checked = opened()
-    assert checked  # a new database
+    store = opened()
+    assert store.unchecked  # a new database
     store.submit_reports([report("http://x.example/a")], NOW, PLANNER)
     store.close()
-    store, checked = opened()
-    assert not checked  # after a clean stop
+    store = opened()
+    assert store.unchecked  # stopped cleanly, but never checked
+    assert integrity_problem(db) is None
+    store.unchecked = False  # as the collector records a passed check
+    store.close()
+    store = opened()
+    assert not store.unchecked  # a clean stop of a checked database
     store.conn.close()  # SIGKILL
-    store, checked = opened()
-    assert checked  # after a crash
+    store = opened()
+    assert store.unchecked  # after a crash
     (url_id,) = store.conn.execute("SELECT id FROM urls").fetchone()
     agent = store.register_agent("a1", "net", "t", NOW)
     store.ingest(agent, [res(url_id, 1)], NOW)
@@ -581,6 +594,41 @@ def test_integrity_is_checked_after_an_unclean_stop_only(
     conn = connect_readonly(db)
     assert results_count(conn) == 1
     conn.close()
+
+
+def test_a_damaged_database_is_named_and_then_takes_nothing(
+    tmp_path: Path, table: PrefixTable
+) -> None:
+    """The integrity check names what is damaged; once told, the store refuses every report
+    and result with that reason, and stores nothing."""
+    db = tmp_path / "c.db"
+    store = open_store(db, table)
+    ids = [o.url_id for o in store.submit_reports(
+        [report(f"http://x.example/{i}") for i in range(300)], NOW, PLANNER)]  # fmt: skip
+    agent = store.register_agent("a1", "net", "t", NOW)
+    store.ingest(agent, [res(u, u) for u in ids], NOW + 400)
+    store.close()
+    with sqlite3.connect(db) as conn:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    with db.open("r+b") as f:  # scribble over a page in the middle: an index or table page
+        f.seek(size * (pages // 2) + 16)
+        f.write(b"\xff" * 512)
+    problem = integrity_problem(db)
+    assert problem is not None and problem != "ok"
+    store = open_store(db, table)
+    try:
+        store.refuse_writes(problem)
+        with pytest.raises(CorruptDatabase, match="integrity check failed"):
+            store.ingest(agent, [res(ids[0], 10_000)], NOW + 500)
+        with pytest.raises(CorruptDatabase, match="integrity check failed"):
+            store.submit_reports([report("http://x.example/new")], NOW, PLANNER)
+        (outcome,) = store.ingest_group([(agent, [res(ids[0], 10_001)], NOW + 500, None)])
+        assert isinstance(outcome, CorruptDatabase)
+        (n,) = store.conn.execute("SELECT COUNT(*) FROM results WHERE seq >= 10000").fetchone()
+        assert n == 0
+    finally:
+        store.close()
 
 
 def test_outdated_counts_states_of_other_method_versions(

@@ -22,6 +22,19 @@ from collector.store.model import DEFAULT_FLUSH_EVERY, CorruptDatabase, StoreErr
 STALE_GRACE = DEFAULT_FLUSH_EVERY
 
 
+def integrity_problem(path: Path) -> str | None:
+    """What `PRAGMA quick_check` finds wrong with the database (None: nothing). It reads the
+    whole file, on a read-only connection of its own, so writers go on meanwhile."""
+    conn = connect_readonly(path)
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    finally:
+        conn.close()
+    return None if rows == ["ok"] else "; ".join(rows)
+
+
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """A read-only connection; a missing or foreign file is a clear StoreError."""
     if not path.exists():

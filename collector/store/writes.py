@@ -55,24 +55,23 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
     return StoreError(f"{path}: {text}")
 
 
-def open_database(path: Path) -> sqlite_utils.Database:
-    """Open (creating if needed) and migrate the collector database, checking its integrity
-    unless the last store on it stopped cleanly (`PRAGMA quick_check` reads the whole file:
-    5 s at 2.3 GB). A damaged page found later fails its statement as CorruptDatabase."""
+def open_database(path: Path) -> tuple[sqlite_utils.Database, bool]:
+    """Open (creating if needed) and migrate the collector database; also whether the last
+    store on it stopped cleanly. Its integrity is not checked here: `PRAGMA quick_check` reads
+    the whole file (5 s at 2.3 GB), so after an unclean stop the collector runs it once serving
+    (reads.integrity_problem). A damaged page found before fails its statement as
+    CorruptDatabase."""
     try:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
-        if not _stopped_cleanly(conn):
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise CorruptDatabase(f"{path}: integrity check failed: {check}")
+        clean = _stopped_cleanly(conn)
         db = sqlite_utils.Database(conn)
         migrations.apply(db)
         conn.execute("UPDATE lifecycle SET clean_stop = 0")  # until close() says otherwise
-        return db
+        return db, clean
     except sqlite3.Error as exc:
         raise translate(exc, path) from exc
 
@@ -113,7 +112,11 @@ class Store:
         flush_every: float = 0.0,
     ) -> None:
         self.path = path
-        self.db = open_database(path)
+        self.db, clean = open_database(path)
+        # Not known to be intact until an integrity check passes (see open_database): a new
+        # database, or the last stop was not clean. A clean stop says so only once it is known.
+        self.unchecked = not clean
+        self.damaged: str | None = None  # what an integrity check found (see refuse_writes)
         self.conn: sqlite3.Connection = self.db.conn
         self.attribution = attribution
         self.policy = policy
@@ -137,6 +140,17 @@ class Store:
         if self.projection.pending:  # a crash left refolds due
             self.refold_due(0.0, limited=False)
 
+    def refuse_writes(self, problem: str) -> None:
+        """An integrity check found the database damaged: take no report or result from now
+        on (they stay with their senders: agents spool, intake clients retry)."""
+        self.damaged = problem
+
+    def _refusing(self) -> StoreError | None:
+        if self.damaged is None:
+            return None
+        return CorruptDatabase(f"{self.path}: integrity check failed ({self.damaged}); nothing"
+                               " is accepted until the database is restored")  # fmt: skip
+
     def _resume_unflushed(self) -> None:
         began = time.monotonic()
         with self._transaction():
@@ -154,7 +168,8 @@ class Store:
             now = self.projection.last_now
             self.refold_due(now, limited=False)
             self.flush(now)
-            self.conn.execute("UPDATE lifecycle SET clean_stop = 1")
+            if not self.unchecked:
+                self.conn.execute("UPDATE lifecycle SET clean_stop = 1")
         finally:
             self.conn.close()
 
@@ -265,6 +280,8 @@ class Store:
         refolds it, so a new notice for removed or retired content opens a new episode and
         the URL is assigned to agents again.
         """
+        if (refused := self._refusing()) is not None:
+            raise refused
         try:
             with self._transaction():
                 outcomes = [self._submit_one(r, now, planner, source) for r in reports]
@@ -383,6 +400,8 @@ class Store:
         database is retried one result at a time, and a result that fails on its own is
         refused with the reason, so one poison result never blocks an agent's stream.
         """
+        if (refused := self._refusing()) is not None:
+            raise refused
         try:
             with self._transaction():
                 done = self._ingest(agent_id, results, now, clock_offset)
@@ -407,6 +426,8 @@ class Store:
         at a time, as `ingest` does). A database error fails the whole group: nothing of it was
         committed, and every batch gets the error (agents resend, unacknowledged).
         """
+        if (refused := self._refusing()) is not None:
+            return [refused] * len(items)
         if len(items) == 1:
             return [_outcome(self.ingest, items[0])]
         outcomes: list[Ingested | BaseException | None] = [None] * len(items)
