@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -280,7 +281,9 @@ class Collector:
                 problem = integrity_problem(db)
             except StoreError as exc:
                 problem = str(exc)
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(checked(problem)))
+            # RuntimeError: the loop is gone (stopped meanwhile); the next start checks again.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(checked(problem)))
 
         async def checked(problem: str | None) -> None:
             if self._server is None or self.health is None:
