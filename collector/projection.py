@@ -101,10 +101,7 @@ class Ledger(Protocol):
     def states(self, url_ids: Sequence[int], active_only: bool) -> list[StoredState]: ...
     def checkpoint(self, url_id: int, with_fold: bool) -> Checkpoint | None: ...
     def notices(self, url_id: int) -> list[Notice]: ...
-    def observations(
-        self, url_id: int, after_marks_since: float | None = None
-    ) -> list[Observation]: ...
-    def result_count(self, url_id: int) -> int: ...
+    def observations(self, url_id: int) -> list[Observation]: ...
     def checkpoints(self, url_ids: Sequence[int]) -> dict[int, Checkpoint]: ...
     def result_counts(self, url_ids: Sequence[int]) -> dict[int, int]: ...
     def observations_after_marks(self, url_ids: Sequence[int]) -> dict[int, list[Observation]]: ...
@@ -423,21 +420,22 @@ class Projection:
         )  # fmt: skip
 
     def _after_checkpoint(
-        self, url_id: int, folded: int, newest_at: float
+        self, folded: int, newest_at: float, stored: int, after_marks: Sequence[Observation]
     ) -> list[Observation] | None:
         """The results a URL's checkpoint does not cover, in event order, or None if it may
-        not cover exactly the others. `folded` and `newest_at` are the checkpoint's.
+        not cover exactly the others. `folded` and `newest_at` are the checkpoint's, `stored`
+        the URL's stored results, `after_marks` those stored after the last flush's marks (in
+        event order).
 
         A checkpoint written by a flush covers every result stored before it: each agent's
         results up to its highest seq then (the flush's marks). If as many of the stored
         results are within the marks as it folded, the covered set is exactly the folded one
         (any result stored after the flush with a seq within the marks would make one too
-        many). Only those probed at or after `newest_at` are read: one outside the marks but
-        older is missing from the list, and the count then refuses.
+        many). Only those probed at or after `newest_at` count as uncovered: one outside the
+        marks but older is left out, and the count then refuses.
         """
-        after = self.ledger.observations(url_id, after_marks_since=newest_at)
-        total = self.ledger.result_count(url_id)
-        return after if total - len(after) == folded else None
+        after = [o for o in after_marks if o.at >= newest_at]
+        return after if stored - len(after) == folded else None
 
     def _refold_from_checkpoint(self, url_id: int) -> bool:
         """Refold a late URL from its checkpoint and the results stored after it, where that
@@ -458,7 +456,12 @@ class Projection:
         if mark is None or mark.folded < 0 or mark.fold is None:
             return False
         base = mark.fold
-        after = self._after_checkpoint(url_id, mark.folded, base.newest_at)
+        after = self._after_checkpoint(
+            mark.folded,
+            base.newest_at,
+            self.ledger.result_counts([url_id]).get(url_id, 0),
+            self.ledger.observations_after_marks([url_id]).get(url_id, ()),
+        )
         if not after or after[0].at <= base.newest_at:
             return False
         head = base.clone()
@@ -537,11 +540,10 @@ class Projection:
                 outcomes.append("due")
                 continue
             fold, folded = entry.fold, marks[url_id].folded
-            # As _after_checkpoint, from what was read for the whole chunk.
-            after = [o for o in stored_after.get(url_id, ()) if o.at >= fold.newest_at]
-            if counts.get(url_id, 0) - len(after) != folded or (
-                after and event_order(after[0]) < fold.newest_key
-            ):
+            after = self._after_checkpoint(
+                folded, fold.newest_at, counts.get(url_id, 0), stored_after.get(url_id, ())
+            )
+            if after is None or (after and event_order(after[0]) < fold.newest_key):
                 self._pending.setdefault(url_id, 0.0)
                 outcomes.append("due")
                 continue

@@ -40,29 +40,32 @@ _SAVE_STATE = (
     " first_provider = ?, truncated_vs_reference = ?, notified_at = ?, updated_at = ?,"
     " folded = ? WHERE url_id = ?"
 )
-_OBSERVATIONS = (
-    "SELECT r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256, r.final_url,"
+_OBSERVATION_COLUMNS = (
+    "r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256, r.final_url,"
     " r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
-    " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id = ?"
-    " ORDER BY r.started_at, r.agent_id, r.seq"
+    " FROM results r JOIN agents a ON a.id = r.agent_id"
 )
-# Results stored after the last flush's marks (see Projection._after_checkpoint), probed at or
-# after a time.
-_OBSERVATIONS_AFTER_MARKS = _OBSERVATIONS.replace(
-    "WHERE r.url_id = ?",
-    "WHERE r.url_id = ? AND r.started_at >= ? AND r.seq >"
-    " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)",
+_OBSERVATIONS = (
+    f"SELECT {_OBSERVATION_COLUMNS} WHERE r.url_id = ? ORDER BY r.started_at, r.agent_id, r.seq"
 )
-_CHUNK_AFTER_MARKS = (
-    "SELECT r.url_id, r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256,"
-    " r.final_url, r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
-    " FROM results r JOIN agents a ON a.id = r.agent_id WHERE r.url_id IN ({marks}) AND r.seq >"
+# Results stored after the last flush's marks (see Projection._after_checkpoint), of the URLs
+# in {marks}.
+_AFTER_MARKS = (
+    f"SELECT r.url_id, {_OBSERVATION_COLUMNS} WHERE r.url_id IN ({{marks}}) AND r.seq >"
     " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)"
     " ORDER BY r.url_id, r.started_at, r.agent_id, r.seq"
 )
 _HISTORY_KINDS = ("state", "removal", "reappearance", "provider", "renotified")
 _KIND_MARKS = ",".join("?" * len(_HISTORY_KINDS))
 _CHUNK = 500  # ids per IN (...) list
+
+
+def _observation(row: Sequence[Any]) -> Observation:
+    """A result row of _OBSERVATION_COLUMNS as the fold reads it."""
+    (agent, network, at, status, error, sha, final, challenge, truncated, seq, provider, asn,
+     cdn) = row  # fmt: skip
+    return Observation(agent, network, at, status, error, sha or b"", final, bool(challenge),
+                       bool(truncated), seq, provider, asn, bool(cdn))  # fmt: skip
 
 
 def _chunks(url_ids: Sequence[int]) -> Iterator[tuple[Sequence[int], str]]:
@@ -165,27 +168,9 @@ class SqlLedger:
             )
         ]
 
-    def observations(
-        self, url_id: int, after_marks_since: float | None = None
-    ) -> list[Observation]:
-        """The URL's stored results in event order (with `after_marks_since`: those stored
-        after the last flush's marks and probed at or after that time)."""
-        sql, params = _OBSERVATIONS, (url_id,)  # type: tuple[str, tuple[Any, ...]]
-        if after_marks_since is not None:
-            sql, params = _OBSERVATIONS_AFTER_MARKS, (url_id, after_marks_since)
-        out = []
-        for (agent, network, at, status, error, sha, final, challenge, truncated, seq, provider,
-             asn, cdn) in self.conn.execute(sql, params):  # fmt: skip
-            out.append(Observation(agent, network, at, status, error, sha or b"", final,
-                                   bool(challenge), bool(truncated), seq, provider, asn,
-                                   bool(cdn)))  # fmt: skip
-        return out
-
-    def result_count(self, url_id: int) -> int:
-        (n,) = self.conn.execute(
-            "SELECT COUNT(*) FROM results WHERE url_id = ?", (url_id,)
-        ).fetchone()
-        return int(n)
+    def observations(self, url_id: int) -> list[Observation]:
+        """The URL's stored results in event order."""
+        return [_observation(row) for row in self.conn.execute(_OBSERVATIONS, (url_id,))]
 
     def checkpoints(self, url_ids: Sequence[int]) -> dict[int, Checkpoint]:
         out = {}
@@ -210,14 +195,8 @@ class SqlLedger:
         """Each URL's results stored after the last flush's marks, in event order."""
         out: dict[int, list[Observation]] = {}
         for chunk, marks in _chunks(url_ids):
-            for (url_id, agent, network, at, status, error, sha, final, challenge, truncated,
-                 seq, provider, asn, cdn) in self.conn.execute(
-                _CHUNK_AFTER_MARKS.format(marks=marks), chunk
-            ):  # fmt: skip
-                obs = Observation(agent, network, at, status, error, sha or b"", final,
-                                  bool(challenge), bool(truncated), seq, provider, asn,
-                                  bool(cdn))  # fmt: skip
-                out.setdefault(url_id, []).append(obs)
+            for url_id, *row in self.conn.execute(_AFTER_MARKS.format(marks=marks), chunk):
+                out.setdefault(url_id, []).append(_observation(row))
         return out
 
     def refolds_pending(self) -> list[int]:
