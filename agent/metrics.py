@@ -17,7 +17,6 @@ websockets, runners) would cost about 1 MiB more for two fixed paths.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ from aiohttp.web_response import Response
 from aiohttp.web_server import Server
 
 from agent import __version__
+from client.exposition import label_value, sample_value
 
 if TYPE_CHECKING:
     from agent.main import Agent
@@ -77,25 +77,6 @@ def histogram(
     return family
 
 
-def number(value: float) -> str:
-    """A sample value as prometheus_client writes it (Go's float formatting)."""
-    d = float(value)
-    if math.isinf(d):
-        return "+Inf" if d > 0 else "-Inf"
-    if math.isnan(d):
-        return "NaN"
-    s = repr(d)
-    dot = s.find(".")
-    if d > 0 and dot > 6:  # Go switches to an exponent sooner than Python
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return s
-
-
-def _label_value(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
 def render(families: Iterable[Family]) -> bytes:
     """The Prometheus text format of `families` (names and label names are plain ASCII)."""
     out: list[str] = []
@@ -105,10 +86,10 @@ def render(families: Iterable[Family]) -> bytes:
         out.append(f"# HELP {exposed} {text}\n# TYPE {exposed} {f.kind}\n")
         for suffix, labels, value in f.samples:
             if labels:
-                pairs = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(labels))
-                out.append(f"{f.name}{suffix}{{{pairs}}} {number(value)}\n")
+                pairs = ",".join(f'{k}="{label_value(v)}"' for k, v in sorted(labels))
+                out.append(f"{f.name}{suffix}{{{pairs}}} {sample_value(value)}\n")
             else:
-                out.append(f"{f.name}{suffix} {number(value)}\n")
+                out.append(f"{f.name}{suffix} {sample_value(value)}\n")
     return "".join(out).encode()
 
 

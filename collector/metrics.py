@@ -31,8 +31,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
+from client.exposition import label_value, sample_value
 from collector.durations import duration_label as deadline_label
 from collector.method import METHOD_VERSION, UrlState
 from collector.store import StoreError, reads
@@ -48,16 +48,6 @@ DEFAULT_DEADLINES: tuple[float, ...] = (3600.0, 12 * 3600.0, 86400.0)
 
 def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
-
-
-def _go(value: float) -> str:
-    """A sample value as the text exposition writes it (1.0, 1.234567e+06, +Inf)."""
-    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
-
-
-def _escape(value: str) -> str:
-    """A label value as the text exposition writes it."""
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 # The provider families, in the order `_urls` and `_latency` yield them: name, type, help.
@@ -147,9 +137,9 @@ class StateCollector(Collector):
         hundred milliseconds and holds the GIL meanwhile, delaying scrapes."""
         out: list[str] = []
         states = [st.value for st in UrlState]
-        labels = [(f, _escape(f.provider)) for f in figures]
-        deadlines = [(d, _escape(deadline_label(d))) for d in self.deadlines]
-        go = _go
+        labels = [(f, label_value(f.provider)) for f in figures]
+        deadlines = [(d, label_value(deadline_label(d))) for d in self.deadlines]
+        go = sample_value
         for name, kind, help_text in _PROVIDER_FAMILIES:
             family = f"{name}_total" if kind == "counter" else name  # as the exposition names it
             out.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n")
@@ -169,7 +159,7 @@ class StateCollector(Collector):
             elif family == "takedown_stale_urls":
                 out += [f'{family}{{provider="{p}"}} {go(f.stale)}\n' for f, p in labels]
             elif family == "takedown_method_info":
-                out.append(f'{family}{{method="{_escape(METHOD_VERSION)}"}} 1.0\n')
+                out.append(f'{family}{{method="{label_value(METHOD_VERSION)}"}} 1.0\n')
             else:
                 bounds = [_le(b) for b in self.buckets]
                 for f, p in labels:
