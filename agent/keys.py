@@ -5,7 +5,8 @@ PEM PKCS#8, mode 0600, created exclusively: written to a temporary file and
 linked into place, so two agents starting on one directory cannot both win
 and a crash never leaves half a key. `agent.pub` beside it holds the public
 key (PEM) for `takedown-collector agents add NAME --public-key FILE`.
-The key signs each result's `observation_signing_bytes`; it never leaves the
+The key signs each result batch once, over the root of a Merkle tree of its
+results' `observation_signing_bytes` (`batch_signing_bytes`); it never leaves the
 agent, and no log line shows it.
 
 The two files' encodings are the fixed ones of RFC 8410 (a 48-byte PKCS#8 and a
@@ -29,8 +30,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.credentials import exposed
-from collector.evidence.leaves import observation_signing_bytes, url_sha256
-from collector.evidence.wire import observation_of
+from collector.evidence.leaves import batch_signing_bytes, url_sha256
+from collector.evidence.wire import batch_tree
 from protos.takedown.v1 import takedown_pb2 as pb
 
 KEY_FILE = "agent.key"
@@ -132,12 +133,11 @@ class AgentKey:
 
 @dataclass(frozen=True)
 class ResultSigner:
-    """Signs wire results as this agent: its key, its name and network, and its URLs.
+    """Signs wire result batches as this agent: its key, its name and network, and its URLs.
 
     `url_of` maps a URL id to the URL the collector assigned (the agent's
-    assignment); a result whose URL is no longer assigned gets an empty
-    signature, since its URL hash is unknown; the collector drops such a
-    result as unassigned anyway.
+    assignment). A result whose URL is no longer assigned is left out of the signed
+    batch, since its URL hash is unknown; the collector would drop it as unassigned.
     """
 
     key: AgentKey
@@ -145,12 +145,20 @@ class ResultSigner:
     network: str
     url_of: Callable[[int], str | None]
 
-    def signature(self, result: pb.ProbeResult) -> bytes:
-        url = self.url_of(result.url_id)
-        if url is None:
-            return b""
-        obs = observation_of(self.agent, self.network, url_sha256(url), result)
-        return self.key.sign(observation_signing_bytes(obs))
+    def sign(self, results: list[pb.ProbeResult]) -> tuple[list[pb.ProbeResult], bytes]:
+        """The results it can sign, each given its URL hash, and the batch's signature."""
+        kept = []
+        for r in results:
+            url = self.url_of(r.url_id)
+            if url is not None:
+                r.url_sha256 = url_sha256(url)
+                kept.append(r)
+        if not kept:
+            return kept, b""
+        tree = batch_tree(self.agent, self.network, kept)
+        return kept, self.key.sign(
+            batch_signing_bytes(self.agent, self.network, tree.size, tree.root)
+        )
 
 
 def _create_exclusive(path: Path, data: bytes, mode: int, *, replace: bool = False) -> bool:

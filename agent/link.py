@@ -5,8 +5,8 @@ time read (assignment changes, acknowledgements) and write (result batches,
 at most `max_inflight` unacknowledged). When the stream is lost, every
 unacknowledged batch goes back to the outbox to be sent first next time.
 With a `ResultSigner`, the hello carries the agent's public key and every
-batch one signature per result, made each time the batch is encoded (a
-resent batch is signed again).
+batch one signature over all its results, made each time the batch is encoded
+(a resent batch is signed again).
 
 Failures are classified once, here (with `client.failures`): a lost or
 unavailable collector is transient and retried with jittered exponential
@@ -70,15 +70,18 @@ class Identity:
 def encode(
     batch: Batch, sent_at: float | None = None, signer: ResultSigner | None = None
 ) -> pb.AgentMessage:
-    """The wire message of a batch; with `signer`, one signature per result, in order."""
+    """The wire message of a batch; with `signer`, signed once over all its results."""
     sent = time.time() if sent_at is None else sent_at
     results = [_result(r) for r in batch.results]
+    signature = b""
+    if signer is not None:
+        results, signature = signer.sign(results)
     return pb.AgentMessage(
         batch=pb.ResultBatch(
             batch_id=batch.batch_id,
             results=results,
             sent_at_unix_us=round(sent * 1_000_000),
-            signatures=[signer.signature(r) for r in results] if signer is not None else [],
+            batch_signature=signature,
         )
     )
 

@@ -36,8 +36,7 @@ class SelfMetrics:
         results = Counter(
             "takedown_collector_results",
             "Results in received batches: stored, duplicate (redelivered, already stored),"
-            " rejected (URL unknown or not active), invalid (failed validation) or unsigned (no"
-            " signature from an agent with a pinned key: its URL was no longer assigned to it)",
+            " rejected (URL unknown or not active) or invalid (failed validation)",
             ["outcome"],
             registry=registry,
         )
@@ -45,10 +44,9 @@ class SelfMetrics:
         self.duplicates = results.labels("duplicate")
         self.rejected = results.labels("rejected")
         self.invalid = results.labels("invalid")
-        self.unsigned = results.labels("unsigned")
         self.signatures_failed = Counter(
             "takedown_collector_bad_signatures",
-            "Batches refused because a result's signature did not verify against its agent's"
+            "Batches refused because their signature did not verify against their agent's"
             " pinned key (the stream ends; nothing of the batch is stored)",
             registry=registry,
         )

@@ -25,14 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from client.digests import BUCKETS, Digests, bucket_of
 from collector.auth import INTAKE_SOURCE
-from collector.evidence.leaves import Observation
+from collector.evidence.wire import batch_tree
 from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.selfmetrics import SelfMetrics
 from collector.signatures import Signatures
 from collector.store import ResultIn, StoreError, Submitted, Target, Writer
-from collector.store.model import AgentKeyRefused
+from collector.store.model import AgentKeyRefused, Evidence, SignedBatch
 from collector.store.reads import (
     active_intervals,
     active_targets,
@@ -459,14 +459,14 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         if batch.sent_at_unix_us:
             offset = session.clock_offset(us_to_s(batch.sent_at_unix_us), now)
         results: list[ResultIn] = []
-        invalid = unsigned = 0
-        valid: list[pb.ProbeResult] = []
-        signatures: list[bytes] = []
-        if self.evidence and session.public_key and len(batch.signatures) != len(batch.results):
+        positions: list[int] = []  # each result's place in the batch (and its signed tree)
+        invalid = 0
+        if self.evidence and session.public_key and batch.results and not batch.batch_signature:
             raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the batch has {len(batch.results)} results and {len(batch.signatures)}"
-                " signatures; this agent's pinned key requires one per result",
+                f"batch {batch.batch_id} has no signature; this agent's pinned key requires one"
+                " over each batch (an agent older than evidence v2 signs each result instead:"
+                " upgrade it)",
             )
         for i, r in enumerate(batch.results):
             value = translate_result(r, now)
@@ -475,13 +475,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 log.warning("result_refused agent=%s reason=%r", session.name, value)
             else:
                 results.append(value)
-                valid.append(r)
-                signatures.append(batch.signatures[i] if i < len(batch.signatures) else b"")
-        if self.evidence:
+                positions.append(i)
+        if self.evidence and batch.results:
             # Signatures are checked where they are kept: in the evidence log. Without one the
-            # collector stores no signature, and checking costs ~0.2 ms of CPU per result.
-            results, unsigned = await self._attach_evidence(session, results, valid, signatures)
-            self.metrics.unsigned.inc(unsigned)
+            # collector stores no signature, so it checks none.
+            results = await self._attach_evidence(session, batch, results, positions)
         try:
             done = await self.writer.ingest(session.agent_id, results, now, offset)
         except StoreError as exc:
@@ -500,7 +498,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     batch_id=batch.batch_id,
                     stored=done.stored,
                     duplicates=done.duplicates,
-                    rejected=done.rejected + invalid + unsigned,
+                    rejected=done.rejected + invalid,
                     stored_at_unix_us=s_to_us(self.clock()),
                 )
             )
@@ -516,44 +514,63 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
     async def _attach_evidence(
         self,
         session: AgentSession,
+        batch: pb.ResultBatch,
         results: list[ResultIn],
-        wire: list[pb.ProbeResult],
-        signatures: list[bytes],
-    ) -> tuple[list[ResultIn], int]:
-        """The results with their signed observations; how many were dropped unsigned.
+        positions: list[int],
+    ) -> list[ResultIn]:
+        """The results, each with its observation and the batch tree it sits in.
 
-        A result of a URL the agent no longer holds comes with an empty signature (it
-        cannot hash a URL it forgot): it is dropped like any unassigned result. A signature
-        that does not verify ends the stream before anything of the batch is stored.
+        A signed batch's tree covers every result as sent; its one signature must verify
+        over it, or the stream ends before anything of the batch is stored. For an agent
+        without a key the collector builds the tree itself (unsigned) over the results of
+        the URLs it knows; a result of an unknown URL id goes on without one, and the store
+        refuses it by its id.
         """
-        observations = await self.signatures.observations(session.name, session.network, wire)
-        kept: list[ResultIn] = []
-        checked: list[tuple[int, Observation, bytes]] = []  # (seq, observation, signature)
-        unsigned = 0
-        for r, o, sig in zip(results, observations, signatures, strict=True):
-            if session.public_key and not sig:
-                unsigned += 1
-                continue
-            if o is None:  # an unknown URL id: the store refuses it by its id
-                kept.append(r)
-                continue
-            kept.append(dataclasses.replace(r, evidence=(o, sig)))
-            if session.public_key:
-                checked.append((r.seq, o, sig))
-        if checked:
-            bad = await self.signatures.first_bad(
-                session.public_key, [o for _, o, _ in checked], [s for _, _, s in checked]
+        wire = list(batch.results)
+        signature = b""
+        if session.public_key:
+            for r in wire:
+                if len(r.url_sha256) != 32:
+                    raise Refused(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"result seq {r.seq} has no url_sha256; an agent that signs gives each"
+                        " result the SHA-256 of its URL; nothing of this batch was stored",
+                    )
+            tree = await self.signatures.check(
+                session.public_key, session.name, session.network, wire, batch.batch_signature
             )
-            if bad >= 0:
-                seq = checked[bad][0]
+            if tree is None:
                 self.metrics.signatures_failed.inc()
-                log.warning("signature_refused agent=%s seq=%d", session.name, seq)
+                log.warning("signature_refused agent=%s batch=%d", session.name, batch.batch_id)
                 raise Refused(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"result seq {seq}: its signature does not verify against agent"
-                    f" {session.name!r}'s pinned key; nothing of this batch was stored",
+                    f"batch {batch.batch_id}: its signature does not verify against agent"
+                    f" {session.name!r}'s pinned key over its {len(wire)} results; nothing of"
+                    " this batch was stored",
                 )
-        return kept, unsigned
+            signature = batch.batch_signature
+            place = {p: p for p in positions}
+        else:
+            hashes = await self.signatures.url_hashes([r.url_id for r in wire])
+            known = [p for p, r in enumerate(wire) if r.url_id in hashes]
+            for p in known:
+                wire[p].url_sha256 = hashes[wire[p].url_id]
+            if not known:
+                return results
+            tree = batch_tree(session.name, session.network, [wire[p] for p in known])
+            place = {p: k for k, p in enumerate(known)}
+        signed = SignedBatch(
+            session.name, session.network, tree.size, tree.root, signature, tree.hashes
+        )
+        kept: list[ResultIn] = []
+        for result, p in zip(results, positions, strict=True):
+            k = place.get(p)
+            if k is None:
+                kept.append(result)
+            else:
+                evidence = Evidence(wire[p].url_sha256, tree.data[k], signed, k)
+                kept.append(dataclasses.replace(result, evidence=evidence))
+        return kept
 
 
 _SUBMITTED = {

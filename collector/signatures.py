@@ -1,13 +1,15 @@
-"""The agent's signatures, checked at the stream before anything of a batch is stored.
+"""The agents' batch signatures, checked at the stream before anything of a batch is stored.
 
-An agent with a key signs each result's `Observation` (collector/evidence/wire.py
-builds the same one on both sides). The service asks `Signatures` for the
-observations of a batch (which needs each URL's SHA-256, read from the database
-once and kept) and for the first result whose signature does not verify.
+An agent with a key signs each result batch once: the RFC 6962 root of a tree
+over its results' observations (collector/evidence/wire.py builds the same tree
+on both sides). `Signatures.check` rebuilds that tree from the wire and checks
+the one signature; the tree's bytes and hashes then go to the evidence log.
+For an agent without a key the collector builds the tree itself, with each
+URL's SHA-256 read from the database once and kept (`url_hashes`).
 
-One Ed25519 verification costs about 165 µs through `cryptography` and holds the
-GIL, so a second thread gains nothing; with `workers` > 0 the checks run in
-worker processes beside the writer (a batch is one task), otherwise inline.
+Building the tree is about 10 µs of Python per result and a check about
+165 µs per batch; with `workers` > 0 both run in worker processes beside the
+writer (a batch is one task), otherwise inline on the event loop.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from collector.evidence.leaves import Observation, observation_signing_bytes
+from collector.evidence.leaves import batch_signing_bytes
 from collector.evidence.note import ed25519_verifies
-from collector.evidence.wire import observation_of
+from collector.evidence.wire import BatchTree, batch_tree
 from collector.store.reads import connect_readonly, url_hashes
 from protos.takedown.v1 import takedown_pb2 as pb
 
@@ -32,12 +34,13 @@ from protos.takedown.v1 import takedown_pb2 as pb
 HASH_CACHE = 500_000
 
 
-def first_bad(public_key: bytes, signed: Sequence[tuple[bytes, bytes]]) -> int:
-    """The index of the first (message, signature) that does not verify, -1 if all do."""
-    for i, (message, signature) in enumerate(signed):
-        if not ed25519_verifies(public_key, message, signature):
-            return i
-    return -1
+def check_batch(
+    public_key: bytes, agent: str, network: str, results: Sequence[bytes], signature: bytes
+) -> BatchTree | None:
+    """The tree of a batch (its results serialized) if `signature` verifies over it, else None."""
+    tree = batch_tree(agent, network, [pb.ProbeResult.FromString(r) for r in results])
+    message = batch_signing_bytes(agent, network, tree.size, tree.root)
+    return tree if ed25519_verifies(public_key, message, signature) else None
 
 
 def _orphan_dies() -> None:
@@ -48,7 +51,7 @@ def _orphan_dies() -> None:
 
 
 class Signatures:
-    """Builds a batch's observations and checks its signatures; `close()` when done."""
+    """Checks batch signatures and finds URL hashes; `close()` when done."""
 
     def __init__(self, db_path: Path, workers: int = 0) -> None:
         self.db_path = db_path
@@ -68,33 +71,39 @@ class Signatures:
             self._conn = connect_readonly(self.db_path)
         return url_hashes(self._conn, ids)
 
-    async def observations(
-        self, agent: str, network: str, results: Sequence[pb.ProbeResult]
-    ) -> list[Observation | None]:
-        """Each result's observation as its agent signed it; None for an unknown URL id."""
-        missing = sorted({r.url_id for r in results} - self._hashes.keys())
+    async def url_hashes(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The SHA-256 of each known URL among `ids` (an unknown id is left out)."""
+        wanted = set(ids)
+        known = {i: self._hashes[i] for i in wanted if i in self._hashes}
+        missing = sorted(wanted - known.keys())
         if missing:
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(self._reader, self._read, missing)
             if len(self._hashes) + len(found) > HASH_CACHE:
                 self._hashes.clear()
             self._hashes.update(found)
-        out: list[Observation | None] = []
-        for r in results:
-            digest = self._hashes.get(r.url_id)
-            out.append(observation_of(agent, network, digest, r) if digest else None)
-        return out
+            known.update(found)
+        return known
 
-    async def first_bad(self, public_key: bytes, observations: Sequence[Observation],
-                        signatures: Sequence[bytes]) -> int:  # fmt: skip
-        """The index of the first observation whose signature does not verify, -1 if none."""
-        signed = [
-            (observation_signing_bytes(o), s) for o, s in zip(observations, signatures, strict=True)
-        ]
+    async def check(
+        self,
+        public_key: bytes,
+        agent: str,
+        network: str,
+        results: Sequence[pb.ProbeResult],
+        signature: bytes,
+    ) -> BatchTree | None:
+        """The batch's tree if its signature verifies under `public_key`, else None.
+
+        Every result must carry its 32-byte `url_sha256`.
+        """
+        wire = [r.SerializeToString() for r in results]
         if self._pool is None:
-            return first_bad(public_key, signed)
+            return check_batch(public_key, agent, network, wire, signature)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, first_bad, public_key, signed)
+        return await loop.run_in_executor(
+            self._pool, check_batch, public_key, agent, network, wire, signature
+        )
 
     def close(self) -> None:
         if self._pool is not None:

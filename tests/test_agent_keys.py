@@ -1,4 +1,4 @@
-"""The agent signs what it reports: its key in the hello, a valid signature on every result.
+"""The agent signs what it reports: its key in the hello, a valid signature on every batch.
 
 A real grpc.aio server on 127.0.0.1 stands in for the collector: it records each hello and
 batch, welcomes, assigns URLs served by a loopback hoster, and acknowledges every batch. The
@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.keys import KEY_FILE, PUBLIC_FILE, AgentKey
 from agent.main import Agent, AgentConfig
 from agent.probe import ProbeConfig
-from collector.evidence.leaves import observation_signing_bytes, url_sha256
+from collector.evidence.leaves import batch_signing_bytes, url_sha256
 from collector.evidence.note import ed25519_verifies
-from collector.evidence.wire import observation_of
+from collector.evidence.wire import batch_tree
 from demo.hoster import Hoster
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -126,28 +126,27 @@ def probed_both(fake: FakeCollector) -> Callable[[], bool]:
 
 
 def assert_all_verify(fake: FakeCollector, hello: pb.Hello) -> int:
-    """Every result received verifies under `hello`'s key; returns how many there were."""
+    """Every batch received verifies under `hello`'s key, over the tree of its results each
+    with the hash of its assigned URL; returns how many results there were."""
     count = 0
     for batch in fake.batches:
-        assert len(batch.signatures) == len(batch.results), batch.batch_id
-        for result, signature in zip(batch.results, batch.signatures, strict=True):
-            obs = observation_of(
-                hello.agent, hello.network, url_sha256(fake.urls[result.url_id]), result
-            )
-            assert len(signature) == 64, result.seq
-            assert ed25519_verifies(hello.public_key, observation_signing_bytes(obs), signature), (
-                result.seq
-            )
-            other = pb.ProbeResult()
-            other.CopyFrom(result)
-            other.status ^= 1  # any other field value: the signature no longer fits
-            changed = observation_of(
-                hello.agent, hello.network, url_sha256(fake.urls[result.url_id]), other
-            )
+        assert len(batch.batch_signature) == 64, batch.batch_id
+        for result in batch.results:
+            assert result.url_sha256 == url_sha256(fake.urls[result.url_id]), result.seq
+        tree = batch_tree(hello.agent, hello.network, batch.results)
+        message = batch_signing_bytes(hello.agent, hello.network, tree.size, tree.root)
+        assert ed25519_verifies(hello.public_key, message, batch.batch_signature)
+        for k in range(len(batch.results)):
+            other = pb.ResultBatch()
+            other.CopyFrom(batch)
+            other.results[k].status ^= 1  # any other field value: the signature no longer fits
+            changed = batch_tree(hello.agent, hello.network, other.results)
             assert not ed25519_verifies(
-                hello.public_key, observation_signing_bytes(changed), signature
+                hello.public_key,
+                batch_signing_bytes(hello.agent, hello.network, changed.size, changed.root),
+                batch.batch_signature,
             )
-            count += 1
+        count += len(batch.results)
     return count
 
 
@@ -156,7 +155,7 @@ class TestSigning:
         self, tmp_path: Path, collector: tuple[FakeCollector, int]
     ) -> None:
         """The first start makes STATE_DIR/agent.key; the hello carries its public key; every
-        result in every batch has a signature that verifies under it; a restart on the same
+        batch has a signature over all its results that verifies under it; a restart on the same
         state dir keeps the same key."""
         fake, port = collector
         state = tmp_path / "state"
@@ -203,7 +202,8 @@ class TestSigning:
         agent = Agent(config(port), rng=random.Random(4))
         await run_until(agent, probed_both(fake), "results for both URLs")
         assert fake.hellos[0].public_key == b""
-        assert all(not b.signatures for b in fake.batches)
+        assert all(not b.batch_signature for b in fake.batches)
+        assert all(not r.url_sha256 for b in fake.batches for r in b.results)
         said = [r for r in caplog.records if "results_unsigned" in r.getMessage()]
         assert len(said) == 1 and said[0].levelno == logging.INFO
 

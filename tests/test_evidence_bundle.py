@@ -22,6 +22,7 @@ from collector.evidence.errors import MalformedBundle
 from collector.evidence.leaves import (
     AgentKeyLeaf,
     Attribution,
+    BatchLeaf,
     Leaf,
     NoticeLeaf,
     Observation,
@@ -29,12 +30,13 @@ from collector.evidence.leaves import (
     ReferenceForm,
     VerdictEvent,
     VerdictLeaf,
+    batch_signing_bytes,
     encode_leaf,
     observation_signing_bytes,
     url_sha256,
 )
 from collector.evidence.log import MerkleLog
-from collector.evidence.merkle import leaf_hash
+from collector.evidence.merkle import leaf_hash, root_of
 from collector.evidence.note import NoteSigner
 from collector.evidence.verify import Report, verify_bundle
 
@@ -54,6 +56,7 @@ class Scenario:
     leaves: dict[int, Leaf] = field(default_factory=dict)
     heads: dict[bytes, int] = field(default_factory=dict)
     keys: dict[str, AgentKey] = field(default_factory=dict)
+    batches: dict[int, list[bytes]] = field(default_factory=dict)  # batch leaf: its tree
 
     def add(self, leaf: Leaf) -> int:
         index = self.log.append(leaf_hash(encode_leaf(leaf)))
@@ -79,19 +82,33 @@ class Scenario:
         )
         return self.url_leaf(url, leaf)
 
+    def batch(self, agent: str, items: list[tuple[str, int, int]]) -> list[int]:
+        """One batch signed by `agent`, of observations (URL, minute, status): its leaf, then
+        theirs; their indices."""
+        found = []
+        for url, minute, status in items:
+            body = hashlib.sha256(CONTENT).digest() if status == 200 else b""
+            found.append(Observation(
+                agent, f"net-{agent}", url_sha256(url), minute, T0 + minute * MINUTE, 40,
+                status, url_sha256(url), body, len(CONTENT) if body else 0, False, "192.0.2.7",
+                "none", 0, False, "plaintext",
+            ))  # fmt: skip
+        hashes = [leaf_hash(observation_signing_bytes(o)) for o in found]
+        root = root_of(hashes)
+        network = f"net-{agent}"
+        signature = self.keys[agent].sign(batch_signing_bytes(agent, network, len(found), root))
+        received = found[-1].started_at_us + 5
+        batch = self.add(BatchLeaf(agent, network, len(found), root, signature, received))
+        self.batches[batch] = hashes
+        where = Attribution("Hoster A", 64500, False)
+        return [
+            self.url_leaf(url, ObservationLeaf(obs, batch, k, where, received, self.prev(url)))
+            for k, (obs, (url, _, _)) in enumerate(zip(found, items, strict=True))
+        ]
+
     def observe(self, agent: str, url: str, minute: int, status: int) -> int:
-        body = hashlib.sha256(CONTENT).digest() if status == 200 else b""
-        obs = Observation(
-            agent, f"net-{agent}", url_sha256(url), minute, T0 + minute * MINUTE, 40, status,
-            url_sha256(url), body, len(CONTENT) if body else 0, False, "192.0.2.7", "none", 0,
-            False, "plaintext",
-        )  # fmt: skip
-        signature = self.keys[agent].sign(observation_signing_bytes(obs))
-        leaf = ObservationLeaf(
-            obs, signature, Attribution("Hoster A", 64500, False), obs.started_at_us + 5,
-            self.prev(url),
-        )  # fmt: skip
-        return self.url_leaf(url, leaf)
+        """A batch of one observation; its index."""
+        return self.batch(agent, [(url, minute, status)])[0]
 
     def checkpoint(self, size: int | None = None) -> str:
         n = self.log.size if size is None else size
@@ -109,7 +126,7 @@ def scenario() -> tuple[Scenario, list[int], str]:
     removed = [s.observe("agent-a", URL, 10, 404)]
     older = s.checkpoint()
     removed += [
-        s.observe("agent-b", URL, 11, 404),
+        s.batch("agent-b", [(OTHER_URL, 11, 200), (URL, 11, 404)])[1],  # a batch of two URLs
         s.observe("agent-a", URL, 20, 410),
         s.observe("agent-b", URL, 21, 404),
     ]
@@ -120,12 +137,15 @@ def scenario() -> tuple[Scenario, list[int], str]:
     )  # fmt: skip
     s.url_leaf(URL, verdict)
     s.observe("agent-a", OTHER_URL, 30, 200)
-    wanted = [i for i, leaf in s.leaves.items() if _about(leaf) in (None, url_sha256(URL))]
-    return s, wanted, older
+    about = {i for i, leaf in s.leaves.items() if _about(leaf) == url_sha256(URL)}
+    batches = {leaf.batch for i, leaf in s.leaves.items() if i in about and
+               isinstance(leaf, ObservationLeaf)}  # fmt: skip
+    keys = {i for i, leaf in s.leaves.items() if isinstance(leaf, AgentKeyLeaf)}
+    return s, sorted(about | batches | keys), older
 
 
 def _about(leaf: Leaf) -> bytes | None:
-    return None if isinstance(leaf, AgentKeyLeaf) else leaf.url_sha256
+    return None if isinstance(leaf, (AgentKeyLeaf, BatchLeaf)) else leaf.url_sha256
 
 
 @pytest.fixture
@@ -133,7 +153,7 @@ def bundle_dir(tmp_path: Path) -> Path:
     s, wanted, older = scenario()
     bundle = build_bundle(
         s.log, [(i, s.leaves[i]) for i in wanted], s.checkpoint(), LOG.verifier(),
-        urls=[url_sha256(URL)], older=[older],
+        urls=[url_sha256(URL)], older=[older], batches=s.batches,
     )  # fmt: skip
     write_bundle(bundle, tmp_path / "bundle")
     return tmp_path / "bundle"
@@ -167,9 +187,9 @@ class TestIntactBundle:
         """A bundle as written verifies: every leaf included, signed and complete."""
         report = check(bundle_dir)
         assert report.problems == []
-        assert (report.entries, report.observations, report.urls) == (10, 6, 1)
+        assert (report.entries, report.observations, report.urls) == (16, 6, 1)
         assert report.agents == {"agent-a", "agent-b"}
-        assert (report.checkpoint_size, report.older_checkpoints) == (12, 1)
+        assert (report.checkpoint_size, report.older_checkpoints) == (20, 1)
 
     def test_holds_no_content_and_no_url(self, bundle_dir: Path) -> None:
         """No body byte, no URL text and no case reference appears in any file of a bundle."""
@@ -178,6 +198,8 @@ class TestIntactBundle:
             for marker in (CONTENT, b"the reported content", URL.encode(), b"hoster.example",
                            b"CASE-1"):  # fmt: skip
                 assert marker not in data, (path.name, marker)
+            # A batch it relies on also held an observation of another URL: nothing of that.
+            assert url_sha256(OTHER_URL).hex().encode() not in data, path.name
 
     def test_writer_refuses_a_leaf_the_log_lacks(self) -> None:
         """The writer will not put a leaf in a bundle that differs from the logged one."""
@@ -246,9 +268,10 @@ class TestTampering:
         assert "signature" not in report.checks()
 
     def test_swapped_signatures(self, bundle_dir: Path) -> None:
-        """Two observations' signatures exchanged: both fail, each named."""
+        """Two batches' signatures exchanged: both fail, each named."""
         rows = entries(bundle_dir)
-        a, b = observations(rows, "agent-a")[:2]
+        a, b = [i for i, r in enumerate(rows) if r["leaf"]["leaf"] == "batch"
+                and r["leaf"]["agent"] == "agent-a"][:2]  # fmt: skip
         sig_a = rows[a]["leaf"]["signature"]
         rows[a]["leaf"]["signature"] = rows[b]["leaf"]["signature"]
         rows[b]["leaf"]["signature"] = sig_a
@@ -256,20 +279,30 @@ class TestTampering:
         report = check(bundle_dir)
         failed = {p.where for p in report.problems if p.check == "signature"}
         assert failed == {
-            f"index {rows[a]['index']} (observation by agent-a seq 1)",
-            f"index {rows[b]['index']} (observation by agent-a seq 10)",
+            f"index {rows[a]['index']} (batch of agent-a, 1 results)",
+            f"index {rows[b]['index']} (batch of agent-a, 1 results)",
         }
+
+    def test_observation_moved_to_another_batch(self, bundle_dir: Path) -> None:
+        """An observation claiming a place in another signed batch of its agent is not in it."""
+        rows = entries(bundle_dir)
+        a, b = observations(rows, "agent-a")[:2]
+        rows[b]["leaf"]["batch"] = rows[a]["leaf"]["batch"]
+        save(bundle_dir, rows)
+        report = check(bundle_dir)
+        assert report.checks() == {"inclusion", "signature"}
+        assert any("not what its agent signed" in p.message for p in report.problems)
 
     def test_altered_checkpoint(self, bundle_dir: Path) -> None:
         """A checkpoint whose size or root was edited no longer carries the log's signature."""
         path = bundle_dir / "checkpoint.txt"
-        path.write_text(path.read_text().replace("\n12\n", "\n11\n", 1))
+        path.write_text(path.read_text().replace("\n20\n", "\n19\n", 1))
         report = check(bundle_dir)
         assert "checkpoint" in report.checks()
         assert "not signed by the log key" in str(report.problems[0])
 
     def test_another_agents_key(self, bundle_dir: Path) -> None:
-        """agent-a's logged key replaced by agent-b's: the key leaf and a's signatures fail."""
+        """agent-a's logged key replaced by agent-b's: the key leaf and a's batches fail."""
         rows = entries(bundle_dir)
         key_a, key_b = (r for r in rows if r["leaf"]["leaf"] == "agent_key")
         key_a["leaf"]["public_key"] = key_b["leaf"]["public_key"]
@@ -281,23 +314,46 @@ class TestTampering:
         assert all("agent-a" in p.where for p in signature_failures)
 
     def test_observation_signed_by_another_agent(self, bundle_dir: Path) -> None:
-        """An observation re-signed by someone else's key is refused even if the log had it."""
+        """A batch re-signed by someone else's key is refused even if the log had it."""
         s, wanted, _ = scenario()
-        index = next(i for i in wanted if isinstance(s.leaves[i], ObservationLeaf))
+        index = next(i for i in wanted if isinstance(s.leaves[i], BatchLeaf))
         leaf = s.leaves[index]
-        assert isinstance(leaf, ObservationLeaf)
+        assert isinstance(leaf, BatchLeaf)
         other = AgentKey(Ed25519PrivateKey.generate())
-        forged = replace(leaf, signature=other.sign(observation_signing_bytes(leaf.observation)))
+        forged = replace(leaf, signature=other.sign(leaf.signing_bytes()))
         forged_log = MerkleLog.of(
             leaf_hash(encode_leaf(forged if i == index else s.leaves[i])) for i in s.leaves
         )
         s.log, s.leaves[index] = forged_log, forged
         bundle = build_bundle(
             s.log, [(i, s.leaves[i]) for i in wanted], s.checkpoint(), LOG.verifier(),
-            urls=[url_sha256(URL)],
+            urls=[url_sha256(URL)], batches=s.batches,
         )  # fmt: skip
         report = verify_bundle(bundle, LOG.verifier())
         assert report.checks() == {"signature"}
+
+    def test_observation_with_another_batch_tree(self) -> None:
+        """A bundle that gives an observation a proof into a tree its agent never signed (the
+        collector's own) fails at the batch's signature, not silently."""
+        s, wanted, _ = scenario()
+        index = next(i for i in wanted if isinstance(s.leaves[i], BatchLeaf))
+        leaf = s.leaves[index]
+        assert isinstance(leaf, BatchLeaf)
+        made_up = [*s.batches[index], leaf_hash(b"an observation the agent never made")]
+        forged = replace(leaf, size=len(made_up), root=root_of(made_up))
+        s.log = MerkleLog.of(
+            leaf_hash(encode_leaf(forged if i == index else s.leaves[i])) for i in s.leaves
+        )
+        s.leaves[index], s.batches[index] = forged, made_up
+        bundle = build_bundle(
+            s.log, [(i, s.leaves[i]) for i in wanted], s.checkpoint(), LOG.verifier(),
+            urls=[url_sha256(URL)], batches=s.batches,
+        )  # fmt: skip
+        report = verify_bundle(bundle, LOG.verifier())
+        assert report.checks() == {"signature"}
+        assert [p.where for p in report.problems] == [
+            f"index {index} (batch of agent-a, 2 results)"
+        ]
 
     def test_inconsistent_older_checkpoint(self, bundle_dir: Path) -> None:
         """An earlier checkpoint of a history the log later rewrote fails consistency."""
@@ -322,9 +378,10 @@ class TestTampering:
         assert "checkpoint" in report.checks()
 
     def test_unsigned_observation(self, bundle_dir: Path) -> None:
-        """An observation without the agent's signature is named as unsigned."""
+        """An observation in a batch without the agent's signature is named as unsigned."""
         rows = entries(bundle_dir)
-        rows[observations(rows)[0]]["leaf"]["signature"] = ""
+        first = rows[observations(rows)[0]]["leaf"]["batch"]
+        next(r for r in rows if r["index"] == first)["leaf"]["signature"] = ""
         save(bundle_dir, rows)
         report = check(bundle_dir)
         assert "signature" in report.checks()
@@ -353,7 +410,7 @@ class TestCommand:
         code = main(["evidence", "verify", str(bundle_dir), "--log-key", str(LOG.verifier())])
         out = capsys.readouterr().out
         assert code == 0
-        assert out.startswith("OK: 10 leaves (6 signed observations by 2 agents, 1 URLs)")
+        assert out.startswith("OK: 16 leaves (6 signed observations by 2 agents, 1 URLs)")
         assert "compare it with the published one" not in out
 
     def test_verify_fails_naming_the_problem(
@@ -367,7 +424,7 @@ class TestCommand:
         out = capsys.readouterr().out
         assert code == 1
         assert "FAILED: 2 problems" in out
-        assert "[signature] index 3 (observation by agent-a seq 1)" in out
+        assert "[signature] index 4 (observation by agent-a seq 1)" in out
         assert f"compare it with the published one): {LOG.verifier()}" in out
 
     def test_unreadable_bundle(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -420,7 +477,7 @@ class TestAnyChange:
             s, wanted, older = scenario()
             cls.BUNDLE = build_bundle(
                 s.log, [(i, s.leaves[i]) for i in wanted], s.checkpoint(), LOG.verifier(),
-                urls=[url_sha256(URL)], older=[older],
+                urls=[url_sha256(URL)], older=[older], batches=s.batches,
             )  # fmt: skip
         return cls.BUNDLE
 

@@ -28,6 +28,7 @@ from agent.keys import AgentKey, ResultSigner
 from agent.main import Agent
 from collector.cli import main
 from collector.evidence.bundle import read_bundle
+from collector.evidence.leaves import url_sha256
 from collector.evidence.logkey import init_log_key
 from collector.evidence.note import NoteVerifier
 from collector.evidence.verify import Report, verify_bundle
@@ -144,39 +145,40 @@ def leaf_kinds(collector: Collector) -> list[str]:
         conn.close()
 
 
+def signed(s: ResultSigner, results: list[pb.ProbeResult], batch_id: int = 1) -> pb.ResultBatch:
+    """A batch as the agent's link sends it: each result given its URL hash, one signature."""
+    kept, signature = s.sign(results)
+    return pb.ResultBatch(batch_id=batch_id, results=kept, batch_signature=signature)
+
+
 class TestStream:
     async def test_signed_batch_is_stored_and_logged(
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
-        """Valid signatures: stored, acked, one observation leaf per result after the key."""
+        """A valid signature: stored, acked, the batch leaf then one observation leaf per
+        result, after the key."""
         url_id, call, s = await signed_stream(channel)
-        results = [result(url_id, n) for n in (1, 2, 3)]
-        batch = pb.ResultBatch(
-            batch_id=1, results=results, signatures=[s.signature(r) for r in results]
-        )
-        await call.write(pb.AgentMessage(batch=batch))
+        await call.write(pb.AgentMessage(batch=signed(s, [result(url_id, n) for n in (1, 2, 3)])))
         ack = await first_of(call, "ack")
         assert (ack.ack.stored, ack.ack.rejected) == (3, 0)
         call.cancel()
-        assert leaf_kinds(collector) == ["notice", "agent_key", *["observation"] * 3]
+        assert leaf_kinds(collector) == ["notice", "agent_key", "batch", *["observation"] * 3]
 
     async def test_bad_signature_ends_the_stream_and_stores_nothing(
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
-        """One result signed over other values: INVALID_ARGUMENT naming it, nothing stored."""
+        """One result sent other than signed: INVALID_ARGUMENT naming the batch, nothing
+        stored."""
         url_id, call, s = await signed_stream(channel)
-        results = [result(url_id, n) for n in (1, 2, 3)]
-        signatures = [s.signature(r) for r in results]
-        signatures[1] = s.signature(result(url_id, 2, status=404))  # signed: 404; sent: 200
-        await call.write(
-            pb.AgentMessage(
-                batch=pb.ResultBatch(batch_id=1, results=results, signatures=signatures)
-            )
-        )
+        signed_as = [result(url_id, 1), result(url_id, 2, status=404), result(url_id, 3)]
+        batch = signed(s, signed_as)
+        batch.results[1].status = 200  # signed: 404; sent: 200
+        batch.results[1].body_sha256 = hashlib.sha256(b"x").digest()
+        await call.write(pb.AgentMessage(batch=batch))
         error = await refused(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "result seq 2" in (error.details() or "")
-        assert "does not verify" in (error.details() or "")
+        assert "batch 1: its signature does not verify" in (error.details() or "")
+        assert "nothing of this batch was stored" in (error.details() or "")
         assert stored(collector) == 0
         assert "observation" not in leaf_kinds(collector)
 
@@ -187,18 +189,15 @@ class TestStream:
         url_id = await submit(channel)
         key, other = (AgentKey(Ed25519PrivateKey.generate()) for _ in range(2))
         call = await hello(channel, key.public_key)
-        r = result(url_id, 1)
-        forged = signer(other, urls={url_id: URL}).signature(r)
-        await call.write(
-            pb.AgentMessage(batch=pb.ResultBatch(batch_id=1, results=[r], signatures=[forged]))
-        )
+        forged = signed(signer(other, urls={url_id: URL}), [result(url_id, 1)])
+        await call.write(pb.AgentMessage(batch=forged))
         assert (await refused(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
         assert stored(collector) == 0
 
-    async def test_missing_signatures_are_refused(
+    async def test_missing_signature_is_refused(
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
-        """An agent that said hello with a key must sign every result."""
+        """An agent that said hello with a key must sign every batch."""
         url_id = await submit(channel)
         key = AgentKey(Ed25519PrivateKey.generate())
         call = await hello(channel, key.public_key)
@@ -207,7 +206,20 @@ class TestStream:
         )
         error = await refused(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "1 results and 0 signatures" in (error.details() or "")
+        assert "batch 1 has no signature" in (error.details() or "")
+        assert stored(collector) == 0
+
+    async def test_missing_url_hash_is_refused(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """A signed batch must give each result its URL hash (the tree is built from it)."""
+        url_id, call, s = await signed_stream(channel)
+        batch = signed(s, [result(url_id, 1), result(url_id, 2)])
+        batch.results[1].url_sha256 = b""
+        await call.write(pb.AgentMessage(batch=batch))
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "result seq 2 has no url_sha256" in (error.details() or "")
         assert stored(collector) == 0
 
     async def test_pinned_key_cannot_change_or_vanish(
@@ -225,22 +237,45 @@ class TestStream:
             assert "pinned public key" in (error.details() or "")
         assert leaf_kinds(collector).count("agent_key") == 1
 
-    async def test_unassigned_result_is_dropped_not_fatal(
+    async def test_unassigned_or_misnamed_result_is_refused_alone(
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
-        """A result the agent could not sign (its URL left its assignment) is rejected alone."""
+        """In a validly signed batch, a result of a URL never reported, and one whose URL
+        hash names another URL than its id, are each refused alone; the rest is stored."""
         url_id, call, s = await signed_stream(channel)
-        results = [result(url_id, 1), result(url_id, 2)]
-        await call.write(
-            pb.AgentMessage(
-                batch=pb.ResultBatch(
-                    batch_id=1, results=results, signatures=[s.signature(results[0]), b""]
-                )
-            )
-        )
-        ack = await first_of(call, "ack")
-        assert (ack.ack.stored, ack.ack.rejected) == (1, 1)
+        good = signed(s, [result(url_id, 1)])
+        unknown = signer(s.key, urls={url_id: URL, 999_999: "http://never.example/x"})
+        batch = signed(unknown, [result(url_id, 2), result(999_999, 3)], batch_id=2)
+        misnamed = signer(s.key, urls={url_id: "http://another.example/page"})
+        wrong = signed(misnamed, [result(url_id, 4), result(url_id, 5)], batch_id=3)
+        for b in (good, batch, wrong):
+            await call.write(pb.AgentMessage(batch=b))
+        acks = [(await first_of(call, "ack")).ack for _ in range(3)]
+        assert [(a.stored, a.rejected) for a in acks] == [(1, 0), (1, 1), (0, 2)]
         call.cancel()
+        assert stored(collector) == 2
+
+    async def test_agent_without_a_key_is_logged_unsigned(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """An agent without a key: its results are stored and logged in an unsigned batch the
+        collector built over the URLs it knows; a result of an unknown URL id is refused."""
+        url_id = await submit(channel)
+        call = await hello(channel, b"", name="keyless")
+        batch = pb.ResultBatch(batch_id=1, results=[result(url_id, 1), result(999_999, 2)])
+        await call.write(pb.AgentMessage(batch=batch))
+        ack = (await first_of(call, "ack")).ack
+        assert (ack.stored, ack.rejected) == (1, 1)
+        call.cancel()
+        conn = connect_readonly(collector.config.db)
+        try:
+            rows = conn.execute("SELECT kind, leaf FROM log_leaves ORDER BY idx").fetchall()
+        finally:
+            conn.close()
+        assert [k for k, _ in rows] == ["notice", "batch", "observation"]
+        leaf = json.loads(bytes(rows[1][1]))
+        assert (leaf["agent"], leaf["size"], leaf["signature"]) == ("keyless", 1, "")
+        assert json.loads(bytes(rows[2][1]))["observation"]["url_sha256"] == url_sha256(URL).hex()
 
     async def test_registered_key_is_required_at_first_hello(
         self, tmp_path: Path, channel: grpc.aio.Channel, collector: Collector
@@ -279,9 +314,7 @@ class TestDeadlines:
             hello = pb.Hello(agent=name, network=name, version="t", public_key=key.public_key)
             await call.write(pb.AgentMessage(hello=hello))
             s = ResultSigner(key, name, name, {url_id: URL}.get)
-            results = [result(url_id, n) for n in (1, 2)]
-            signed = [s.signature(r) for r in results]
-            batch = pb.ResultBatch(batch_id=1, results=results, signatures=signed)
+            batch = signed(s, [result(url_id, n) for n in (1, 2)])
             await call.write(pb.AgentMessage(batch=batch))
             await first_of(call, "ack")
             call.cancel()
@@ -429,8 +462,14 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
         rows[a], rows[b] = rows[b], rows[a]
 
     def swapped(rows: list[dict[str, Any]], _: Path) -> None:
-        a, b = rows[observed[0]]["leaf"], rows[observed[1]]["leaf"]
+        a, b = [r["leaf"] for r in rows if r["leaf"]["leaf"] == "batch" and
+                r["leaf"]["agent"] == "agent-1"][:2]  # fmt: skip
         a["signature"], b["signature"] = b["signature"], a["signature"]
+
+    def moved(rows: list[dict[str, Any]], _: Path) -> None:
+        mine = [i for i in observed if rows[i]["leaf"]["observation"]["agent"] == "agent-1"]
+        later = rows[mine[-1]]["leaf"]
+        later["batch"], later["batch_index"] = rows[mine[0]]["leaf"]["batch"], 0
 
     def other_key(rows: list[dict[str, Any]], _: Path) -> None:
         keys = [r["leaf"] for r in rows if r["leaf"]["leaf"] == "agent_key"]
@@ -448,6 +487,7 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
     assert {"chain", "basis"} <= tampered("dropped-basis", dropped_basis)
     assert "order" in tampered("reordered", reordered)
     assert "signature" in tampered("swapped", swapped)
+    assert "signature" in tampered("moved", moved)
     assert "signature" in tampered("key", other_key)
     assert "checkpoint" in tampered("checkpoint", checkpoint)
 
@@ -458,7 +498,7 @@ from pathlib import Path
 from collector.signatures import Signatures
 s = Signatures(Path(sys.argv[1]), workers=1)
 async def main():
-    await s.first_bad(bytes(32), [], [])
+    await s.check(bytes(32), "a", "n", [], b"")
     print(" ".join(str(p) for p in s._pool._processes), flush=True)  # type: ignore[union-attr]
     await asyncio.Event().wait()  # until the test kills it
 asyncio.run(main())

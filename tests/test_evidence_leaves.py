@@ -27,6 +27,7 @@ from collector.evidence.errors import MalformedLeaf
 from collector.evidence.leaves import (
     AgentKeyLeaf,
     Attribution,
+    BatchLeaf,
     Leaf,
     NoticeLeaf,
     Observation,
@@ -34,13 +35,16 @@ from collector.evidence.leaves import (
     ReferenceForm,
     VerdictEvent,
     VerdictLeaf,
+    batch_signing_bytes,
     canonical,
     decode_leaf,
     encode_leaf,
+    encode_observation_leaf,
     observation_signing_bytes,
     url_sha256,
 )
-from collector.evidence.wire import observation_of
+from collector.evidence.merkle import leaf_hash, root_of
+from collector.evidence.wire import batch_tree, observation_of
 from protos.takedown.v1 import takedown_pb2 as pb
 
 URL = "http://hoster.example/some/reported/path?id=42"
@@ -86,20 +90,42 @@ class TestSigningBytes:
         )
         assert (obs.error, obs.tls, obs.final_url_sha256) == ("dns_nxdomain", "tls_check_99", b"")
 
+    def test_batch_known_answer(self) -> None:
+        """What an agent signs for a batch: JCS of its type, agent, network, size and root."""
+        root = bytes(range(32))
+        assert batch_signing_bytes("agent-a", "nl-ams-isp1", 500, root) == (
+            b'{"agent":"agent-a","network":"nl-ams-isp1","root":"' + root.hex().encode()
+            + b'","size":500,"type":"takedown-monitor/result-batch/v1"}'
+        )  # fmt: skip
+
     def test_signature_binds_every_field(self) -> None:
-        """An agent's signature verifies over the bytes, and not once any field changes."""
+        """A batch signature verifies over its root, and not once any observation's field
+        changes (the root changes with it)."""
         key = AgentKey(Ed25519PrivateKey.generate())
-        signature = key.sign(observation_signing_bytes(OBSERVATION))
+        other = replace(OBSERVATION, seq=18, status=404)
+
+        def signed(observations: list[Observation]) -> bytes:
+            root = root_of([leaf_hash(observation_signing_bytes(o)) for o in observations])
+            return batch_signing_bytes("agent-a", "nl-ams-isp1", len(observations), root)
+
+        signature = key.sign(signed([OBSERVATION, other]))
         public = Ed25519PublicKey.from_public_bytes(key.public_key)
-        public.verify(signature, observation_signing_bytes(OBSERVATION))
+        public.verify(signature, signed([OBSERVATION, other]))
         for field, value in [("status", 404), ("started_at_us", 1), ("agent", "agent-b")]:
             changed = replace(OBSERVATION, **{field: value})
             with pytest.raises(InvalidSignature):
-                public.verify(signature, observation_signing_bytes(changed))
+                public.verify(signature, signed([changed, other]))
+        with pytest.raises(InvalidSignature):  # reordered, or one left out
+            public.verify(signature, signed([other, OBSERVATION]))
+        with pytest.raises(InvalidSignature):
+            public.verify(signature, signed([OBSERVATION]))
 
 
 def observation_leaf(obs: Observation = OBSERVATION, prev: int = -1) -> ObservationLeaf:
-    return ObservationLeaf(obs, bytes(64), Attribution("Hoster A", 64500, False), 5, prev)
+    return ObservationLeaf(obs, 4, 0, Attribution("Hoster A", 64500, False), 5, prev)
+
+
+BATCH_LEAF = BatchLeaf("agent-a", "nl-ams-isp1", 3, bytes(range(32)), bytes(64), 11)
 
 
 NOTICE = NoticeLeaf(
@@ -122,7 +148,9 @@ observations = st.builds(
 )  # fmt: skip
 leaves: st.SearchStrategy[Leaf] = st.one_of(
     st.builds(AgentKeyLeaf, texts, texts, hashes, small),
-    st.builds(ObservationLeaf, observations, st.binary(max_size=64),
+    st.builds(BatchLeaf, texts, texts, st.integers(1, 2**20), hashes, st.binary(max_size=64),
+              small),
+    st.builds(ObservationLeaf, observations, small, small,
               st.builds(Attribution, texts, small, st.booleans()), small,
               st.integers(-1, 2**40)),
     st.builds(NoticeLeaf, hashes, small, small, small, small, texts,
@@ -161,6 +189,25 @@ class TestCanonical:
         """Every leaf's bytes are exactly what a general JCS encoder makes of it."""
         assert encode_leaf(leaf) == rfc8785.dumps(leaf.to_json())
 
+    @given(leaves.filter(lambda leaf: isinstance(leaf, ObservationLeaf)))
+    def test_spliced_observation_leaf(self, leaf: Leaf) -> None:
+        """The collector's observation leaf, spliced around the bytes its batch tree already
+        made, is byte for byte the canonical encoding of the leaf."""
+        assert isinstance(leaf, ObservationLeaf)
+        try:
+            expected = rfc8785.dumps(leaf.to_json())
+        except UnicodeEncodeError:
+            with pytest.raises(MalformedLeaf):
+                encode_observation_leaf(
+                    b"{}", leaf.batch, leaf.batch_index, leaf.attribution, 0, -1
+                )
+            return
+        spliced = encode_observation_leaf(
+            observation_signing_bytes(leaf.observation), leaf.batch, leaf.batch_index,
+            leaf.attribution, leaf.received_at_us, leaf.url_prev,
+        )  # fmt: skip
+        assert spliced == expected
+
     @pytest.mark.parametrize(
         "value",
         [{"n": 2**53}, {"n": -(2**53)}, {"f": 1.5}, {"kéy": 1}, {"k": None}, {"k": b"x"}],
@@ -177,7 +224,7 @@ class TestLeaves:
         """Every leaf decodes from its canonical bytes to itself."""
         assert decode_leaf(encode_leaf(leaf)) == leaf
 
-    @pytest.mark.parametrize("leaf", [observation_leaf(), NOTICE, VERDICT, KEY_LEAF])
+    @pytest.mark.parametrize("leaf", [observation_leaf(), NOTICE, VERDICT, KEY_LEAF, BATCH_LEAF])
     def test_no_url_text(self, leaf: Leaf) -> None:
         """A leaf holds the URL only as its SHA-256: no part of the URL text appears."""
         data = encode_leaf(leaf)
@@ -190,7 +237,7 @@ class TestLeaves:
         assert NOTICE.reference == hashlib.sha256(b"HOTLINE-2024-0001").hexdigest()
         assert NoticeLeaf.hashing_reference("") == ("", ReferenceForm.NONE)
 
-    @pytest.mark.parametrize("leaf", [observation_leaf(), NOTICE, VERDICT, KEY_LEAF])
+    @pytest.mark.parametrize("leaf", [observation_leaf(), NOTICE, VERDICT, KEY_LEAF, BATCH_LEAF])
     def test_non_canonical_refused(self, leaf: Leaf) -> None:
         """The same JSON with spaces or keys in another order is not a leaf."""
         value = json.loads(encode_leaf(leaf))
@@ -207,12 +254,12 @@ class TestLeaves:
             (lambda v: v.update(extra=1), "unknown"),
             (lambda v: v.update(asn="64500"), "asn is not an integer"),
             (lambda v: v.update(asn=True), "asn is not an integer"),
-            (lambda v: v.update(v=2), "version"),
+            (lambda v: v.update(v=1), "version 1 is not 2"),
             (lambda v: v["observation"].update(status=-1), "status"),
             (lambda v: v["observation"].update(body_sha256="AB" * 32), "body_sha256"),
             (lambda v: v["observation"].update(body_sha256="ab"), "body_sha256"),
             (lambda v: v["observation"].update(type="x"), "type"),
-            (lambda v: v.update(signature="***"), "base64"),
+            (lambda v: v.update(batch=-1), "batch is not an integer"),
             (lambda v: v.update(leaf="photo"), "not a leaf"),
         ],
     )
@@ -221,6 +268,13 @@ class TestLeaves:
         value = json.loads(encode_leaf(observation_leaf()))
         change(value)
         with pytest.raises(MalformedLeaf, match=message):
+            decode_leaf(canonical(value))
+
+    def test_bad_batch_signature_encoding(self) -> None:
+        """A batch leaf whose signature is not base64 is refused, naming the field."""
+        value = json.loads(encode_leaf(BATCH_LEAF))
+        value["signature"] = "***"
+        with pytest.raises(MalformedLeaf, match=r"batch\.signature is not base64"):
             decode_leaf(canonical(value))
 
     def test_bad_verdict_fields(self) -> None:
@@ -301,8 +355,9 @@ class TestAgentKey:
 
 
 class TestSignedBatches:
-    def test_each_result_signed_as_the_collector_will_check(self) -> None:
-        """`encode` with a signer adds one signature per result, valid over the received bytes."""
+    def test_one_signature_per_batch_as_the_collector_will_check(self) -> None:
+        """`encode` with a signer gives each result its URL hash and signs the batch once,
+        valid over the tree the collector rebuilds from the received bytes."""
         key = AgentKey(Ed25519PrivateKey.generate())
         urls = {1: URL, 2: "http://other.example/x"}
         signer = ResultSigner(key, "agent-a", "nl-ams-isp1", urls.get)
@@ -312,10 +367,19 @@ class TestSignedBatches:
             ProbeResult(3, 1_700_000_002.0, 0.1, 404, seq=12),
         ))  # fmt: skip
         sent = pb.AgentMessage.FromString(encode(batch, 1.0, signer).SerializeToString()).batch
-        assert len(sent.signatures) == 3
+        # URL 3 is no longer assigned: no hash to sign it with, and the collector would drop it.
+        assert [r.seq for r in sent.results] == [10, 11]
+        assert [r.url_sha256 for r in sent.results] == [url_sha256(URL), url_sha256(urls[2])]
+        tree = batch_tree("agent-a", "nl-ams-isp1", sent.results)
+        expected = [
+            observation_signing_bytes(observation_of("agent-a", "nl-ams-isp1",
+                                                     url_sha256(urls[r.url_id]), r))
+            for r in sent.results
+        ]  # fmt: skip
+        assert tree.data == expected
         public = Ed25519PublicKey.from_public_bytes(key.public_key)
-        for result, signature in zip(sent.results[:2], sent.signatures[:2], strict=True):
-            obs = observation_of("agent-a", "nl-ams-isp1", url_sha256(urls[result.url_id]), result)
-            public.verify(signature, observation_signing_bytes(obs))
-        assert sent.signatures[2] == b""  # URL 3 is not assigned: no hash to sign
-        assert encode(batch, 1.0).batch.signatures == []
+        public.verify(
+            sent.batch_signature, batch_signing_bytes("agent-a", "nl-ams-isp1", 2, tree.root)
+        )
+        unsigned = encode(batch, 1.0).batch
+        assert unsigned.batch_signature == b"" and len(unsigned.results) == 3

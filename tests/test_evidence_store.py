@@ -9,9 +9,9 @@ import pytest
 
 from collector.evidence.bundle import read_bundle
 from collector.evidence.checkpoint import Checkpoint, sign_checkpoint
-from collector.evidence.leaves import AgentKeyLeaf, url_sha256
+from collector.evidence.leaves import AgentKeyLeaf, BatchLeaf, url_sha256
 from collector.evidence.verify import verify_bundle
-from collector.store.evidence import SCHEMA, EvidenceLog
+from collector.store.evidence import BATCHES, SCHEMA, EvidenceLog
 from tests.test_evidence_bundle import LOG, OTHER_URL, URL, scenario
 
 URL_IDS = {url_sha256(URL): 1, url_sha256(OTHER_URL): 2}
@@ -21,11 +21,14 @@ def filled() -> tuple[sqlite3.Connection, EvidenceLog, bytes]:
     """A database holding the bundle tests' scenario, leaf by leaf; and its in-memory root."""
     s, _, _ = scenario()
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.executescript(SCHEMA)
+    conn.executescript(SCHEMA + BATCHES)
     log = EvidenceLog(conn, LOG)
     conn.execute("BEGIN")
     for index in sorted(s.leaves):
         leaf = s.leaves[index]
+        if isinstance(leaf, BatchLeaf):
+            assert log.batch(leaf, b"".join(s.batches[index])) == index
+            continue
         url_id = None if isinstance(leaf, AgentKeyLeaf) else URL_IDS[leaf.url_sha256]
         assert url_id is None or log.head(url_id) == getattr(leaf, "url_prev", None)
         assert log.append(leaf, url_id) == index
@@ -70,7 +73,7 @@ class TestEvidenceLog:
         log.export([1], [url_sha256(URL)], tmp_path / "b", older_sizes=[7])
         report = verify_bundle(read_bundle(tmp_path / "b"), LOG.verifier())
         assert report.problems == []
-        assert (report.entries, report.urls, report.older_checkpoints) == (10, 1, 1)
+        assert (report.entries, report.urls, report.older_checkpoints) == (16, 1, 1)
 
     def test_export_needs_a_checkpoint(self, tmp_path: Path) -> None:
         """Exporting before any checkpoint was signed is refused."""

@@ -6,6 +6,7 @@ A bundle is a directory of plain files (docs/EVIDENCE.md specifies them):
     log.vkey                  the log's verifier key (compare it with the published one)
     checkpoint.txt            the log's signed checkpoint every proof leads to
     entries.jsonl             one leaf a line, in log order, with its inclusion proof
+                              (and, for an observation, its proof inside its batch)
     older-checkpoints.jsonl   earlier signed checkpoints with consistency proofs to it
 
 `build_bundle` is pure: it takes the leaves (with their log indices), the log
@@ -18,19 +19,19 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from collector.evidence.checkpoint import Checkpoint
 from collector.evidence.errors import MalformedBundle
-from collector.evidence.leaves import Leaf, encode_leaf
+from collector.evidence.leaves import Leaf, ObservationLeaf, encode_leaf, observation_signing_bytes
 from collector.evidence.log import MerkleLog
-from collector.evidence.merkle import leaf_hash
+from collector.evidence.merkle import inclusion_path, leaf_hash
 from collector.evidence.note import NoteVerifier, parse_note
 
-FORMAT = "takedown-monitor/evidence-bundle/v1"
+FORMAT = "takedown-monitor/evidence-bundle/v2"
 MANIFEST = "bundle.json"
 LOG_KEY = "log.vkey"
 CHECKPOINT = "checkpoint.txt"
@@ -68,12 +69,16 @@ def build_bundle(
     *,
     urls: Sequence[bytes],
     older: Sequence[str] = (),
+    batches: Mapping[int, Sequence[bytes]] | None = None,
 ) -> Bundle:
     """The bundle of `entries` (log index, leaf) with proofs against `checkpoint`.
 
     Each leaf must be the one the log holds at its index and below the
     checkpoint's size; `older` are earlier signed checkpoints of the same log.
+    `batches` holds, for the batch leaf of each observation among the entries, its
+    tree's leaf hashes (an observation's proof inside its batch is made from them).
     """
+    batches = batches or {}
     size = checkpoint_size(checkpoint)
     rows: list[Any] = []
     for index, leaf in sorted(entries, key=lambda e: e[0]):
@@ -82,7 +87,10 @@ def build_bundle(
         if log.leaf(index) != leaf_hash(encode_leaf(leaf)):
             raise ValueError(f"the log holds another leaf at index {index}")
         proof = [_b64(p) for p in log.inclusion_proof(index, size)]
-        rows.append({"index": index, "leaf": leaf.to_json(), "inclusion_proof": proof})
+        row = {"index": index, "leaf": leaf.to_json(), "inclusion_proof": proof}
+        if isinstance(leaf, ObservationLeaf):
+            row["batch_proof"] = _batch_proof(leaf, batches.get(leaf.batch))
+        rows.append(row)
     older_rows: list[Any] = []
     for note in older:
         old_size = checkpoint_size(note)
@@ -94,6 +102,17 @@ def build_bundle(
         "urls": sorted(u.hex() for u in urls),
     }
     return Bundle(manifest, str(log_key) + "\n", checkpoint, rows, older_rows)
+
+
+def _batch_proof(leaf: ObservationLeaf, hashes: Sequence[bytes] | None) -> list[str]:
+    """The observation's inclusion proof in its batch's tree."""
+    o = leaf.observation
+    if hashes is None:
+        raise ValueError(f"no tree given for batch {leaf.batch} (seq {o.seq} of {o.agent})")
+    index = leaf.batch_index
+    if index >= len(hashes) or hashes[index] != leaf_hash(observation_signing_bytes(o)):
+        raise ValueError(f"batch {leaf.batch} holds another observation at {index}")
+    return [_b64(p) for p in inclusion_path(index, hashes)]
 
 
 def _jsonl(rows: Iterable[Any]) -> str:

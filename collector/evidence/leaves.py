@@ -8,13 +8,17 @@ hex (empty when absent), signatures and keys standard base64, times integer
 microseconds since the Unix epoch (0 = not known). A URL is only ever present
 as the SHA-256 of its UTF-8 text: never the URL, never a body byte.
 
-Four kinds, told apart by `"leaf"`:
+Five kinds, told apart by `"leaf"`:
 
 - `agent_key`: an agent's Ed25519 public key, logged before its first
   observation, so a bundle can only use keys the log committed to in time;
+- `batch`: one result batch as its agent signed it: the root of a Merkle tree
+  over its observations (`batch_signing_bytes`) and the agent's signature, so
+  one Ed25519 signature covers a whole batch;
 - `observation`: what one agent saw of one URL once; `observation` is exactly
-  the object the agent signed (`observation_signing_bytes`), and the leaf adds
-  the agent's signature and what the collector derived (attribution, arrival);
+  the object the agent hashed into its batch tree (`observation_signing_bytes`),
+  and the leaf adds where it sits in which batch and what the collector
+  derived (attribution, arrival);
 - `notice`: a report's clocks (received, notified, binding order);
 - `verdict`: removal confirmed, reappearance, deadline passed, with the
   method version that decided it and the observations it rests on.
@@ -37,8 +41,9 @@ from typing import Any, TypeAlias
 
 from collector.evidence.errors import MalformedLeaf
 
-VERSION = 1
+VERSION = 2
 OBSERVATION_TYPE = "takedown-monitor/observation/v1"
+BATCH_TYPE = "takedown-monitor/result-batch/v1"
 
 
 class VerdictEvent(enum.StrEnum):
@@ -255,8 +260,15 @@ class Observation:
 
 
 def observation_signing_bytes(observation: Observation) -> bytes:
-    """The bytes an agent signs for one result and the collector and a verifier check."""
+    """The bytes of one result that its agent hashes into its batch tree (a leaf of it)."""
     return canonical(observation.to_json())
+
+
+def batch_signing_bytes(agent: str, network: str, size: int, root: bytes) -> bytes:
+    """What an agent signs for one batch: the RFC 6962 root over its observations' bytes."""
+    return canonical(
+        {"type": BATCH_TYPE, "agent": agent, "network": network, "size": size, "root": root.hex()}
+    )
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,44 @@ class AgentKeyLeaf:
 
 
 @dataclass(frozen=True)
+class BatchLeaf:
+    """A batch as its agent signed it: `size` observations under `root`, and the signature."""
+
+    agent: str
+    network: str
+    size: int
+    root: bytes  # RFC 6962 root over the leaf hashes of the observations' signing bytes
+    signature: bytes  # the agent's Ed25519 signature over batch_signing_bytes; empty if unsigned
+    received_at_us: int
+
+    def signing_bytes(self) -> bytes:
+        return batch_signing_bytes(self.agent, self.network, self.size, self.root)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "leaf": "batch",
+            "v": VERSION,
+            "agent": self.agent,
+            "network": self.network,
+            "size": self.size,
+            "root": self.root.hex(),
+            "signature": _b64(self.signature),
+            "received_at_us": self.received_at_us,
+        }
+
+    @classmethod
+    def _from(cls, r: _Reader) -> BatchLeaf:
+        return cls(
+            r.text("agent"),
+            r.text("network"),
+            r.integer("size", low=1),
+            r.digest("root"),
+            r.blob("signature"),
+            r.integer("received_at_us"),
+        )
+
+
+@dataclass(frozen=True)
 class Attribution:
     """Who hosted the address the agent connected to, as the collector attributed it."""
 
@@ -297,10 +347,12 @@ class Attribution:
 
 @dataclass(frozen=True)
 class ObservationLeaf:
-    """A signed observation as stored: the agent's part and the collector's."""
+    """An observation as stored: the agent's part, its place in a signed batch, the
+    collector's part."""
 
     observation: Observation
-    signature: bytes  # the agent's Ed25519 signature over the observation; empty if unsigned
+    batch: int  # the log index of the batch leaf whose tree holds the observation
+    batch_index: int  # its position in that batch
     attribution: Attribution
     received_at_us: int  # collector clock when stored
     url_prev: int
@@ -314,7 +366,8 @@ class ObservationLeaf:
             "leaf": "observation",
             "v": VERSION,
             "observation": self.observation.to_json(),
-            "signature": _b64(self.signature),
+            "batch": self.batch,
+            "batch_index": self.batch_index,
             "provider": self.attribution.provider,
             "asn": self.attribution.asn,
             "cdn": self.attribution.cdn,
@@ -326,7 +379,8 @@ class ObservationLeaf:
     def _from(cls, r: _Reader) -> ObservationLeaf:
         return cls(
             Observation.from_json(r.value["observation"]),
-            r.blob("signature"),
+            r.integer("batch"),
+            r.integer("batch_index"),
             Attribution(r.text("provider"), r.integer("asn"), r.flag("cdn")),
             r.integer("received_at_us"),
             r.integer("url_prev", low=-1),
@@ -440,14 +494,15 @@ class VerdictLeaf:
         )
 
 
-Leaf: TypeAlias = AgentKeyLeaf | ObservationLeaf | NoticeLeaf | VerdictLeaf
+Leaf: TypeAlias = AgentKeyLeaf | BatchLeaf | ObservationLeaf | NoticeLeaf | VerdictLeaf
 UrlLeaf: TypeAlias = ObservationLeaf | NoticeLeaf | VerdictLeaf
 
 _KINDS: dict[str, tuple[type[Leaf], frozenset[str]]] = {
     "agent_key": (AgentKeyLeaf, frozenset(AgentKeyLeaf(".", "", bytes(32), 0).to_json())),
+    "batch": (BatchLeaf, frozenset(BatchLeaf("", "", 1, bytes(32), b"", 0).to_json())),
     "observation": (ObservationLeaf, frozenset(
-        {"leaf", "v", "observation", "signature", "provider", "asn", "cdn", "received_at_us",
-         "url_prev"}
+        {"leaf", "v", "observation", "batch", "batch_index", "provider", "asn", "cdn",
+         "received_at_us", "url_prev"}
     )),
     "notice": (NoticeLeaf, frozenset(
         NoticeLeaf(bytes(32), 0, 0, 0, 0, "", ReferenceForm.NONE, b"", 0, -1).to_json()
@@ -461,6 +516,42 @@ _KINDS: dict[str, tuple[type[Leaf], frozenset[str]]] = {
 def encode_leaf(leaf: Leaf) -> bytes:
     """The canonical bytes of a leaf: what the log hashes (`merkle.leaf_hash`)."""
     return canonical(leaf.to_json())
+
+
+def _json_text(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode("utf-8")
+
+
+def encode_observation_leaf(
+    observation_bytes: bytes,
+    batch: int,
+    batch_index: int,
+    attribution: Attribution,
+    received_at_us: int,
+    url_prev: int,
+) -> bytes:
+    """`encode_leaf` of the ObservationLeaf of these parts, given the observation's signing
+    bytes already made for its batch tree.
+
+    The collector makes those bytes once per result to check the batch; splicing them into
+    the leaf instead of encoding the observation again halves the log's encoding cost. The
+    keys are written in their sorted order; tests hold this to `encode_leaf`.
+    """
+    a = attribution
+    for value in (batch, batch_index, a.asn, received_at_us, url_prev):
+        if type(value) is not int or not -_SAFE_INT <= value <= _SAFE_INT:
+            raise MalformedLeaf(f"{value!r} is not an integer JSON keeps exactly")
+    try:
+        provider = _json_text(a.provider)
+    except UnicodeEncodeError as exc:
+        raise MalformedLeaf("a string is not valid Unicode (a lone surrogate)") from exc
+    return b"".join((
+        b'{"asn":%d,"batch":%d,"batch_index":%d,"cdn":%s,"leaf":"observation","observation":'
+        % (a.asn, batch, batch_index, b"true" if a.cdn else b"false"),
+        observation_bytes,
+        b',"provider":', provider,
+        b',"received_at_us":%d,"url_prev":%d,"v":%d}' % (received_at_us, url_prev, VERSION),
+    ))  # fmt: skip
 
 
 def leaf_from_json(value: object) -> Leaf:

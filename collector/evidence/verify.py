@@ -4,8 +4,10 @@ Theory of operation. Trust flows from one key. The log's key must have signed
 the checkpoint; every entry must be included under that checkpoint's root at
 the index it claims; so every leaf is exactly what the log committed to. An
 agent's key counts only if an `agent_key` leaf committed it before the
-observation, and every observation must carry a valid signature by it, so
-the collector could not have made or changed it. Completeness comes from the
+batch; every observation must be proven inside the tree of a `batch` leaf of
+its agent (its `batch_proof`), and that batch must carry a valid signature by
+the key over the tree's root, so the collector could not have made or changed
+an observation. Completeness comes from the
 per-URL chain: each leaf about a URL names the index of the previous one
 (`url_prev`), so the bundle must hold every leaf about its URLs from the first
 up to its last, in order; and a verdict's basis must all be there. Earlier
@@ -30,6 +32,7 @@ from collector.evidence.checkpoint import Checkpoint, open_checkpoint
 from collector.evidence.errors import EvidenceError
 from collector.evidence.leaves import (
     AgentKeyLeaf,
+    BatchLeaf,
     Leaf,
     ObservationLeaf,
     UrlLeaf,
@@ -93,6 +96,8 @@ def _describe(index: int, leaf: Leaf) -> str:
         return f"index {index} (observation by {o.agent} seq {o.seq})"
     if isinstance(leaf, AgentKeyLeaf):
         return f"index {index} (key of {leaf.agent})"
+    if isinstance(leaf, BatchLeaf):
+        return f"index {index} (batch of {leaf.agent}, {leaf.size} results)"
     kind = "notice" if not isinstance(leaf, VerdictLeaf) else f"verdict {leaf.event.value}"
     return f"index {index} ({kind})"
 
@@ -127,9 +132,10 @@ def _checkpoint(bundle: Bundle, key: NoteVerifier | None, report: Report) -> Che
 
 
 def _entries(
-    bundle: Bundle, checkpoint: Checkpoint | None, report: Report
+    bundle: Bundle, checkpoint: Checkpoint | None, report: Report, batch_proofs: dict[int, Any]
 ) -> list[tuple[int, Leaf]]:
-    """The entries whose leaves parse, checking log order and inclusion on the way."""
+    """The entries whose leaves parse, checking log order and inclusion on the way; each
+    observation's proof inside its batch goes into `batch_proofs` (by log index)."""
     leaves: list[tuple[int, Leaf]] = []
     last = -1
     for line, row in enumerate(bundle.entries, 1):
@@ -158,16 +164,44 @@ def _entries(
                     f"{where}, {_describe(index, leaf)}",
                     f"not in the log at this index under the checkpoint: {exc}",
                 )
+        if isinstance(leaf, ObservationLeaf):
+            batch_proofs[index] = row.get("batch_proof")
         leaves.append((index, leaf))
     report.entries = len(leaves)
     return leaves
 
 
-def _signatures(leaves: Sequence[tuple[int, Leaf]], report: Report) -> None:
+def _batches(
+    leaves: Sequence[tuple[int, Leaf]], report: Report
+) -> dict[int, tuple[BatchLeaf, str | None]]:
+    """Each batch leaf, with what is wrong with its signature (None: it verifies)."""
     keys: dict[str, list[tuple[int, AgentKeyLeaf]]] = defaultdict(list)
+    batches: dict[int, tuple[BatchLeaf, str | None]] = {}
     for index, leaf in leaves:
         if isinstance(leaf, AgentKeyLeaf):
             keys[leaf.agent].append((index, leaf))
+        elif isinstance(leaf, BatchLeaf):
+            earlier = [k for i, k in keys.get(leaf.agent, []) if i < index]
+            problem = None
+            if not earlier:
+                problem = f"no key of agent {leaf.agent!r} was logged before its batch"
+                report.fail("agent-key", _describe(index, leaf), problem)
+            elif not leaf.signature:
+                problem = "unsigned: the agent's word is missing"
+            elif not ed25519_verifies(earlier[-1].public_key, leaf.signing_bytes(), leaf.signature):
+                problem = (
+                    f"the batch's signature is not by the key logged for {leaf.agent!r}: the"
+                    " batch was changed after the agent signed it, or someone else signed it"
+                )
+                report.fail("signature", _describe(index, leaf), problem)
+            batches[index] = (leaf, problem)
+    return batches
+
+
+def _signatures(
+    leaves: Sequence[tuple[int, Leaf]], batch_proofs: dict[int, Any], report: Report
+) -> None:
+    batches = _batches(leaves, report)
     for index, leaf in leaves:
         if not isinstance(leaf, ObservationLeaf):
             continue
@@ -175,21 +209,32 @@ def _signatures(leaves: Sequence[tuple[int, Leaf]], report: Report) -> None:
         obs = leaf.observation
         report.agents.add(obs.agent)
         where = _describe(index, leaf)
-        earlier = [k for i, k in keys.get(obs.agent, []) if i < index]
-        if not earlier:
-            report.fail("agent-key", where, f"no key of agent {obs.agent!r} was logged before it")
+        found = batches.get(leaf.batch)
+        if found is None or leaf.batch >= index:
+            report.fail("batch", where, f"its batch leaf {leaf.batch} is not an earlier entry here")
             continue
-        if not leaf.signature:
-            report.fail("signature", where, "unsigned: the agent's word is missing")
+        batch, problem = found
+        if (batch.agent, batch.network) != (obs.agent, obs.network):
+            report.fail(
+                "batch", where, f"its batch {leaf.batch} is of {batch.agent!r}, not {obs.agent!r}"
+            )
             continue
-        key = earlier[-1].public_key
-        if not ed25519_verifies(key, observation_signing_bytes(obs), leaf.signature):
+        try:
+            proof = _hashes(batch_proofs.get(index), "batch_proof")
+            verify_inclusion(
+                leaf.batch_index, batch.size, leaf_hash(observation_signing_bytes(obs)), proof,
+                batch.root,
+            )  # fmt: skip
+        except EvidenceError as exc:
             report.fail(
                 "signature",
                 where,
-                f"not signed by the key logged for {obs.agent!r}: the observation was "
-                "changed after the agent signed it, or someone else signed it",
+                f"not what its agent signed in batch {leaf.batch} (the observation was changed"
+                f" after the agent signed it, or is not in that batch): {exc}",
             )
+            continue
+        if problem is not None and problem.startswith("unsigned"):
+            report.fail("signature", where, problem)
 
 
 def _chains(leaves: Sequence[tuple[int, Leaf]], manifest: Any, report: Report) -> None:
@@ -203,7 +248,7 @@ def _chains(leaves: Sequence[tuple[int, Leaf]], manifest: Any, report: Report) -
     report.urls = len(declared)
     by_url: dict[str, list[tuple[int, UrlLeaf]]] = defaultdict(list)
     for index, leaf in leaves:
-        if not isinstance(leaf, AgentKeyLeaf):
+        if not isinstance(leaf, (AgentKeyLeaf, BatchLeaf)):
             by_url[leaf_url(leaf).hex()].append((index, leaf))
     for url in sorted(by_url.keys() - declared):
         report.fail("scope", f"URL {url[:16]}…", "has leaves here but bundle.json does not list it")
@@ -278,8 +323,9 @@ def verify_bundle(bundle: Bundle, log_key: NoteVerifier | None = None) -> Report
     report = Report()
     key = _log_key(bundle, log_key, report)
     checkpoint = _checkpoint(bundle, key, report)
-    leaves = _entries(bundle, checkpoint, report)
-    _signatures(leaves, report)
+    batch_proofs: dict[int, Any] = {}
+    leaves = _entries(bundle, checkpoint, report, batch_proofs)
+    _signatures(leaves, batch_proofs, report)
     _chains(leaves, bundle.manifest, report)
     _older(bundle, key, checkpoint, report)
     return report

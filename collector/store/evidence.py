@@ -7,7 +7,7 @@ memory; after a rolled-back transaction the caller calls `reload()`, which
 rebuilds it from what was committed. Checkpoints are signed here and kept,
 so that an export can prove any earlier one consistent with the latest.
 
-The tables (`SCHEMA`) are to be created by a migration in `schema.py`.
+The tables (`SCHEMA`, then `BATCHES`) are created by migrations in `schema.py`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,20 @@ from pathlib import Path
 from collector.evidence.bundle import build_bundle, write_bundle
 from collector.evidence.checkpoint import Checkpoint, sign_checkpoint
 from collector.evidence.errors import EvidenceError
-from collector.evidence.leaves import Leaf, decode_leaf, encode_leaf, url_sha256
+from collector.evidence.leaves import (
+    Attribution,
+    BatchLeaf,
+    Leaf,
+    ObservationLeaf,
+    decode_leaf,
+    encode_leaf,
+    encode_observation_leaf,
+    url_sha256,
+)
 from collector.evidence.log import MerkleLog
 from collector.evidence.merkle import leaf_hash
 from collector.evidence.note import NoteSigner, NoteVerifier
+from collector.evidence.wire import split_hashes
 
 SCHEMA = """
 CREATE TABLE log_leaves (
@@ -45,6 +55,16 @@ CREATE TABLE log_checkpoints (
     signed_at REAL NOT NULL
 );
 """
+
+BATCHES = """
+CREATE TABLE log_batches (
+    idx INTEGER PRIMARY KEY,  -- the batch leaf
+    hashes BLOB NOT NULL  -- its tree's leaf hashes, 32 bytes each, for proofs inside it
+);
+"""
+
+# Distinct batches, and URLs' latest leaves, kept in memory between appends.
+KEPT = 100_000
 
 
 class SqliteNodes:
@@ -74,6 +94,8 @@ class EvidenceLog:
         self.conn = conn
         self.signer = signer
         self.tree = self._open()
+        self._heads: dict[int, int] = {}  # url_id: its latest leaf
+        self._batches: dict[tuple[bytes, bytes], int] = {}  # (root, signature): batch leaf
 
     def _open(self) -> MerkleLog:
         (size,) = self.conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()
@@ -82,23 +104,66 @@ class EvidenceLog:
     def reload(self) -> None:
         """Forget appends a rolled-back transaction made; call after a rollback."""
         self.tree = self._open()
+        self._heads.clear()
+        self._batches.clear()
 
     def head(self, url_id: int) -> int:
         """The index of the URL's latest leaf (its next leaf's `url_prev`), -1 if none."""
-        (last,) = self.conn.execute(
-            "SELECT MAX(idx) FROM log_leaves WHERE url_id = ?", (url_id,)
-        ).fetchone()
-        return -1 if last is None else int(last)
+        last = self._heads.get(url_id)
+        if last is None:
+            (found,) = self.conn.execute(
+                "SELECT MAX(idx) FROM log_leaves WHERE url_id = ?", (url_id,)
+            ).fetchone()
+            last = -1 if found is None else int(found)
+            self._keep_head(url_id, last)
+        return last
+
+    def _keep_head(self, url_id: int, index: int) -> None:
+        if len(self._heads) >= KEPT:
+            self._heads.clear()
+        self._heads[url_id] = index
 
     def append(self, leaf: Leaf, url_id: int | None = None) -> int:
         """Log one leaf in the caller's transaction; return its index."""
-        data = encode_leaf(leaf)
+        return self._append(encode_leaf(leaf), str(leaf.to_json()["leaf"]), url_id)
+
+    def _append(self, data: bytes, kind: str, url_id: int | None) -> int:
         index = self.tree.append(leaf_hash(data))
         self.conn.execute(
             "INSERT INTO log_leaves (idx, kind, url_id, leaf) VALUES (?, ?, ?, ?)",
-            (index, leaf.to_json()["leaf"], url_id, data),
+            (index, kind, url_id, data),
         )
+        if url_id is not None:
+            self._keep_head(url_id, index)
         return index
+
+    def batch(self, batch: BatchLeaf, hashes: bytes) -> int:
+        """The index of this batch's leaf, appended (with its tree's hashes) the first time."""
+        key = (batch.root, batch.signature)
+        index = self._batches.get(key)
+        if index is None:
+            if len(self._batches) >= KEPT:
+                self._batches.clear()
+            index = self._batches[key] = self.append(batch)
+            self.conn.execute(
+                "INSERT INTO log_batches (idx, hashes) VALUES (?, ?)", (index, hashes)
+            )
+        return index
+
+    def observation(
+        self,
+        data: bytes,
+        batch: int,
+        batch_index: int,
+        attribution: Attribution,
+        received_at_us: int,
+        url_id: int,
+    ) -> int:
+        """Log one observation, given its signing bytes and its place in a logged batch."""
+        leaf = encode_observation_leaf(
+            data, batch, batch_index, attribution, received_at_us, self.head(url_id)
+        )
+        return self._append(leaf, "observation", url_id)
 
     def checkpoint(self, now: float) -> str:
         """Sign and keep a checkpoint of the log as it is (the same one again if unchanged)."""
@@ -185,8 +250,24 @@ def export_bundle(
             [*older_sizes, size],
         )
     ]
+    wanted_batches = sorted(
+        {leaf.batch for _, leaf in entries if isinstance(leaf, ObservationLeaf)}
+    )
+    batches: dict[int, list[bytes]] = {}
+    for chunk in range(0, len(wanted_batches), 500):
+        some = wanted_batches[chunk : chunk + 500]
+        rows = conn.execute(
+            "SELECT b.idx, l.leaf, b.hashes FROM log_batches b JOIN log_leaves l ON l.idx = b.idx"
+            f" WHERE b.idx IN ({','.join('?' * len(some))})",
+            some,
+        ).fetchall()
+        for index, leaf_bytes, hashes in rows:
+            entries.append((int(index), decode_leaf(bytes(leaf_bytes))))
+            batches[int(index)] = split_hashes(bytes(hashes))
     tree = MerkleLog(SqliteNodes(conn), size=size)
-    bundle = build_bundle(tree, entries, note, verifier, urls=url_hashes, older=older)
+    bundle = build_bundle(
+        tree, entries, note, verifier, urls=url_hashes, older=older, batches=batches
+    )
     write_bundle(bundle, directory)
     return len(entries)
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from collector.evidence.leaves import Observation
-
 
 DEFAULT_FLUSH_EVERY = 5.0
 """Seconds between writes of the verdict states behind (`serve --flush-every`)."""
@@ -48,9 +43,31 @@ class ResultIn:
     redirects: int
     challenge: bool = False
     tls: int = 0  # TlsCheck: 0 unknown, 1 plaintext, 2 verified, 3 did not verify
-    # For the evidence log: the observation as the agent signed it, and its signature
-    # (empty from an agent without a key). None when the collector keeps no log.
-    evidence: tuple[Observation, bytes] | None = None
+    # For the evidence log: the observation as its agent hashed it into a batch it signed.
+    # None when the collector keeps no log.
+    evidence: Evidence | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedBatch:
+    """A result batch's tree as its agent signed it (its `batch` leaf, docs/EVIDENCE.md)."""
+
+    agent: str
+    network: str
+    size: int
+    root: bytes
+    signature: bytes  # empty: from an agent without a key (the collector built the tree)
+    hashes: bytes  # the tree's leaf hashes, 32 bytes each: what proofs inside it need
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One result's observation: its signing bytes, and where it sits in its signed batch."""
+
+    url_sha256: bytes
+    data: bytes  # the observation's canonical bytes (`observation_signing_bytes`)
+    batch: SignedBatch
+    index: int
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlite_utils.migrations import Migrations
 
+from collector.store.evidence import BATCHES as EVIDENCE_BATCHES
 from collector.store.evidence import SCHEMA as EVIDENCE_SCHEMA
 
 migrations = Migrations("takedown.collector")
@@ -282,3 +283,10 @@ def m010_result_leaves(db: Any) -> None:
     """Each stored result's observation leaf in the evidence log (NULL without a log key), so a
     verdict leaf can name the observations it rests on (its `basis`) by log index."""
     _run(db, "ALTER TABLE results ADD COLUMN leaf INTEGER")
+
+
+@migrations()
+def m011_signed_batches(db: Any) -> None:
+    """Evidence v2: agents sign each batch once, over a Merkle tree of its observations; the
+    tree's leaf hashes are kept beside the batch leaf, for the proofs an export gives."""
+    _run(db, EVIDENCE_BATCHES)

@@ -631,31 +631,34 @@ class Store:
     def _log_observations(
         self, accepted: Sequence[ResultIn], wheres: Sequence[Attribution | None], now: float
     ) -> list[int]:
-        """One observation leaf per stored result, in the order they are stored; their
-        indices."""
+        """One observation leaf per stored result, in the order they are stored, each after
+        its batch's leaf (logged once); their indices."""
         log = self.evidence
         assert log is not None
+        received = us(now)
         indices = []
         for r, where in zip(accepted, wheres, strict=True):
-            if r.evidence is None:
+            evidence = r.evidence
+            if evidence is None:
                 raise StoreError(
                     f"seq {r.seq}: the evidence log is on but the result came without its"
                     " observation"
                 )
-            observation, signature = r.evidence
-            if observation.url_sha256 != self.ledger.url_sha256(r.url_id):
+            if evidence.url_sha256 != self.ledger.url_sha256(r.url_id):
                 raise StoreError(f"seq {r.seq}: the observation is of another URL")
+            b = evidence.batch
+            batch = log.batch(
+                ev.BatchLeaf(b.agent, b.network, b.size, b.root, b.signature, received), b.hashes
+            )
             attribution = (
                 ev.Attribution(where.provider, where.asn or 0, where.cdn)
                 if where
                 else ev.Attribution("unattributed", 0, False)
             )
-            indices.append(log.append(
-                ev.ObservationLeaf(
-                    observation, signature, attribution, us(now), log.head(r.url_id),
-                ),
-                r.url_id,
-            ))  # fmt: skip
+            indices.append(
+                log.observation(evidence.data, batch, evidence.index, attribution, received,
+                                r.url_id)
+            )  # fmt: skip
         return indices
 
     def _attribute(self, peer_ip: str, origin_ip: str | None) -> Attribution | None:

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/takedown/v1/takedown.proto\x12\x0btakedown.v1\"f\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.takedown.v1.HelloH\x00\x12)\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.takedown.v1.ResultBatchH\x00\x42\x06\n\x04kind\"\x81\x01\n\x05Hello\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fsent_at_unix_us\x18\x04 \x01(\x03\x12\x1a\n\x12\x61ssignment_digests\x18\x05 \x03(\x06\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\"\x9e\x01\n\x10\x43ollectorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.takedown.v1.WelcomeH\x00\x12\x33\n\nassignment\x18\x02 \x01(\x0b\x32\x1d.takedown.v1.AssignmentUpdateH\x00\x12$\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x15.takedown.v1.BatchAckH\x00\x42\x06\n\x04kind\">\n\x07Welcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\x03\x12!\n\x19received_hello_at_unix_us\x18\x02 \x01(\x03\"}\n\x10\x41ssignmentUpdate\x12#\n\x06upsert\x18\x02 \x03(\x0b\x32\x13.takedown.v1.Target\x12\x0e\n\x06remove\x18\x03 \x03(\x03\x12\x17\n\x0freplace_buckets\x18\x05 \x03(\r\x12\x0f\n\x07in_sync\x18\x06 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05\":\n\x06Target\x12\x0e\n\x06url_id\x18\x01 \x01(\x03\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\"w\n\x0bResultBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.takedown.v1.ProbeResult\x12\x17\n\x0fsent_at_unix_us\x18\x03 \x01(\x03\x12\x12\n\nsignatures\x18\x04 \x03(\x0c\"\xbc\x02\n\x0bProbeResult\x12\x0e\n\x06url_id\x18\x01 \x01(\x03\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1a\n\x12started_at_unix_us\x18\x03 \x01(\x03\x12\x12\n\nelapsed_ms\x18\x04 \x01(\r\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x11\n\tfinal_url\x18\x06 \x01(\t\x12\x13\n\x0b\x62ody_sha256\x18\x07 \x01(\x0c\x12\x12\n\nbody_bytes\x18\x08 \x01(\x04\x12\x11\n\ttruncated\x18\t \x01(\x08\x12\x0f\n\x07peer_ip\x18\n \x01(\t\x12&\n\x05\x65rror\x18\x0b \x01(\x0e\x32\x17.takedown.v1.ErrorClass\x12\x11\n\tredirects\x18\x0c \x01(\r\x12\x11\n\tchallenge\x18\r \x01(\x08\x12\"\n\x03tls\x18\x0e \x01(\x0e\x32\x15.takedown.v1.TlsCheck\"m\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x19\n\x11stored_at_unix_us\x18\x04 \x01(\x03\x12\x10\n\x08rejected\x18\x05 \x01(\r\"\xc6\x01\n\x06Report\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x1b\n\x13notified_at_unix_us\x18\x03 \x01(\x03\x12\x1b\n\x13received_at_unix_us\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x1f\n\x17order_issued_at_unix_us\x18\x06 \x01(\x03\x12\x1e\n\x16order_deadline_seconds\x18\x07 \x01(\r\x12\x11\n\torigin_ip\x18\x08 \x01(\t\"5\n\rSubmitRequest\x12$\n\x07reports\x18\x01 \x03(\x0b\x32\x13.takedown.v1.Report\"l\n\rSubmitOutcome\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.takedown.v1.SubmitStatus\x12\x11\n\treport_id\x18\x02 \x01(\x03\x12\x0e\n\x06url_id\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\">\n\x0eSubmitResponse\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.takedown.v1.SubmitOutcome*\x93\x03\n\nErrorClass\x12\x14\n\x10\x45RROR_CLASS_NONE\x10\x00\x12\x1c\n\x18\x45RROR_CLASS_DNS_NXDOMAIN\x10\x01\x12\x19\n\x15\x45RROR_CLASS_DNS_ERROR\x10\x02\x12\x1f\n\x1b\x45RROR_CLASS_CONNECT_REFUSED\x10\x03\x12\x1f\n\x1b\x45RROR_CLASS_CONNECT_TIMEOUT\x10\x04\x12\x1c\n\x18\x45RROR_CLASS_READ_TIMEOUT\x10\x05\x12\x19\n\x15\x45RROR_CLASS_TLS_ERROR\x10\x06\x12\"\n\x1e\x45RROR_CLASS_TOO_MANY_REDIRECTS\x10\x07\x12 \n\x1c\x45RROR_CLASS_CONNECTION_RESET\x10\x08\x12\x1e\n\x1a\x45RROR_CLASS_PROTOCOL_ERROR\x10\t\x12!\n\x1d\x45RROR_CLASS_FORBIDDEN_ADDRESS\x10\n\x12\x1b\n\x17\x45RROR_CLASS_INVALID_URL\x10\x0b\x12\x15\n\x11\x45RROR_CLASS_OTHER\x10\x0c*l\n\x08TlsCheck\x12\x15\n\x11TLS_CHECK_UNKNOWN\x10\x00\x12\x17\n\x13TLS_CHECK_PLAINTEXT\x10\x01\x12\x16\n\x12TLS_CHECK_VERIFIED\x10\x02\x12\x18\n\x14TLS_CHECK_UNVERIFIED\x10\x03*\x86\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x1f\n\x1bSUBMIT_STATUS_ALREADY_KNOWN\x10\x02\x12\x1a\n\x16SUBMIT_STATUS_REJECTED\x10\x03\x32T\n\tAgentLink\x12G\n\x07\x43onnect\x12\x19.takedown.v1.AgentMessage\x1a\x1d.takedown.v1.CollectorMessage(\x01\x30\x01\x32K\n\x06Intake\x12\x41\n\x06Submit\x12\x1a.takedown.v1.SubmitRequest\x1a\x1b.takedown.v1.SubmitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/takedown/v1/takedown.proto\x12\x0btakedown.v1\"f\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.takedown.v1.HelloH\x00\x12)\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.takedown.v1.ResultBatchH\x00\x42\x06\n\x04kind\"\x81\x01\n\x05Hello\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fsent_at_unix_us\x18\x04 \x01(\x03\x12\x1a\n\x12\x61ssignment_digests\x18\x05 \x03(\x06\x12\x12\n\npublic_key\x18\x06 \x01(\x0c\"\x9e\x01\n\x10\x43ollectorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.takedown.v1.WelcomeH\x00\x12\x33\n\nassignment\x18\x02 \x01(\x0b\x32\x1d.takedown.v1.AssignmentUpdateH\x00\x12$\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x15.takedown.v1.BatchAckH\x00\x42\x06\n\x04kind\">\n\x07Welcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\x03\x12!\n\x19received_hello_at_unix_us\x18\x02 \x01(\x03\"}\n\x10\x41ssignmentUpdate\x12#\n\x06upsert\x18\x02 \x03(\x0b\x32\x13.takedown.v1.Target\x12\x0e\n\x06remove\x18\x03 \x03(\x03\x12\x17\n\x0freplace_buckets\x18\x05 \x03(\r\x12\x0f\n\x07in_sync\x18\x06 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05\":\n\x06Target\x12\x0e\n\x06url_id\x18\x01 \x01(\x03\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0binterval_ms\x18\x03 \x01(\r\"\x8e\x01\n\x0bResultBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.takedown.v1.ProbeResult\x12\x17\n\x0fsent_at_unix_us\x18\x03 \x01(\x03\x12\x17\n\x0f\x62\x61tch_signature\x18\x05 \x01(\x0cJ\x04\x08\x04\x10\x05R\nsignatures\"\xd0\x02\n\x0bProbeResult\x12\x0e\n\x06url_id\x18\x01 \x01(\x03\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x1a\n\x12started_at_unix_us\x18\x03 \x01(\x03\x12\x12\n\nelapsed_ms\x18\x04 \x01(\r\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x11\n\tfinal_url\x18\x06 \x01(\t\x12\x13\n\x0b\x62ody_sha256\x18\x07 \x01(\x0c\x12\x12\n\nbody_bytes\x18\x08 \x01(\x04\x12\x11\n\ttruncated\x18\t \x01(\x08\x12\x0f\n\x07peer_ip\x18\n \x01(\t\x12&\n\x05\x65rror\x18\x0b \x01(\x0e\x32\x17.takedown.v1.ErrorClass\x12\x11\n\tredirects\x18\x0c \x01(\r\x12\x11\n\tchallenge\x18\r \x01(\x08\x12\"\n\x03tls\x18\x0e \x01(\x0e\x32\x15.takedown.v1.TlsCheck\x12\x12\n\nurl_sha256\x18\x0f \x01(\x0c\"m\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x19\n\x11stored_at_unix_us\x18\x04 \x01(\x03\x12\x10\n\x08rejected\x18\x05 \x01(\r\"\xc6\x01\n\x06Report\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x1b\n\x13notified_at_unix_us\x18\x03 \x01(\x03\x12\x1b\n\x13received_at_unix_us\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x1f\n\x17order_issued_at_unix_us\x18\x06 \x01(\x03\x12\x1e\n\x16order_deadline_seconds\x18\x07 \x01(\r\x12\x11\n\torigin_ip\x18\x08 \x01(\t\"5\n\rSubmitRequest\x12$\n\x07reports\x18\x01 \x03(\x0b\x32\x13.takedown.v1.Report\"l\n\rSubmitOutcome\x12)\n\x06status\x18\x01 \x01(\x0e\x32\x19.takedown.v1.SubmitStatus\x12\x11\n\treport_id\x18\x02 \x01(\x03\x12\x0e\n\x06url_id\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\">\n\x0eSubmitResponse\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.takedown.v1.SubmitOutcome*\x93\x03\n\nErrorClass\x12\x14\n\x10\x45RROR_CLASS_NONE\x10\x00\x12\x1c\n\x18\x45RROR_CLASS_DNS_NXDOMAIN\x10\x01\x12\x19\n\x15\x45RROR_CLASS_DNS_ERROR\x10\x02\x12\x1f\n\x1b\x45RROR_CLASS_CONNECT_REFUSED\x10\x03\x12\x1f\n\x1b\x45RROR_CLASS_CONNECT_TIMEOUT\x10\x04\x12\x1c\n\x18\x45RROR_CLASS_READ_TIMEOUT\x10\x05\x12\x19\n\x15\x45RROR_CLASS_TLS_ERROR\x10\x06\x12\"\n\x1e\x45RROR_CLASS_TOO_MANY_REDIRECTS\x10\x07\x12 \n\x1c\x45RROR_CLASS_CONNECTION_RESET\x10\x08\x12\x1e\n\x1a\x45RROR_CLASS_PROTOCOL_ERROR\x10\t\x12!\n\x1d\x45RROR_CLASS_FORBIDDEN_ADDRESS\x10\n\x12\x1b\n\x17\x45RROR_CLASS_INVALID_URL\x10\x0b\x12\x15\n\x11\x45RROR_CLASS_OTHER\x10\x0c*l\n\x08TlsCheck\x12\x15\n\x11TLS_CHECK_UNKNOWN\x10\x00\x12\x17\n\x13TLS_CHECK_PLAINTEXT\x10\x01\x12\x16\n\x12TLS_CHECK_VERIFIED\x10\x02\x12\x18\n\x14TLS_CHECK_UNVERIFIED\x10\x03*\x86\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x1f\n\x1bSUBMIT_STATUS_ALREADY_KNOWN\x10\x02\x12\x1a\n\x16SUBMIT_STATUS_REJECTED\x10\x03\x32T\n\tAgentLink\x12G\n\x07\x43onnect\x12\x19.takedown.v1.AgentMessage\x1a\x1d.takedown.v1.CollectorMessage(\x01\x30\x01\x32K\n\x06Intake\x12\x41\n\x06Submit\x12\x1a.takedown.v1.SubmitRequest\x1a\x1b.takedown.v1.SubmitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.takedown.v1.takedown_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCLASS']._serialized_start=1680
-  _globals['_ERRORCLASS']._serialized_end=2083
-  _globals['_TLSCHECK']._serialized_start=2085
-  _globals['_TLSCHECK']._serialized_end=2193
-  _globals['_SUBMITSTATUS']._serialized_start=2196
-  _globals['_SUBMITSTATUS']._serialized_end=2330
+  _globals['_ERRORCLASS']._serialized_start=1724
+  _globals['_ERRORCLASS']._serialized_end=2127
+  _globals['_TLSCHECK']._serialized_start=2129
+  _globals['_TLSCHECK']._serialized_end=2237
+  _globals['_SUBMITSTATUS']._serialized_start=2240
+  _globals['_SUBMITSTATUS']._serialized_end=2374
   _globals['_AGENTMESSAGE']._serialized_start=50
   _globals['_AGENTMESSAGE']._serialized_end=152
   _globals['_HELLO']._serialized_start=155
@@ -49,22 +49,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNMENTUPDATE']._serialized_end=636
   _globals['_TARGET']._serialized_start=638
   _globals['_TARGET']._serialized_end=696
-  _globals['_RESULTBATCH']._serialized_start=698
-  _globals['_RESULTBATCH']._serialized_end=817
-  _globals['_PROBERESULT']._serialized_start=820
-  _globals['_PROBERESULT']._serialized_end=1136
-  _globals['_BATCHACK']._serialized_start=1138
-  _globals['_BATCHACK']._serialized_end=1247
-  _globals['_REPORT']._serialized_start=1250
-  _globals['_REPORT']._serialized_end=1448
-  _globals['_SUBMITREQUEST']._serialized_start=1450
-  _globals['_SUBMITREQUEST']._serialized_end=1503
-  _globals['_SUBMITOUTCOME']._serialized_start=1505
-  _globals['_SUBMITOUTCOME']._serialized_end=1613
-  _globals['_SUBMITRESPONSE']._serialized_start=1615
-  _globals['_SUBMITRESPONSE']._serialized_end=1677
-  _globals['_AGENTLINK']._serialized_start=2332
-  _globals['_AGENTLINK']._serialized_end=2416
-  _globals['_INTAKE']._serialized_start=2418
-  _globals['_INTAKE']._serialized_end=2493
+  _globals['_RESULTBATCH']._serialized_start=699
+  _globals['_RESULTBATCH']._serialized_end=841
+  _globals['_PROBERESULT']._serialized_start=844
+  _globals['_PROBERESULT']._serialized_end=1180
+  _globals['_BATCHACK']._serialized_start=1182
+  _globals['_BATCHACK']._serialized_end=1291
+  _globals['_REPORT']._serialized_start=1294
+  _globals['_REPORT']._serialized_end=1492
+  _globals['_SUBMITREQUEST']._serialized_start=1494
+  _globals['_SUBMITREQUEST']._serialized_end=1547
+  _globals['_SUBMITOUTCOME']._serialized_start=1549
+  _globals['_SUBMITOUTCOME']._serialized_end=1657
+  _globals['_SUBMITRESPONSE']._serialized_start=1659
+  _globals['_SUBMITRESPONSE']._serialized_end=1721
+  _globals['_AGENTLINK']._serialized_start=2376
+  _globals['_AGENTLINK']._serialized_end=2460
+  _globals['_INTAKE']._serialized_start=2462
+  _globals['_INTAKE']._serialized_end=2537
 # @@protoc_insertion_point(module_scope)

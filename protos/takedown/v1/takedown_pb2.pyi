@@ -299,30 +299,28 @@ class ResultBatch(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     SENT_AT_UNIX_US_FIELD_NUMBER: _builtins.int
-    SIGNATURES_FIELD_NUMBER: _builtins.int
+    BATCH_SIGNATURE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """unique per agent stream, echoed in BatchAck"""
     sent_at_unix_us: _builtins.int
     """agent clock when sent; the collector estimates clock offset"""
+    batch_signature: _builtins.bytes
+    """The agent's Ed25519 signature over the RFC 6962 root of a tree over `results`, each as
+    its observation's canonical bytes (docs/EVIDENCE.md section 3); empty if unsigned.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeResult]: ...
-    @_builtins.property
-    def signatures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Ed25519 signatures by the agent's key, one per result, in the order of `results`, each
-        over that result's canonical evidence leaf (docs/EVIDENCE.md); empty if unsigned.
-        """
-
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         results: _abc.Iterable[Global___ProbeResult] | None = ...,
         sent_at_unix_us: _builtins.int = ...,
-        signatures: _abc.Iterable[_builtins.bytes] | None = ...,
+        batch_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results", "sent_at_unix_us", b"sent_at_unix_us", "signatures", b"signatures"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "batch_signature", b"batch_signature", "results", b"results", "sent_at_unix_us", b"sent_at_unix_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,6 +346,7 @@ class ProbeResult(_message.Message):
     REDIRECTS_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    URL_SHA256_FIELD_NUMBER: _builtins.int
     url_id: _builtins.int
     seq: _builtins.int
     """unique and increasing per agent"""
@@ -372,6 +371,10 @@ class ProbeResult(_message.Message):
     """response headers show a bot challenge (not the content)"""
     tls: Global___TlsCheck.ValueType
     """whether the server's certificate verified (HTTPS only)"""
+    url_sha256: _builtins.bytes
+    """SHA-256 of the UTF-8 text of the URL assigned as url_id; set by an agent that signs
+    (the observation's url_sha256, docs/EVIDENCE.md section 3), empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -389,10 +392,11 @@ class ProbeResult(_message.Message):
         redirects: _builtins.int = ...,
         challenge: _builtins.bool = ...,
         tls: Global___TlsCheck.ValueType = ...,
+        url_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "challenge", b"challenge", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "tls", b"tls", "truncated", b"truncated", "url_id", b"url_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_bytes", b"body_bytes", "body_sha256", b"body_sha256", "challenge", b"challenge", "elapsed_ms", b"elapsed_ms", "error", b"error", "final_url", b"final_url", "peer_ip", b"peer_ip", "redirects", b"redirects", "seq", b"seq", "started_at_unix_us", b"started_at_unix_us", "status", b"status", "tls", b"tls", "truncated", b"truncated", "url_id", b"url_id", "url_sha256", b"url_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
