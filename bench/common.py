@@ -98,6 +98,34 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def descendants(pid: int) -> list[int]:
+    """The process ids of `pid`'s children, theirs, and so on (Linux /proc), alive now."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def family_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and of each of its descendants (worker processes), by pid."""
+    out: dict[int, float] = {}
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            out[p] = cpu_seconds(p)
+    return out
+
+
+def family_cpu_since(pid: int, before: dict[int, float]) -> float:
+    """CPU seconds `pid` and its descendants used since `before` (from `family_cpu`)."""
+    return sum(cpu - before.get(p, 0.0) for p, cpu in family_cpu(pid).items())
+
+
 def memory(pid: int | None = None) -> tuple[int, int]:
     """(resident, peak resident) bytes of a process, from /proc/PID/status."""
     rss = peak = 0

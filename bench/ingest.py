@@ -36,6 +36,8 @@ from bench.common import (
     AgentStream,
     Deadline,
     cpu_seconds,
+    family_cpu,
+    family_cpu_since,
     file_size,
     loops,
     memory,
@@ -122,6 +124,7 @@ class IngestReport:
     ack_p50: float
     ack_p99: float
     collector_cpu: float
+    workers_cpu: float  # the collector's worker processes (signature checks)
     generator_cpu: float
     collector_rss: int
     db_bytes: int
@@ -188,12 +191,14 @@ async def _ingest(
 
         deadline = Deadline(seconds)
         cpu0, gen0 = cpu_seconds(collector.pid), cpu_seconds()
+        family0 = family_cpu(collector.pid)
         t0 = time.perf_counter()
         sent_maps = await asyncio.gather(
             *(_send(s, batches, window, deadline) for s, batches in zip(streams, plan, strict=True))
         )
         wall = time.perf_counter() - t0
         collector_cpu = cpu_seconds(collector.pid) - cpu0
+        workers_cpu = family_cpu_since(collector.pid, family0) - collector_cpu
         generator_cpu = cpu_seconds() - gen0
         latencies: list[float] = []
         stored = duplicates = rejected = sent = 0
@@ -222,6 +227,7 @@ async def _ingest(
         ack_p50=percentile(latencies, 50),
         ack_p99=percentile(latencies, 99),
         collector_cpu=collector_cpu,
+        workers_cpu=workers_cpu,
         generator_cpu=generator_cpu,
         collector_rss=rss,
         db_bytes=file_size(db),
@@ -270,6 +276,8 @@ def benchmark(
 
 def _render(r: IngestReport, batch_size: int, window: int) -> str:
     per_100k = 100_000 * r.collector_cpu / r.stored if r.stored else float("nan")
+    total = r.collector_cpu + r.workers_cpu
+    with_workers = 100_000 * total / r.stored if r.stored else float("nan")
     rows: list[list[object]] = [
         ["agents x batch x window", f"{r.agents} x {batch_size} x {window}"],
         ["evidence log, signed results", "on" if r.evidence else "off"],
@@ -284,6 +292,8 @@ def _render(r: IngestReport, batch_size: int, window: int) -> str:
         ["ack latency p99 (ms)", 1000 * r.ack_p99],
         ["collector CPU (s)", r.collector_cpu],
         ["collector CPU per 100k results (s)", per_100k],
+        ["+ its worker processes (signature checks) (s)", r.workers_cpu],
+        ["collector with workers, CPU per 100k results (s)", with_workers],
         ["collector CPU use (cores)", r.collector_cpu / r.wall if r.wall else 0.0],
         ["load generator CPU (s)", r.generator_cpu],
         ["collector peak RSS", mib(r.collector_rss)],

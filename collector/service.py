@@ -9,7 +9,6 @@ writer has committed it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import logging
 import sqlite3
@@ -241,7 +240,9 @@ def assignment_updates(
     return bucket_updates(targets_by_bucket(conn, differ, BUCKETS), differ)
 
 
-def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
+def translate_result(
+    r: pb.ProbeResult, now: float, evidence: Evidence | None = None
+) -> ResultIn | str:
     """A range-checked plain result, or the reason it is refused."""
     started = us_to_s(r.started_at_unix_us)
     if r.url_id <= 0:
@@ -285,6 +286,7 @@ def translate_result(r: pb.ProbeResult, now: float) -> ResultIn | str:
         redirects=r.redirects,
         challenge=r.challenge,
         tls=int(r.tls),
+        evidence=evidence,
     )
 
 
@@ -459,27 +461,19 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         if batch.sent_at_unix_us:
             offset = session.clock_offset(us_to_s(batch.sent_at_unix_us), now)
         results: list[ResultIn] = []
-        positions: list[int] = []  # each result's place in the batch (and its signed tree)
         invalid = 0
-        if self.evidence and session.public_key and batch.results and not batch.batch_signature:
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch {batch.batch_id} has no signature; this agent's pinned key requires one"
-                " over each batch (an agent older than evidence v2 signs each result instead:"
-                " upgrade it)",
-            )
+        evidence: Sequence[Evidence | None] = ()
+        if self.evidence and batch.results:
+            # Signatures are checked where they are kept: in the evidence log. Without one the
+            # collector stores no signature, so it checks none.
+            evidence = await self._evidence(session, batch)
         for i, r in enumerate(batch.results):
-            value = translate_result(r, now)
+            value = translate_result(r, now, evidence[i] if evidence else None)
             if isinstance(value, str):
                 invalid += 1
                 log.warning("result_refused agent=%s reason=%r", session.name, value)
             else:
                 results.append(value)
-                positions.append(i)
-        if self.evidence and batch.results:
-            # Signatures are checked where they are kept: in the evidence log. Without one the
-            # collector stores no signature, so it checks none.
-            results = await self._attach_evidence(session, batch, results, positions)
         try:
             done = await self.writer.ingest(session.agent_id, results, now, offset)
         except StoreError as exc:
@@ -511,24 +505,26 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         m.invalid.inc(invalid)
         m.ack_seconds.observe(time.monotonic() - arrived)
 
-    async def _attach_evidence(
-        self,
-        session: AgentSession,
-        batch: pb.ResultBatch,
-        results: list[ResultIn],
-        positions: list[int],
-    ) -> list[ResultIn]:
-        """The results, each with its observation and the batch tree it sits in.
+    async def _evidence(
+        self, session: AgentSession, batch: pb.ResultBatch
+    ) -> list[Evidence | None]:
+        """Each result's observation and the batch tree it sits in, by position in the batch.
 
         A signed batch's tree covers every result as sent; its one signature must verify
         over it, or the stream ends before anything of the batch is stored. For an agent
         without a key the collector builds the tree itself (unsigned) over the results of
-        the URLs it knows; a result of an unknown URL id goes on without one, and the store
-        refuses it by its id.
+        the URLs it knows; a result of an unknown URL id gets None, and the store refuses it
+        by its id.
         """
         wire = list(batch.results)
-        signature = b""
         if session.public_key:
+            if not batch.batch_signature:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"batch {batch.batch_id} has no signature; this agent's pinned key requires"
+                    " one over each batch (an agent older than evidence v2 signs each result"
+                    " instead: upgrade it)",
+                )
             for r in wire:
                 if len(r.url_sha256) != 32:
                     raise Refused(
@@ -537,7 +533,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                         " result the SHA-256 of its URL; nothing of this batch was stored",
                     )
             tree = await self.signatures.check(
-                session.public_key, session.name, session.network, wire, batch.batch_signature
+                session.public_key, session.name, session.network, batch
             )
             if tree is None:
                 self.metrics.signatures_failed.inc()
@@ -548,29 +544,30 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     f" {session.name!r}'s pinned key over its {len(wire)} results; nothing of"
                     " this batch was stored",
                 )
-            signature = batch.batch_signature
-            place = {p: p for p in positions}
-        else:
-            hashes = await self.signatures.url_hashes([r.url_id for r in wire])
-            known = [p for p, r in enumerate(wire) if r.url_id in hashes]
-            for p in known:
-                wire[p].url_sha256 = hashes[wire[p].url_id]
-            if not known:
-                return results
-            tree = batch_tree(session.name, session.network, [wire[p] for p in known])
-            place = {p: k for k, p in enumerate(known)}
-        signed = SignedBatch(
-            session.name, session.network, tree.size, tree.root, signature, tree.hashes
-        )
-        kept: list[ResultIn] = []
-        for result, p in zip(results, positions, strict=True):
-            k = place.get(p)
-            if k is None:
-                kept.append(result)
+            signed = SignedBatch(session.name, session.network, tree.size, tree.root,
+                                 batch.batch_signature, tree.hashes)  # fmt: skip
+            return [
+                Evidence(r.url_sha256, data, signed, k)
+                for k, (r, data) in enumerate(zip(wire, tree.data, strict=True))
+            ]
+        hashes = await self.signatures.url_hashes([r.url_id for r in wire])
+        known = [r for r in wire if r.url_id in hashes]
+        if not known:
+            return [None] * len(wire)
+        for r in known:
+            r.url_sha256 = hashes[r.url_id]
+        tree = batch_tree(session.name, session.network, known)
+        unsigned = SignedBatch(session.name, session.network, tree.size, tree.root, b"",
+                               tree.hashes)  # fmt: skip
+        out: list[Evidence | None] = []
+        k = 0
+        for r in wire:
+            if r.url_id in hashes:
+                out.append(Evidence(r.url_sha256, tree.data[k], unsigned, k))
+                k += 1
             else:
-                evidence = Evidence(wire[p].url_sha256, tree.data[k], signed, k)
-                kept.append(dataclasses.replace(result, evidence=evidence))
-        return kept
+                out.append(None)
+        return out
 
 
 _SUBMITTED = {

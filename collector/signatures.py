@@ -34,13 +34,12 @@ from protos.takedown.v1 import takedown_pb2 as pb
 HASH_CACHE = 500_000
 
 
-def check_batch(
-    public_key: bytes, agent: str, network: str, results: Sequence[bytes], signature: bytes
-) -> BatchTree | None:
-    """The tree of a batch (its results serialized) if `signature` verifies over it, else None."""
-    tree = batch_tree(agent, network, [pb.ProbeResult.FromString(r) for r in results])
-    message = batch_signing_bytes(agent, network, tree.size, tree.root)
-    return tree if ed25519_verifies(public_key, message, signature) else None
+def check_batch(public_key: bytes, agent: str, network: str, batch: bytes) -> BatchTree | None:
+    """The tree of a serialized `ResultBatch` if its signature verifies over it, else None."""
+    message = pb.ResultBatch.FromString(batch)
+    tree = batch_tree(agent, network, message.results)
+    signed = batch_signing_bytes(agent, network, tree.size, tree.root)
+    return tree if ed25519_verifies(public_key, signed, message.batch_signature) else None
 
 
 def _orphan_dies() -> None:
@@ -86,24 +85,17 @@ class Signatures:
         return known
 
     async def check(
-        self,
-        public_key: bytes,
-        agent: str,
-        network: str,
-        results: Sequence[pb.ProbeResult],
-        signature: bytes,
+        self, public_key: bytes, agent: str, network: str, batch: pb.ResultBatch
     ) -> BatchTree | None:
         """The batch's tree if its signature verifies under `public_key`, else None.
 
         Every result must carry its 32-byte `url_sha256`.
         """
-        wire = [r.SerializeToString() for r in results]
+        wire = batch.SerializeToString()  # one call, and what a worker process is sent
         if self._pool is None:
-            return check_batch(public_key, agent, network, wire, signature)
+            return check_batch(public_key, agent, network, wire)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, check_batch, public_key, agent, network, wire, signature
-        )
+        return await loop.run_in_executor(self._pool, check_batch, public_key, agent, network, wire)
 
     def close(self) -> None:
         if self._pool is not None:

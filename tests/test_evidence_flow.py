@@ -496,9 +496,10 @@ CHECKER = """
 import asyncio, os, sys
 from pathlib import Path
 from collector.signatures import Signatures
+from protos.takedown.v1 import takedown_pb2 as pb
 s = Signatures(Path(sys.argv[1]), workers=1)
 async def main():
-    await s.check(bytes(32), "a", "n", [], b"")
+    await s.check(bytes(32), "a", "n", pb.ResultBatch())
     print(" ".join(str(p) for p in s._pool._processes), flush=True)  # type: ignore[union-attr]
     await asyncio.Event().wait()  # until the test kills it
 asyncio.run(main())

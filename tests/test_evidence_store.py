@@ -9,7 +9,13 @@ import pytest
 
 from collector.evidence.bundle import read_bundle
 from collector.evidence.checkpoint import Checkpoint, sign_checkpoint
-from collector.evidence.leaves import AgentKeyLeaf, BatchLeaf, url_sha256
+from collector.evidence.leaves import (
+    AgentKeyLeaf,
+    BatchLeaf,
+    NoticeLeaf,
+    ReferenceForm,
+    url_sha256,
+)
 from collector.evidence.verify import verify_bundle
 from collector.store.evidence import BATCHES, SCHEMA, EvidenceLog
 from tests.test_evidence_bundle import LOG, OTHER_URL, URL, scenario
@@ -32,8 +38,15 @@ def filled() -> tuple[sqlite3.Connection, EvidenceLog, bytes]:
         url_id = None if isinstance(leaf, AgentKeyLeaf) else URL_IDS[leaf.url_sha256]
         assert url_id is None or log.head(url_id) == getattr(leaf, "url_prev", None)
         assert log.append(leaf, url_id) == index
+    log.write()
     conn.execute("COMMIT")
     return conn, log, s.log.root()
+
+
+def replace_prev(log: EvidenceLog, url_id: int) -> NoticeLeaf:
+    """A notice about URL, chained after the URL's latest leaf."""
+    return NoticeLeaf(url_sha256(URL), 1, 2, 0, 0, "", ReferenceForm.NONE, b"", 3,
+                      log.head(url_id))  # fmt: skip
 
 
 class TestEvidenceLog:
@@ -49,11 +62,30 @@ class TestEvidenceLog:
         size = log.tree.size
         conn.execute("BEGIN")
         log.append(AgentKeyLeaf("agent-c", "net-c", bytes(32), 1))
+        log.append(AgentKeyLeaf("agent-d", "net-d", bytes(32), 1))
+        log.write()  # some inserted, some still held when the rollback comes
+        log.append(AgentKeyLeaf("agent-e", "net-e", bytes(32), 1))
         conn.execute("ROLLBACK")
         log.reload()
         assert (log.tree.size, log.tree.root()) == (size, root)
         log.append(AgentKeyLeaf("agent-c", "net-c", bytes(32), 1))
         assert log.tree.size == size + 1
+
+    def test_held_appends_are_seen_and_written(self) -> None:
+        """Leaves held for one insert at the transaction's end still chain: a URL's latest
+        leaf is found with the in-memory heads gone, and a reopened log has them all."""
+        conn, log, _ = filled()
+        url_id = 1
+        conn.execute("BEGIN")
+        first = log.append(replace_prev(log, url_id), url_id)
+        log._heads.clear()  # as when the kept heads overflow
+        assert log.head(url_id) == first
+        log.append(replace_prev(log, url_id), url_id)
+        log.write()
+        conn.execute("COMMIT")
+        assert EvidenceLog(conn, LOG).tree.root() == log.tree.root()
+        (count,) = conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()
+        assert count == log.tree.size
 
     def test_checkpoint_kept_once_per_size(self) -> None:
         """A checkpoint is signed once per tree size and kept."""

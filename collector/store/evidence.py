@@ -68,12 +68,16 @@ KEPT = 100_000
 
 
 class SqliteNodes:
-    """The tree's complete subtree hashes in `log_nodes`."""
+    """The tree's complete subtree hashes in `log_nodes`; new ones held until `write()`."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.pending: dict[tuple[int, int], bytes] = {}
 
     def get(self, height: int, index: int) -> bytes:
+        held = self.pending.get((height, index))
+        if held is not None:
+            return held
         row = self.conn.execute(
             "SELECT hash FROM log_nodes WHERE height = ? AND idx = ?", (height, index)
         ).fetchone()
@@ -82,27 +86,59 @@ class SqliteNodes:
         return bytes(row[0])
 
     def put(self, height: int, index: int, digest: bytes) -> None:
-        self.conn.execute(
-            "INSERT INTO log_nodes (height, idx, hash) VALUES (?, ?, ?)", (height, index, digest)
-        )
+        self.pending[(height, index)] = digest
+
+    def write(self) -> None:
+        """Insert the nodes put since the last write, in one statement."""
+        if self.pending:
+            self.conn.executemany(
+                "INSERT INTO log_nodes (height, idx, hash) VALUES (?, ?, ?)",
+                [(h, i, d) for (h, i), d in self.pending.items()],
+            )
+            self.pending.clear()
 
 
 class EvidenceLog:
-    """Appends leaves and signs checkpoints on the writer's connection; exports bundles."""
+    """Appends leaves and signs checkpoints on the writer's connection; exports bundles.
+
+    Appended leaves and tree nodes are held in memory and inserted by `write()`, which the
+    caller runs before its transaction commits (Store does, at the end of each transaction):
+    a few statements per batch instead of three per result.
+    """
 
     def __init__(self, conn: sqlite3.Connection, signer: NoteSigner) -> None:
         self.conn = conn
         self.signer = signer
+        self.nodes = SqliteNodes(conn)
         self.tree = self._open()
         self._heads: dict[int, int] = {}  # url_id: its latest leaf
         self._batches: dict[tuple[bytes, bytes], int] = {}  # (root, signature): batch leaf
+        self._leaves: list[tuple[int, str, int | None, bytes]] = []
+        self._trees: list[tuple[int, bytes]] = []  # batch leaf, its tree's hashes
 
     def _open(self) -> MerkleLog:
         (size,) = self.conn.execute("SELECT COUNT(*) FROM log_leaves").fetchone()
-        return MerkleLog(SqliteNodes(self.conn), size=size)
+        return MerkleLog(self.nodes, size=size)
+
+    def write(self) -> None:
+        """Insert what was appended since the last write; in the caller's transaction."""
+        if self._leaves:
+            self.conn.executemany(
+                "INSERT INTO log_leaves (idx, kind, url_id, leaf) VALUES (?, ?, ?, ?)",
+                self._leaves,
+            )
+            self._leaves.clear()
+        if self._trees:
+            self.conn.executemany("INSERT INTO log_batches (idx, hashes) VALUES (?, ?)",
+                                  self._trees)  # fmt: skip
+            self._trees.clear()
+        self.nodes.write()
 
     def reload(self) -> None:
         """Forget appends a rolled-back transaction made; call after a rollback."""
+        self._leaves.clear()
+        self._trees.clear()
+        self.nodes.pending.clear()
         self.tree = self._open()
         self._heads.clear()
         self._batches.clear()
@@ -111,6 +147,7 @@ class EvidenceLog:
         """The index of the URL's latest leaf (its next leaf's `url_prev`), -1 if none."""
         last = self._heads.get(url_id)
         if last is None:
+            self.write()  # the query must see what is held
             (found,) = self.conn.execute(
                 "SELECT MAX(idx) FROM log_leaves WHERE url_id = ?", (url_id,)
             ).fetchone()
@@ -129,10 +166,7 @@ class EvidenceLog:
 
     def _append(self, data: bytes, kind: str, url_id: int | None) -> int:
         index = self.tree.append(leaf_hash(data))
-        self.conn.execute(
-            "INSERT INTO log_leaves (idx, kind, url_id, leaf) VALUES (?, ?, ?, ?)",
-            (index, kind, url_id, data),
-        )
+        self._leaves.append((index, kind, url_id, data))
         if url_id is not None:
             self._keep_head(url_id, index)
         return index
@@ -145,9 +179,7 @@ class EvidenceLog:
             if len(self._batches) >= KEPT:
                 self._batches.clear()
             index = self._batches[key] = self.append(batch)
-            self.conn.execute(
-                "INSERT INTO log_batches (idx, hashes) VALUES (?, ?)", (index, hashes)
-            )
+            self._trees.append((index, hashes))
         return index
 
     def observation(
@@ -167,6 +199,7 @@ class EvidenceLog:
 
     def checkpoint(self, now: float) -> str:
         """Sign and keep a checkpoint of the log as it is (the same one again if unchanged)."""
+        self.write()
         size = self.tree.size
         row = self.conn.execute(
             "SELECT note FROM log_checkpoints WHERE size = ?", (size,)
@@ -189,6 +222,7 @@ class EvidenceLog:
         older_sizes: Sequence[int] = (),
     ) -> None:
         """Write the bundle of these URLs against the latest checkpoint, into `directory`."""
+        self.write()
         export_bundle(
             self.conn, self.signer.verifier(), url_ids, url_hashes, directory,
             older_sizes=older_sizes,

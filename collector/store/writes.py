@@ -8,10 +8,11 @@ returns covers everything the batch changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -189,8 +190,14 @@ class Store:
         if p.dirty:
             self.flush(p.last_now)
 
-    def _transaction(self) -> Any:
-        return self.db.atomic()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A transaction (a savepoint inside another); what the evidence log holds of it is
+        written before it ends."""
+        with self.db.atomic():
+            yield
+            if self.evidence is not None:
+                self.evidence.write()
 
     def _reload_log(self) -> None:
         """After a rollback: the log's frontier is what was committed."""
