@@ -609,10 +609,12 @@ def test_a_damaged_database_is_named_and_then_takes_nothing(
     store.ingest(agent, [res(u, u) for u in ids], NOW + 400)
     store.close()
     with sqlite3.connect(db) as conn:
-        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = 'results'"
+        ).fetchone()
         (size,) = conn.execute("PRAGMA page_size").fetchone()
-    with db.open("r+b") as f:  # scribble over a page in the middle: an index or table page
-        f.seek(size * (pages // 2) + 16)
+    with db.open("r+b") as f:  # scribble over the results table's root page: its B-tree
+        f.seek(size * (root - 1))
         f.write(b"\xff" * 512)
     problem = integrity_problem(db)
     assert problem is not None and problem != "ok"
