@@ -87,12 +87,14 @@ class Sighting:
 class Variant:
     first_seen: float
     count: int = 1
+    first_by: tuple[int, int] | None = None  # (agent, seq) of the load that first showed it
 
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
     verdict: Verdict
     since: float  # when the evidence dates from (<= the probe's time)
+    since_by: tuple[int, int] | None = None  # (agent, seq) of the load at `since`, if another
     established: tuple[Sighting, ...] = ()  # earlier sightings that now count as present
     truncated_vs_reference: bool = False
     fresh: bool = False  # present only as a body never seen before on a dynamic page
@@ -127,7 +129,9 @@ class ContentMemory:
             candidate_places=dict(self.candidate_places),
             baseline_truncated=self.baseline_truncated,
             candidate_truncated=dict(self.candidate_truncated),
-            variants={h: Variant(v.first_seen, v.count) for h, v in self.variants.items()},
+            variants={
+                h: Variant(v.first_seen, v.count, v.first_by) for h, v in self.variants.items()
+            },
         )
 
     @property
@@ -143,8 +147,10 @@ class ContentMemory:
         sighting: Sighting,
         need: int,
         dynamic_after: int,
+        seq: int | None = None,
     ) -> Judgement:
-        """Judge one 2xx body seen by `sighting`; `need` networks must agree on a baseline."""
+        """Judge one 2xx body seen by `sighting` (its agent's result `seq`); `need` networks
+        must agree on a baseline."""
         at = sighting.at
         where = place(final_url)
         if not self.known:
@@ -162,8 +168,8 @@ class ContentMemory:
         known = self.variants.get(sha256)
         if known is not None:
             known.count += 1
-            return Judgement(Verdict.REMOVED, known.first_seen)
-        self._remember(sha256, at)
+            return Judgement(Verdict.REMOVED, known.first_seen, since_by=known.first_by)
+        self._remember(sha256, at, by=None if seq is None else (sighting.agent_id, seq))
         if self.dynamic:
             return Judgement(Verdict.PRESENT, at, fresh=True)
         never_repeated = all(v.count == 1 for v in self.variants.values())
@@ -231,7 +237,9 @@ class ContentMemory:
         self.candidate_truncated.clear()
         return Judgement(Verdict.PRESENT, now.at, established=earlier)
 
-    def _remember(self, sha256: bytes, at: float, count: int = 1) -> None:
+    def _remember(
+        self, sha256: bytes, at: float, count: int = 1, by: tuple[int, int] | None = None
+    ) -> None:
         if len(self.variants) >= MAX_VARIANTS:
             # The oldest body seen once goes first: a stable page (a block page, a replacement)
             # must stay known on a dynamic page, whose every load is another one-off body.
@@ -240,4 +248,4 @@ class ContentMemory:
                 key=lambda h: (self.variants[h].count > 1, self.variants[h].first_seen),
             )
             del self.variants[oldest]
-        self.variants[sha256] = Variant(at, count)
+        self.variants[sha256] = Variant(at, count, by)

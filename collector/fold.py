@@ -43,7 +43,9 @@ start afresh. A new notice for removed content opens a new episode from that not
 `Reappearance.basis`), so that evidence can point at the stored results. For that a `Track` keeps
 the seq of its last present and of the first `k` removed results of its run (no more than k+1
 seqs), the fold the observation of the episode's last present (and of the one before it, see
-`_removed`), all dropped once the episode's removal is confirmed; and, until the content is
+`_removed`) and the one its first removal evidence dates from (`removed_obs`: on a replaced
+page, perhaps another network's first load of the replacement, which the content memory names),
+all dropped once the episode's removal is confirmed; and, until the content is
 recognised, which probe made each candidate sighting (`sighted`): agreement later makes those
 sightings presents.
 
@@ -261,6 +263,8 @@ class UrlFold:
     last_class: ProbeClass | None = None  # class of the newest observation folded
     last_present_obs: tuple[int, int] | None = None  # (agent, seq) at last_present_at, and
     prev_present_obs: tuple[int, int] | None = None  # at prev_present_at, until the removal
+    removed_obs: tuple[int, int] | None = None  # at first_removed_at, until the removal
+    removed_any_obs: tuple[int, int] | None = None  # at first_removed_any, until the removal
     sighted: dict[tuple[int, float], int] | None = None
     """(agent, at) -> seq of the 2xx loads judged before the content was recognised, while the
     content memory may still count their sightings as presents (see _sight); None when empty."""
@@ -353,7 +357,10 @@ class UrlFold:
                 events += self._present(track, obs, provisional)
             else:
                 since = judged.since if judged is not None else obs.at
-                self._removed(track, obs, min(since, obs.at), nxdomain)
+                by = judged.since_by if judged is not None else None
+                if since >= obs.at:
+                    since, by = obs.at, (obs.agent_id, obs.seq)
+                self._removed(track, obs, since, by, nxdomain)
             track.last_class = cls
             self.last_conclusive_at = obs.at
         self._attribute(obs, ProbeClass.INCONCLUSIVE if provisional else cls, events)
@@ -406,7 +413,7 @@ class UrlFold:
             self._sight(obs)
         judged = self.content.judge(
             obs.sha256, obs.final_url, obs.truncated, Sighting(obs.agent_id, obs.network, obs.at),
-            need, self.policy.dynamic_after,
+            need, self.policy.dynamic_after, obs.seq,
         )  # fmt: skip
         if judged.truncated_vs_reference:
             self.truncated_vs_reference += 1
@@ -481,9 +488,18 @@ class UrlFold:
             self.last_present_obs = _seen(agent, seq)
         self.last_present_at = at
         if self.first_removed_at is not None and self.first_removed_at <= at:
-            self.first_removed_at = None
+            self.first_removed_at = self.removed_obs = None
 
-    def _removed(self, track: Track, obs: Observation, since: float, nxdomain: bool) -> None:
+    def _removed(
+        self,
+        track: Track,
+        obs: Observation,
+        since: float,
+        by: tuple[int, int] | None,
+        nxdomain: bool,
+    ) -> None:
+        """A removed result `obs`, whose evidence dates from `since`: the load `by` (agent,
+        seq), this one or an earlier first sighting of the same replacement body."""
         at = obs.at
         track.run += 1
         if track.run <= self.method.policy.confirmations:
@@ -492,7 +508,7 @@ class UrlFold:
             track.run_first_at = since
         track.run_nxdomain = nxdomain
         if self.first_removed_any is None:
-            self.first_removed_any = since
+            self.first_removed_any, self.removed_any_obs = since, by
         if not track.witness:
             return
         if self.content.dynamic and since < at and since == self.last_present_at:
@@ -502,9 +518,9 @@ class UrlFold:
             self.last_present_at = self.prev_present_at
             self.last_present_obs = self.prev_present_obs
         if self.last_present_at is not None and since <= self.last_present_at:
-            since = at
+            since, by = at, (obs.agent_id, obs.seq)
         if self.first_removed_at is None:
-            self.first_removed_at = since
+            self.first_removed_at, self.removed_obs = since, by
 
     def _open_episode(self, at: float) -> None:
         self.episode += 1
@@ -512,8 +528,8 @@ class UrlFold:
         self.removal = None
         self.last_present_at = self.last_present_obs = None
         self.prev_present_at = self.prev_present_obs = None
-        self.first_removed_at = None
-        self.first_removed_any = None
+        self.first_removed_at = self.removed_obs = None
+        self.first_removed_any = self.removed_any_obs = None
         self.last_conclusive_at = None
         for t in self.tracks.values():
             t.reset()
@@ -630,16 +646,19 @@ class UrlFold:
             at, agent, seq = max(unresolved)
             self._presented(at, agent, seq)
             if self.first_removed_at is None:
-                self.first_removed_at = now
+                self.first_removed_at, self.removed_obs = now, None
         first = self.first_removed_at if observed else self.first_removed_any
+        dated_by = self.removed_obs if observed else self.removed_any_obs
         if first is None:
             first = min((t.run_first_at for t in confirming if t.run_first_at), default=now)
-        basis = self._basis(confirming)
+            dated_by = None
+        basis = self._basis(confirming, dated_by)
         # Confirmed: nothing in this episode rests on anything any more (only a new episode,
         # which starts afresh, decides again), so the seqs kept to name a basis go.
         for t in self.tracks.values():
             t.present_seq, t.run_seqs = None, ()
         self.last_present_obs = self.prev_present_obs = None
+        self.removed_obs = self.removed_any_obs = None
         removal = Removal(
             episode=self.episode,
             last_present_at=self.last_present_at,
@@ -658,8 +677,9 @@ class UrlFold:
             self.first_removal = self.removal
         return removal
 
-    def _basis(self, confirming: list[Track]) -> Basis:
-        """What a removal confirmed by `confirming` rests on (see Removal.basis)."""
+    def _basis(self, confirming: list[Track], dated_by: tuple[int, int] | None) -> Basis:
+        """What a removal confirmed by `confirming` rests on (see Removal.basis); `dated_by`
+        is the load its interval's upper end dates from."""
         chosen = {id(t) for t in confirming}
         basis: set[tuple[int, int]] = set()
         for agent, t in self.tracks.items():
@@ -670,6 +690,8 @@ class UrlFold:
             basis.update((agent, seq) for seq in t.run_seqs)
         if self.last_present_at is not None and self.last_present_obs is not None:
             basis.add(self.last_present_obs)
+        if dated_by is not None:
+            basis.add(dated_by)
         return tuple(sorted(basis))
 
 

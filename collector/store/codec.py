@@ -14,9 +14,11 @@ from collector.content import ContentMemory, Sighting, Variant
 from collector.fold import Method, Removal, Track, UrlFold
 from collector.method import ProbeClass, UrlState
 
-CODEC_VERSION = 7
-"""7: the observations a verdict rests on (`Removal.basis` and what the fold keeps to name
-them). A state of another version is unreadable: the URL is refolded from its results."""
+CODEC_VERSION = 8
+"""8: the load a removal's interval's upper end dates from (`UrlFold.removed_obs`,
+`Variant.first_by`), in its basis. 7: the observations a verdict rests on (`Removal.basis`
+and what the fold keeps to name them). A state of another version is unreadable: the URL is
+refolded from its results."""
 
 
 def _removal(r: Removal | None) -> list[Any] | None:
@@ -61,7 +63,9 @@ def dump_fold(f: UrlFold) -> str:
             "places": {h.hex(): p for h, p in c.candidate_places.items()},
             "cut": c.baseline_truncated,
             "cut_candidates": {h.hex(): t for h, t in c.candidate_truncated.items()},
-            "variants": {h.hex(): [x.first_seen, x.count] for h, x in c.variants.items()},
+            "variants": {
+                h.hex(): [x.first_seen, x.count, x.first_by] for h, x in c.variants.items()
+            },
         },
         "tracks": {
             str(agent): [
@@ -96,6 +100,7 @@ def dump_fold(f: UrlFold) -> str:
         "truncated_vs_reference": f.truncated_vs_reference,
         "last_class": f.last_class.value if f.last_class else None,
         "present_obs": [f.last_present_obs, f.prev_present_obs],
+        "removed_obs": [f.removed_obs, f.removed_any_obs],
         "sighted": [[agent, at, seq] for (agent, at), seq in (f.sighted or {}).items()],
     }
     # Built afresh above, so it holds no cycle: the check would only cost time (every URL a
@@ -137,7 +142,10 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
         candidate_places={bytes.fromhex(h): p for h, p in c["places"].items()},
         baseline_truncated=c["cut"],
         candidate_truncated={bytes.fromhex(h): t for h, t in c["cut_candidates"].items()},
-        variants={bytes.fromhex(h): Variant(first, n) for h, (first, n) in c["variants"].items()},
+        variants={
+            bytes.fromhex(h): Variant(first, n, _obs(by))
+            for h, (first, n, by) in c["variants"].items()
+        },
     )
     tracks = {
         int(agent): Track(
@@ -175,6 +183,7 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
     }
     provider, asn, cdn, from_present = d["provider"]
     last_present_obs, prev_present_obs = d["present_obs"]
+    removed_obs, removed_any_obs = d["removed_obs"]
     first_removal = _load_removal(d["first_removal"])
     # Usually the first episode's: one object, as in the fold that was dumped.
     removal = first_removal if d["removal"] == d["first_removal"] else _load_removal(d["removal"])
@@ -206,5 +215,7 @@ def _decode(d: dict[str, Any], method: Method) -> UrlFold:
         last_class=ProbeClass(d["last_class"]) if d["last_class"] else None,
         last_present_obs=_obs(last_present_obs),
         prev_present_obs=_obs(prev_present_obs),
+        removed_obs=_obs(removed_obs),
+        removed_any_obs=_obs(removed_any_obs),
         sighted={(agent, at): seq for agent, at, seq in d["sighted"]} or None,
     )
