@@ -1,4 +1,6 @@
-"""`python -m bench {probe,ingest,scale,scrape,memory,all} [options]`; `all --quick`: each, small.
+"""`python -m bench {probe,ingest,scale,scrape,memory,restart,tails,all} [options]`.
+
+`all --quick`: each, small.
 
 Options after the name go to that benchmark (`python -m bench probe --help`); `all` passes
 only `--quick` and `--loop` on.
@@ -9,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import agentmem, ingest, probe, restart, scale, scrape
+from bench import agentmem, ingest, probe, restart, scale, scrape, tails
 from bench.common import machine, table
 
 BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
@@ -19,6 +21,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str]], object]] = {
     "scrape": scrape.main,
     "memory": agentmem.main,
     "restart": restart.main,
+    "tails": tails.main,
 }
 
 

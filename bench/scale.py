@@ -47,6 +47,7 @@ from bench.common import (
     submit_urls,
     table,
 )
+from bench.tails import measure as measure_tails
 
 TARGET_AGENT_RSS = 150 * MIB
 TARGET_COLLECTOR_RSS = 1024 * MIB
@@ -275,6 +276,11 @@ async def _scale(
             cache.stop(30.0)
             f["verdict_cache_urls"] = cache.info["cached"]
             f["verdict_cache_per_url"] = cache.info["bytes"] / max(1, cache.info["cached"])
+            # A URL folded since it was loaded also keeps a tail (bench/tails.py, in process).
+            (workdir / "tails").mkdir()
+            sample = min(2_000, max(50, fill_urls // 10))
+            tails = await asyncio.to_thread(measure_tails, sample, agents, 12, workdir / "tails")
+            f["tail_per_url"] = tails.tail_bytes
         f["db_bytes_end"] = file_size(db)
     finally:
         if holder is not None:
@@ -327,10 +333,15 @@ def _render(r: ScaleReport) -> str:
          f" resent, collector CPU {f['reconcile_changed_cpu_s']:.1f} s"],
     ]  # fmt: skip
     if "fill_s" in f:
-        from collector.projection import CACHE_URLS  # not in the agent child
+        from collector.projection import CACHE_URLS, TAIL_URLS  # not in the agent child
 
         cached = min(n, CACHE_URLS)  # the writer keeps at most this many verdicts
-        projected = f["collector_rss_after_import"] + f["verdict_cache_per_url"] * cached
+        tailed = min(cached, TAIL_URLS)  # and this many tails beside them
+        projected = (
+            f["collector_rss_after_import"]
+            + f["verdict_cache_per_url"] * cached
+            + f["tail_per_url"] * tailed
+        )
         rows += [
             [f"fill: {f['fill_results']:,} results over {f['fill_urls']:,} URLs (s)",
              f["fill_s"], ""],
@@ -339,8 +350,11 @@ def _render(r: ScaleReport) -> str:
             [f"verdict cache, {f['verdict_cache_urls']:,} URLs (fresh process)",
              mib(f["verdict_cache_per_url"] * f["verdict_cache_urls"]),
              f"{f['verdict_cache_per_url']:,.0f} B/URL with {r.agents} agents"],
+            [f"a tail beside a verdict ({r.agents} agents)", mib(f["tail_per_url"] * tailed),
+             f"{f['tail_per_url']:,.0f} B/URL x {tailed:,} tails"],
             [f"collector RSS projected for {n:,} URLs x {r.agents} agents", mib(projected),
-             f"<= 1 GiB: {verdict(projected, TARGET_COLLECTOR_RSS)} ({cached:,} verdicts cached)"],
+             f"<= 1 GiB: {verdict(projected, TARGET_COLLECTOR_RSS)} ({cached:,} verdicts cached,"
+             f" {tailed:,} with tails)"],
         ]  # fmt: skip
     rows.append(["database at the end", mib(f["db_bytes_end"]), ""])
     return table(f"scale: {n:,} reports, {r.agents} agents", ["figure", "value", "note"], rows)

@@ -39,9 +39,14 @@ from collector.schedule import Planner
 
 log = logging.getLogger(__name__)
 
-# URLs whose verdicts stay in memory: about 2 KB each with ten agents, so the cache stays
-# well under a gigabyte whatever the number of URLs.
-CACHE_URLS = 250_000
+# URLs whose verdicts stay in memory: about 3 KB each with ten agents.
+CACHE_URLS = 200_000
+# URLs that also keep a `Tail` (a second fold, a snapshot and up to TAIL_LENGTH observations:
+# about 6.5 KB more with ten agents), the most recently folded: a result a little older than
+# one already folded is inserted without a reread. Beyond them a URL keeps its fold only, and
+# such a result is refolded from its stored results (see fold). Cache and tails together stay
+# under 1 GB with a million URLs and ten agents.
+TAIL_URLS = 30_000
 # How long a URL that got a result older than its tail waits for its refold (see fold).
 REFOLD_DELAY = 2.0
 # Seconds of late refolds one writer transaction does at most (always at least one URL): a
@@ -156,12 +161,15 @@ class Projection:
         cache_urls: int = CACHE_URLS,
         flush_every: float = 0.0,
         timer: Callable[[], float] = time.monotonic,
+        tail_urls: int = TAIL_URLS,
     ) -> None:
         self.ledger = ledger
         self.method = method
         self.min_vantage_points = min_vantage_points
         self.entries: OrderedDict[int, UrlEntry] = OrderedDict()
         self.cache_urls = cache_urls
+        self.tail_urls = tail_urls
+        self._tails: OrderedDict[int, None] = OrderedDict()  # URLs with a tail, oldest first
         self.flush_every = flush_every
         self.refold_budget = REFOLD_BUDGET
         self.timer = timer
@@ -216,6 +224,8 @@ class Projection:
             if url_id not in out.late:
                 if entry.tail is None:
                     entry.tail = Tail.of(entry.fold)
+                self._tails[url_id] = None
+                self._tails.move_to_end(url_id)
                 try:
                     events, changed = entry.tail.add(obs, self.networks_at(obs.at))
                 except OutOfOrder:
@@ -251,12 +261,22 @@ class Projection:
             tail = entries[url_id].tail
             if tail is not None:
                 tail.trim(self.networks_at(now))
+        self._drop_tails()
         if self.flush_every <= 0:
             self.ledger.save_states([(u, entries[u]) for u in sorted(history)], now, True)
         else:
             self.ledger.mark_unflushed([u for u in history if u not in self._dirty])
             for u in history:
                 self._dirty[u] = entries[u]
+
+    def _drop_tails(self) -> None:
+        """Beyond `tail_urls`, the least recently folded URLs keep their fold only (a batch's
+        events are written by now, so a tail holds nothing that is not stored)."""
+        while len(self._tails) > self.tail_urls:
+            url_id, _ = self._tails.popitem(last=False)
+            entry = self.entries.get(url_id) or self._dirty.get(url_id)
+            if entry is not None:
+                entry.tail = None
 
     def _rewrite_tail(self, url_id: int, entry: UrlEntry) -> None:
         tail = entry.tail

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bench import __main__ as runner
-from bench import agentmem, ingest, probe, scale, scrape
+from bench import agentmem, ingest, probe, scale, scrape, tails
 from bench.common import percentile, require_loopback, table
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -67,6 +67,7 @@ def test_scale() -> None:
     assert f["agent_urls_after"] == 3010
     assert f["fill_results"] == 3 * 300
     assert f["verdict_cache_urls"] == 300 and f["verdict_cache_per_url"] > 0
+    assert f["tail_per_url"] > 1_000
     assert f["agent_rss"] > f["agent_rss_empty"] > 0
     assert "reconcile" in report.text
 
@@ -102,3 +103,10 @@ def test_agent_memory() -> None:
     assert f["spool_bytes"] > 0
     assert f["texts_bytes"] > 0 and f["tmp_names"] == 0  # the texts' file never has a name
     assert "B/URL" in report.text
+
+
+def test_tails() -> None:
+    report = tails.main(["--urls", "60", "--agents", "3", "--rounds", "10"])
+    assert report.tail_bytes > 1_000  # a second fold and kept observations per URL, freed
+    assert report.traced_per_url > 0
+    assert "a tail, per URL" in report.text

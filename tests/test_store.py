@@ -718,3 +718,47 @@ def test_a_plan_gives_up_when_the_writer_is_stopping(tmp_path: Path, table: Pref
         assert store.conn.execute(intervals).fetchall() != before
     finally:
         store.close()
+
+
+def test_tails_beyond_the_cap_go_and_a_late_result_is_refolded(
+    tmp_path: Path, table: PrefixTable
+) -> None:
+    """Only the most recently folded URLs keep a tail; one whose tail went takes a slightly
+    late result through the refold from stored results, and ends as if it came in order."""
+    policy = Policy(confirmations=2, min_vantage_points=1)
+    stores = [Store(tmp_path / f"{name}.db", table, policy) for name in ("capped", "in-order")]
+    try:
+        for store in stores:
+            store.submit_reports([report(f"http://x.example/{i}") for i in range(4)], NOW,
+                                 PLANNER)  # fmt: skip
+            for name in ("a", "b"):
+                store.register_agent(name, name, "1", NOW)
+        capped, in_order = stores
+        capped.projection.tail_urls = 2
+        capped.ingest(1, [res(1, 10)], NOW + 10)
+        capped.ingest(2, [res(1, 30, 404)], NOW + 30)
+        assert capped.projection.entries[1].tail is not None
+        capped.ingest(1, [res(2, 31), res(3, 32), res(4, 33)], NOW + 33)  # URL 1's tail goes
+        assert capped.projection.entries[1].tail is None
+        capped.ingest(1, [res(1, 20, 404)], NOW + 34)  # before b's 404: the fold is past it
+        assert capped.projection.pending == 1
+        capped.refold_due(NOW + 34 + REFOLD_DELAY)
+        assert capped.projection.pending == 0
+        capped.ingest(1, [res(1, 40, 404)], NOW + 40)  # a's second 404 confirms
+
+        in_order.ingest(1, [res(1, 10)], NOW + 10)
+        in_order.ingest(1, [res(1, 20, 404)], NOW + 20)
+        in_order.ingest(2, [res(1, 30, 404)], NOW + 30)
+        in_order.ingest(1, [res(2, 31), res(3, 32), res(4, 33)], NOW + 33)
+        in_order.ingest(1, [res(1, 40, 404)], NOW + 40)
+        for store in stores:
+            store.flush(NOW + 41)
+        states = [
+            [(s.url_id, s.state, s.removal_first_removed_at) for s in url_statuses(store.conn)]
+            for store in stores
+        ]
+        assert states[0] == states[1]
+        assert (1, "removed", NOW + 20) in states[0]
+    finally:
+        for store in stores:
+            store.close()
