@@ -47,7 +47,6 @@ from bench.common import (
     submit_urls,
     table,
 )
-from bench.tails import measure as measure_tails
 
 TARGET_AGENT_RSS = 150 * MIB
 TARGET_COLLECTOR_RSS = 1024 * MIB
@@ -174,6 +173,7 @@ async def _scale(
     n: int, agents: int, changes: int, fill_urls: int, seconds: float, workdir: Path
 ) -> ScaleReport:
     from bench.ingest import PEER, PROVIDER, build_batches  # not in the agent child
+    from bench.tails import measure as measure_tails  # nor this (it imports the store)
 
     report = ScaleReport(n, agents)
     f = report.figures

@@ -39,8 +39,8 @@ from collector.schedule import Planner
 
 log = logging.getLogger(__name__)
 
-# URLs whose verdicts stay in memory: about 3 KB each with ten agents.
-CACHE_URLS = 200_000
+# URLs whose verdicts stay in memory: about 6 KB each with ten agents (bench scale).
+CACHE_URLS = 100_000
 # URLs that also keep a `Tail` (a second fold, a snapshot and up to TAIL_LENGTH observations:
 # about 6.5 KB more with ten agents), the most recently folded: a result a little older than
 # one already folded is inserted without a reread. Beyond them a URL keeps its fold only, and
