@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,43 @@ async def scrape(port: int, host: str = "127.0.0.1") -> dict[str, list[Any]]:
         assert response.status == 200
         text = await response.text()
     return samples_of(text)
+
+
+# PYTHONPATH as the tests found it, before `programs_without_pandas` (None: not set).
+PYTHONPATH = os.environ.get("PYTHONPATH")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def programs_without_pandas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The programs the tests start find no pandas, as in the product's own installs.
+
+    pandas is here only for the tests' own cross-checks (lifelines, the dev extra); the
+    product neither depends on it nor uses it. But sqlite_utils imports pandas whenever it is
+    installed, so every process the tests start that loads the collector's store (about 120 a
+    run: the `takedown-collector` commands, the collector's signature workers, the benchmarks'
+    children) spent 0.5-0.7 s of CPU importing pandas. A package named pandas first on
+    PYTHONPATH that fails to import stands in for its absence, as bench/scale.py does for its
+    agent child; this process (pytest, lifelines) keeps the real one. A child that must see
+    every installed module gets `unmasked_environment()`.
+    """
+    stub = tmp_path_factory.mktemp("no-pandas") / "pandas"
+    stub.mkdir()
+    (stub / "__init__.py").write_text(
+        'raise ImportError("pandas is not installed for the programs under test")\n'
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(stub.parent), PYTHONPATH])))
+        yield
+
+
+def unmasked_environment() -> dict[str, str]:
+    """This environment with PYTHONPATH as the tests found it: pandas importable again."""
+    env = dict(os.environ)
+    if PYTHONPATH is None:
+        env.pop("PYTHONPATH", None)
+    else:
+        env["PYTHONPATH"] = PYTHONPATH
+    return env
 
 
 @pytest.fixture

@@ -675,16 +675,19 @@ class TestReport:
 
     async def test_markdown_window(self, db: Path) -> None:
         """--format markdown within a window that holds the reports; an empty window says so."""
-        rc, out, err, _ = await run_async(
-            COLLECTOR, "report", "--db", str(db), "--format", "markdown",
-            "--since", "2026-01-05T00:00:00+00:00", "--until", "2026-01-06T00:00:00Z",
+        window, empty = await asyncio.gather(  # two processes side by side
+            run_async(
+                COLLECTOR, "report", "--db", str(db), "--format", "markdown",
+                "--since", "2026-01-05T00:00:00+00:00", "--until", "2026-01-06T00:00:00Z",
+            ),
+            run_async(COLLECTOR, "report", "--db", str(db), "--format", "markdown",
+                      "--since", "1h"),
         )  # fmt: skip
+        rc, out, err, _ = window
         assert rc == 0, err
         assert out.startswith("| provider")
         assert "not ranked" in out
-        rc, out, err, _ = await run_async(
-            COLLECTOR, "report", "--db", str(db), "--format", "markdown", "--since", "1h"
-        )
+        rc, out, err, _ = empty
         assert rc == 0, err
         assert "(no reports yet)" in out
 

@@ -34,18 +34,25 @@ def test_sample_values_are_spelled_as_prometheus_client_does(value: float) -> No
     assert sample_value(value) == floatToGoString(value)  # type: ignore[no-untyped-call]
 
 
+# The strategies `families` draws from, built once. Built inside the draw, those Hypothesis
+# cannot cache (a filter or a uniqueness by a new lambda, a sampled_from of a new list) were
+# built and validated again at every example: most of the test's time.
+kinds = st.sampled_from(["gauge", "counter", "histogram"])
+label_names = st.sampled_from([None, "reason"])
+bucket_counts = st.lists(st.integers(0, 1000), min_size=1, max_size=4)
+labelled_values = st.lists(st.tuples(values, texts), max_size=3, unique_by=lambda p: p[1])
+
+
 @st.composite
 def families(draw: st.DrawFn) -> list[tuple[Family, Metric]]:
     """Agent families and the prometheus_client families they stand for."""
     out: list[tuple[Family, Metric]] = []
-    used: set[str] = set()
-    for _ in range(draw(st.integers(1, 5))):
-        name = draw(names.filter(lambda n: n not in used))
-        used.add(name)
+    n = draw(st.integers(1, 5))
+    for name in draw(st.lists(names, min_size=n, max_size=n, unique=True)):
         help_text = draw(texts)
-        kind = draw(st.sampled_from(["gauge", "counter", "histogram"]))
+        kind = draw(kinds)
         if kind == "histogram":
-            counts = sorted(draw(st.lists(st.integers(0, 1000), min_size=1, max_size=4)))
+            counts = sorted(draw(bucket_counts))
             bounds = sorted(set(draw(st.lists(st.floats(0.001, 1e6), min_size=len(counts),
                                               max_size=len(counts)))))  # fmt: skip
             buckets = [(sample_value(b), float(c)) for b, c in zip(bounds, counts, strict=False)]
@@ -58,10 +65,9 @@ def families(draw: st.DrawFn) -> list[tuple[Family, Metric]]:
         else:
             mine = (gauge if kind == "gauge" else counter)(name, help_text)
             make = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            label = draw(st.sampled_from([None, "reason"]))
+            label = draw(label_names)
             theirs = make(name, help_text, labels=[label] if label else None)
-            for value, text in draw(st.lists(st.tuples(values, texts), max_size=3,
-                                             unique_by=lambda p: p[1])):  # fmt: skip
+            for value, text in draw(labelled_values):
                 if kind == "counter" and not value >= 0:
                     continue
                 if label:

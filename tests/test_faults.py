@@ -470,8 +470,10 @@ async def run_scenario(
         stack = Stack(procs, workdir, label)
         await stack.start_collector()
         await stack.import_urls([scenario.url(hoster, p) for p in scenario.paths])
-        for name, source in (("agent-1", AGENT_1), ("agent-2", AGENT_2)):
-            await stack.start_agent(stack.add_agent(name, source))
+        agents = [stack.add_agent("agent-1", AGENT_1), stack.add_agent("agent-2", AGENT_2)]
+        for agent in agents:  # both start at once; each is waited for until it serves
+            agent.proc.start()
+        await asyncio.gather(*(stack.start_agent_started(agent) for agent in agents))
         await until(
             lambda: states(stack.db) == scenario.initial(), 30, f"{label}: every URL seen online"
         )
@@ -531,10 +533,12 @@ async def test_kills_and_partition_lose_nothing_and_count_nothing_twice(
     # spread over transactions, so no ack waits for all of it.
     assert faulty.faults.slow_acks == 0, f"{faulty.faults.slow_acks} acks took over {SLOW_ACK}s"
     assert_no_errors(procs)  # e.g. an agent that died of a race when its collector was killed
-    for label in ("clean", "faulty"):
-        db = tmp_path / label / "collector.db"
-        before = verdicts(db)
-        await refold_unchanged(db, f"{INTERVAL}s")
+    dbs = {label: tmp_path / label / "collector.db" for label in ("clean", "faulty")}
+    incremental = {label: verdicts(db) for label, db in dbs.items()}
+    # Two processes on two databases: the refolds run side by side.
+    await asyncio.gather(*(refold_unchanged(db, f"{INTERVAL}s") for db in dbs.values()))
+    for label, db in dbs.items():
+        before = incremental[label]
         after = verdicts(db)
         assert after == before, f"{label}: refold from stored results differs:\n" + "\n".join(
             f"{table}: incremental only {sorted((Counter(b) - Counter(a)).elements(), key=repr)},"

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -92,15 +93,23 @@ def collector(*args: str) -> str:
     return done.stdout
 
 
+def side_by_side(*commands: tuple[str, ...]) -> list[str]:
+    """`collector(*command)` for each command, the processes running at the same time."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: collector(*args), commands))
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
     """The JSON report and the html page, both from one database."""
     tmp = tmp_path_factory.mktemp("html")
     db = make_db(tmp / "c.db")
-    records = json.loads(collector("report", "--db", str(db), "--format", "json"))
     page = tmp / "report.html"
-    collector("report", "--db", str(db), "--format", "html", "-o", str(page))
-    return records, page
+    json_text, _ = side_by_side(
+        ("report", "--db", str(db), "--format", "json"),
+        ("report", "--db", str(db), "--format", "html", "-o", str(page)),
+    )
+    return json.loads(json_text), page
 
 
 class Cells(HTMLParser):
@@ -174,9 +183,10 @@ class TestCountries:
             "Tiny Host": [],
         }
         db = make_db(tmp_path / "c.db")
-        csv_text = collector("report", "--db", str(db), "--format", "csv")
+        csv_text, table = side_by_side(
+            ("report", "--db", str(db), "--format", "csv"), ("report", "--db", str(db))
+        )
         assert csv_text.splitlines()[0].endswith(",countries") and ",DE US\n" in csv_text
-        table = collector("report", "--db", str(db))
         assert "from" in table.splitlines()[0] and " DE,US " in table
         assert ">DE, US<" in page.read_text()
 

@@ -708,27 +708,35 @@ class TestCommandLine:
         """serve without certificates, or --auth none without --insecure, is a usage error."""
         db = str(tmp_path / "c.db")
         common = ("--db", db, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
-        rc, _, err = await cli(COLLECTOR_BIN, "serve", *common)
+        no_tls, auth_none, insecure = await asyncio.gather(  # three processes side by side
+            cli(COLLECTOR_BIN, "serve", *common),
+            cli(COLLECTOR_BIN, "serve", *common, "--auth", "none", "--cert-file", db,
+                "--key-file", db),
+            cli(COLLECTOR_BIN, "serve", *common, "--insecure", "--cert-file", db),
+        )  # fmt: skip
+        rc, _, err = no_tls
         assert rc == 2 and "--cert-file" in err
-        rc, _, err = await cli(
-            COLLECTOR_BIN, "serve", *common, "--auth", "none", "--cert-file", db, "--key-file", db
-        )
+        rc, _, err = auth_none
         assert rc == 2 and "--auth none" in err
-        rc, _, err = await cli(COLLECTOR_BIN, "serve", *common, "--insecure", "--cert-file", db)
+        rc, _, err = insecure
         assert rc == 2 and "--insecure excludes" in err
 
     async def test_agent_and_import_need_a_token_unless_insecure(self, tmp_path: Path) -> None:
         """Without --insecure a token is required; a missing token file is named."""
         reports = tmp_path / "r.csv"
         reports.write_text("url,notified_at\nhttp://a.example/1,2026-01-05T10:00:00Z\n")
-        rc, _, err = await cli(COLLECTOR_BIN, "import", str(reports), "--collector", "x:1")
-        assert rc == 2 and "token is required" in err
-        rc, _, err = await cli(AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n")
-        assert rc == 2 and "token is required" in err
         missing = tmp_path / "nope.token"
-        rc, _, err = await cli(
-            AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n", "--token-file", str(missing)
-        )
+        importer, agent, agent_file = await asyncio.gather(  # three processes side by side
+            cli(COLLECTOR_BIN, "import", str(reports), "--collector", "x:1"),
+            cli(AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n"),
+            cli(AGENT_BIN, "--collector", "127.0.0.1:1", "--network", "n", "--token-file",
+                str(missing)),
+        )  # fmt: skip
+        rc, _, err = importer
+        assert rc == 2 and "token is required" in err
+        rc, _, err = agent
+        assert rc == 2 and "token is required" in err
+        rc, _, err = agent_file
         assert rc == 2 and str(missing) in err and "Traceback" not in err
 
 

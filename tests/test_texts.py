@@ -196,6 +196,7 @@ async def test_the_agent_keeps_probing_while_its_texts_compact(
         first_spread=MONTH,  # the 300,000 come due over a month: hardly any in this test
         jitter=0.0,
         metrics_listen=f"{LOOPBACK}:0",
+        drain_timeout=0.0,  # at the stop, no collector will ever take the results: don't wait
     )
     agent = Agent(config, rng=random.Random(5))
     texts = agent.texts
