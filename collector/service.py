@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from client.digests import BUCKETS, Digests, bucket_of
 from collector.auth import INTAKE_SOURCE
+from collector.evidence.errors import EvidenceError
 from collector.evidence.wire import batch_tree
 from collector.ratelimit import RateLimiter
 from collector.reports_file import ReportIn
@@ -532,9 +533,16 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                         f"result seq {r.seq} has no url_sha256; an agent that signs gives each"
                         " result the SHA-256 of its URL; nothing of this batch was stored",
                     )
-            tree = await self.signatures.check(
-                session.public_key, session.name, session.network, batch
-            )
+            try:
+                tree = await self.signatures.check(
+                    session.public_key, session.name, session.network, batch
+                )
+            except EvidenceError as exc:  # a value no observation can hold (seq beyond 2^53)
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"batch {batch.batch_id}: a result cannot be an observation ({exc});"
+                    " nothing of this batch was stored",
+                ) from exc
             if tree is None:
                 self.metrics.signatures_failed.inc()
                 log.warning("signature_refused agent=%s batch=%d", session.name, batch.batch_id)
@@ -556,7 +564,14 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             return [None] * len(wire)
         for r in known:
             r.url_sha256 = hashes[r.url_id]
-        tree = batch_tree(session.name, session.network, known)
+        try:
+            tree = batch_tree(session.name, session.network, known)
+        except EvidenceError as exc:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch {batch.batch_id}: a result cannot be an observation ({exc});"
+                " nothing of this batch was stored",
+            ) from exc
         unsigned = SignedBatch(session.name, session.network, tree.size, tree.root, b"",
                                tree.hashes)  # fmt: skip
         out: list[Evidence | None] = []

@@ -237,6 +237,23 @@ class TestStream:
             assert "pinned public key" in (error.details() or "")
         assert leaf_kinds(collector).count("agent_key") == 1
 
+    async def test_a_result_no_observation_can_hold_is_refused_by_name(
+        self, channel: grpc.aio.Channel, collector: Collector
+    ) -> None:
+        """A seq beyond what the canonical JSON of a leaf keeps exactly (2^53): the batch is
+        refused as invalid, saying why, and nothing of it is stored."""
+        url_id, call, _ = await signed_stream(channel)
+        results = [result(url_id, 1), result(url_id, 2)]
+        results[1].seq = 2**60
+        results[1].url_sha256 = url_sha256(URL)
+        results[0].url_sha256 = url_sha256(URL)
+        batch = pb.ResultBatch(batch_id=1, results=results, batch_signature=bytes(64))
+        await call.write(pb.AgentMessage(batch=batch))
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "a result cannot be an observation" in (error.details() or "")
+        assert stored(collector) == 0
+
     async def test_unassigned_or_misnamed_result_is_refused_alone(
         self, channel: grpc.aio.Channel, collector: Collector
     ) -> None:
