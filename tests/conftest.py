@@ -64,8 +64,8 @@ def programs_without_pandas(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     run: the `takedown-collector` commands, the collector's signature workers, the benchmarks'
     children) spent 0.5-0.7 s of CPU importing pandas. A package named pandas first on
     PYTHONPATH that fails to import stands in for its absence, as bench/scale.py does for its
-    agent child; this process (pytest, lifelines) keeps the real one. A child that must see
-    every installed module gets `unmasked_environment()`.
+    agent child; this process (pytest, lifelines) keeps the real one. A test whose programs
+    must find pandas asks for `programs_with_pandas`.
     """
     stub = tmp_path_factory.mktemp("no-pandas") / "pandas"
     stub.mkdir()
@@ -77,14 +77,13 @@ def programs_without_pandas(tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield
 
 
-def unmasked_environment() -> dict[str, str]:
-    """This environment with PYTHONPATH as the tests found it: pandas importable again."""
-    env = dict(os.environ)
+@pytest.fixture
+def programs_with_pandas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The programs this test starts see PYTHONPATH as the tests found it: pandas is back."""
     if PYTHONPATH is None:
-        env.pop("PYTHONPATH", None)
+        monkeypatch.delenv("PYTHONPATH", raising=False)
     else:
-        env["PYTHONPATH"] = PYTHONPATH
-    return env
+        monkeypatch.setenv("PYTHONPATH", PYTHONPATH)
 
 
 @pytest.fixture

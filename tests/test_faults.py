@@ -511,6 +511,10 @@ async def run_scenario(
 
 @pytest.mark.integration
 @pytest.mark.slow
+# Its collectors still load pandas (tests/conftest.py). Without it, as installed for production,
+# fewer collector runs ended with results to redeliver (6 of 30 against 15 of 24, why is not
+# known) and one run in ten had none, which fails the `duplicates_absorbed > 0` check below.
+@pytest.mark.usefixtures("programs_with_pandas")
 async def test_kills_and_partition_lose_nothing_and_count_nothing_twice(
     tmp_path: Path, procs: Procs
 ) -> None:

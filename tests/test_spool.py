@@ -28,7 +28,6 @@ from agent.spool import (
     evidence,
     outcome,
 )
-from tests.conftest import unmasked_environment
 from tests.procs import until
 
 T0 = 1_700_000_000.0
@@ -531,6 +530,7 @@ class TestBadFiles:
 
 
 class TestImports:
+    @pytest.mark.usefixtures("programs_with_pandas")  # importable, as the dev extras install it
     def test_the_agent_imports_neither_sqlite_utils_nor_numpy(self) -> None:
         """The agent's modules stay off sqlite_utils, which pulls numpy and pandas in (RSS)."""
         script = (
@@ -538,9 +538,8 @@ class TestImports:
             " print(sorted(m for m in ('sqlite_utils', 'numpy', 'pandas') if m in sys.modules))"
         )
         out = subprocess.run(
-            [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60,
-            env=unmasked_environment(),  # pandas importable, as the dev extras install it
-        )  # fmt: skip
+            [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+        )
         assert out.stdout.strip() == "[]"
 
 
