@@ -538,11 +538,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                     session.public_key, session.name, session.network, batch
                 )
             except EvidenceError as exc:  # a value no observation can hold (seq beyond 2^53)
-                raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"batch {batch.batch_id}: a result cannot be an observation ({exc});"
-                    " nothing of this batch was stored",
-                ) from exc
+                raise _unobservable(batch, exc) from exc
             if tree is None:
                 self.metrics.signatures_failed.inc()
                 log.warning("signature_refused agent=%s batch=%d", session.name, batch.batch_id)
@@ -567,11 +563,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         try:
             tree = batch_tree(session.name, session.network, known)
         except EvidenceError as exc:
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch {batch.batch_id}: a result cannot be an observation ({exc});"
-                " nothing of this batch was stored",
-            ) from exc
+            raise _unobservable(batch, exc) from exc
         unsigned = SignedBatch(session.name, session.network, tree.size, tree.root, b"",
                                tree.hashes)  # fmt: skip
         out: list[Evidence | None] = []
@@ -583,6 +575,15 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             else:
                 out.append(None)
         return out
+
+
+def _unobservable(batch: pb.ResultBatch, exc: EvidenceError) -> Refused:
+    """A batch refused because one of its results cannot be an evidence observation."""
+    return Refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"batch {batch.batch_id}: a result cannot be an observation ({exc});"
+        " nothing of this batch was stored",
+    )
 
 
 _SUBMITTED = {
