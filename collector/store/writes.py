@@ -644,6 +644,7 @@ class Store:
         assert log is not None
         received = us(now)
         indices = []
+        batches: dict[int, int] = {}  # id of a SignedBatch: its batch leaf
         for r, where in zip(accepted, wheres, strict=True):
             evidence = r.evidence
             if evidence is None:
@@ -654,9 +655,10 @@ class Store:
             if evidence.url_sha256 != self.ledger.url_sha256(r.url_id):
                 raise StoreError(f"seq {r.seq}: the observation is of another URL")
             b = evidence.batch
-            batch = log.batch(
-                ev.BatchLeaf(b.agent, b.network, b.size, b.root, b.signature, received), b.hashes
-            )
+            batch = batches.get(id(b))  # the results of one batch share its SignedBatch
+            if batch is None:
+                leaf = ev.BatchLeaf(b.agent, b.network, b.size, b.root, b.signature, received)
+                batch = batches[id(b)] = log.batch(leaf, b.hashes)
             attribution = (
                 ev.Attribution(where.provider, where.asn or 0, where.cdn)
                 if where
