@@ -28,6 +28,7 @@ from collector.store.credentials import (
     pin_agent_key,
     revoke_credentials,
 )
+from collector.store.sql import label
 from collector.tokens import Role, new_token
 
 MAX_NAME = 128  # as the collector checks an agent's hello
@@ -87,9 +88,9 @@ def credentials_command(
                 "--token-file of takedown-agent" if role is Role.AGENT else "--token-file of import"
             )
             print(
-                f"{what} {name!r}: token id {made.token_id} created in {args.db}. It is shown only"
-                f" this once (the database keeps a hash): store it in a file readable only by"
-                f" the {what} (chmod 600) and give it as {use}.",
+                f"{what} {name!r}: token id {made.token_id} created in {label(args.db)}. It is"
+                f" shown only this once (the database keeps a hash): store it in a file readable"
+                f" only by the {what} (chmod 600) and give it as {use}.",
                 file=err,
             )
             return 0
@@ -97,7 +98,7 @@ def credentials_command(
             assert name is not None
             count = revoke_credentials(conn, role.value, name, now)
             if not count:
-                print(f"revoke: no live token for {what} {name!r} in {args.db}", file=err)
+                print(f"revoke: no live token for {what} {name!r} in {label(args.db)}", file=err)
                 return 1
             print(
                 f"{what} {name!r}: {count} token(s) revoked; open streams end within the"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from collector.selfmetrics import SelfMetrics
-from collector.store import StoreError
 from collector.store.credentials import Credential, find_token, revoked_among
 from collector.store.reads import connect_readonly
+from collector.store.sql import READ_ERRORS
 from collector.tokens import Role, matches, token_id_of
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | str,
         *,
         tokens: bool = True,
         mutual_tls: bool = False,
@@ -224,7 +223,7 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await self._refuse(context, unauthenticated, "malformed", "invalid token", method)
         try:
             found = await asyncio.to_thread(self._find, token_id)
-        except (StoreError, sqlite3.Error) as exc:
+        except READ_ERRORS as exc:
             log.error("auth_unavailable error=%s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "credentials cannot be checked")
         who = f"token_id={token_id}"
@@ -377,5 +376,5 @@ class Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await asyncio.sleep(every)
             try:
                 await self.revalidate()
-            except (StoreError, sqlite3.Error) as exc:
+            except READ_ERRORS as exc:
                 log.error("auth_revalidate_failed error=%s", exc)

@@ -52,6 +52,7 @@ from collector.server import CollectorConfig, serve
 from collector.store import Store, StoreError
 from collector.store.history import url_history
 from collector.store.reads import UrlOutcome, connect_readonly, url_outcomes
+from collector.store.sql import DB_HELP, database, is_postgres, label
 from collector.timeline import DEFAULT_ORDER_DEADLINE, render_timeline
 from collector.tokens import Role
 
@@ -133,7 +134,7 @@ def serve_parser() -> configargparse.ArgParser:
     p = _parser(
         "serve", "Run the collector: agent streams and intake over gRPC, /metrics over HTTP."
     )
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--db", type=database, default=Path("takedown.db"), help=DB_HELP)
     p.add_argument(
         "--listen", type=host_port, default="127.0.0.1:7443", help="gRPC address, HOST:PORT"
     )
@@ -392,7 +393,7 @@ def _tokens_parser(command: str, description: str, whose_name: str) -> configarg
     p = _parser(command, description)
     p.add_argument("action", choices=["add", "list", "revoke"], help="what to do")
     p.add_argument("name", nargs="?", help=f"{whose_name} (add, revoke)")
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--db", type=database, default=Path("takedown.db"), help=DB_HELP)
     p.add_argument(
         "--replace",
         action="store_true",
@@ -455,7 +456,7 @@ def ca_parser() -> configargparse.ArgParser:
 
 
 def _table_options(p: configargparse.ArgParser, deadline_help: str) -> None:
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="SQLite database file")
+    p.add_argument("--db", type=database, default=Path("takedown.db"), help=DB_HELP)
     p.add_argument("--deadline", type=duration, action="append", help=deadline_help)
     p.add_argument(
         "--order-deadline",
@@ -703,7 +704,7 @@ def _refold(parser: configargparse.ArgParser, args: configargparse.Namespace) ->
     attribution = build_attributor(
         args.prefixes, args.asn_mmdb, args.ipasn, args.as_names, args.cdn_asns
     )
-    if not args.db.exists():
+    if not is_postgres(args.db) and not args.db.exists():
         raise StoreError(f"{args.db}: no such database")
     signer = load_log_key(args.log_key_file) if args.log_key_file else None
     store = Store(args.db, attribution, policy, planner=planner, log_signer=signer)
@@ -845,7 +846,7 @@ def _url(args: configargparse.Namespace) -> int:
     finally:
         conn.close()
     if history is None:
-        print(f"takedown-collector url: no URL {args.key!r} in {args.db}", file=sys.stderr)
+        print(f"takedown-collector url: no URL {args.key!r} in {label(args.db)}", file=sys.stderr)
         return 1
     regimes = tuple(args.deadline or DEFAULT_DEADLINES)
     sys.stdout.write(

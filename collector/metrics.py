@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +34,8 @@ from prometheus_client.registry import Collector
 from client.exposition import label_value, sample_value
 from collector.durations import duration_label as deadline_label
 from collector.method import METHOD_VERSION, UrlState
-from collector.store import StoreError, reads
+from collector.store import reads
+from collector.store.sql import READ_ERRORS, Connection
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class StateCollector(Collector):
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | str,
         connected: Callable[[], dict[int, tuple[str, str]]],
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         deadlines: Sequence[float] = DEFAULT_DEADLINES,
@@ -199,7 +199,7 @@ class StateCollector(Collector):
         """A background scan; the scrape that started it took the lock for it."""
         try:
             self._scan_holding_lock()
-        except (sqlite3.Error, StoreError) as exc:
+        except READ_ERRORS as exc:
             log.error("metrics_scan_failed error=%s", exc)
         finally:
             self._scanning.release()
@@ -282,7 +282,7 @@ class StateCollector(Collector):
             family.add_metric([f.provider], points, total)
         yield family
 
-    def _agents(self, conn: sqlite3.Connection) -> Iterator[Metric]:
+    def _agents(self, conn: Connection) -> Iterator[Metric]:
         live = self.connected()
         agents = reads.agents(conn)
         up = GaugeMetricFamily(

@@ -33,6 +33,7 @@ from collector.signatures import Signatures
 from collector.store import Store, StoreError, Writer
 from collector.store.model import DEFAULT_FLUSH_EVERY
 from collector.store.reads import integrity_problem
+from collector.store.sql import label
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ FIRST_SCAN_WAIT = 120.0
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    db: Path
+    db: Path | str  # a SQLite file, or a PostgreSQL URI
     listen: str = "127.0.0.1:7443"
     metrics_listen: str = "127.0.0.1:9464"
     prefixes: Path | None = None
@@ -238,7 +239,7 @@ class Collector:
             "collector_started grpc_port=%d metrics_port=%d db=%s tls=%s tokens=%s",
             self.grpc_port,
             self.metrics_port,
-            self.config.db,
+            label(self.config.db),
             "mutual" if mutual_tls(self.config) else "on" if self.config.tls else "off",
             "required" if self.config.require_tokens else "off",
         )
@@ -292,7 +293,7 @@ class Collector:
                 log.error("database_integrity_failed db=%s problem=%s: no report or result is"
                           " accepted from now on (agents keep theirs spooled); stop the"
                           " collector and restore the database from a backup (README,"
-                          " Upgrading)", db, problem)  # fmt: skip
+                          " Upgrading)", label(db), problem)  # fmt: skip
                 try:
                     await self.writer.run(lambda s: s.refuse_writes(problem))
                 except StoreError:

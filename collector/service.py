@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -39,6 +38,7 @@ from collector.store.reads import (
     connect_readonly,
     targets_by_bucket,
 )
+from collector.store.sql import Connection
 from collector.urls import InvalidURL, normalize_url
 from protos.takedown.v1 import takedown_pb2 as pb
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
@@ -227,9 +227,7 @@ def reconcile(targets: Iterable[Target], theirs: Sequence[int]) -> Iterator[pb.A
     return bucket_updates(grouped, differ)
 
 
-def assignment_updates(
-    conn: sqlite3.Connection, theirs: Sequence[int]
-) -> Iterator[pb.AssignmentUpdate]:
+def assignment_updates(conn: Connection, theirs: Sequence[int]) -> Iterator[pb.AssignmentUpdate]:
     """The reconcile updates read lazily from the database, one snapshot for all of them.
 
     Run it, and step it, in a worker thread: the first step may sort the differing buckets.
@@ -298,7 +296,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         self,
         writer: Writer,
         hub: AgentHub,
-        db_path: Path,
+        db_path: Path | str,
         clock: Callable[[], float] = time.time,
         metrics: SelfMetrics | None = None,
         *,

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import multiprocessing
 import signal
-import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from collector.evidence.leaves import batch_signing_bytes
 from collector.evidence.note import ed25519_verifies
 from collector.evidence.wire import BatchTree, batch_tree
 from collector.store.reads import connect_readonly, url_hashes
+from collector.store.sql import Connection
 from protos.takedown.v1 import takedown_pb2 as pb
 
 # URL hashes kept in memory (32 bytes and a dict slot each); beyond it the cache starts over.
@@ -52,10 +52,10 @@ def _orphan_dies() -> None:
 class Signatures:
     """Checks batch signatures and finds URL hashes; `close()` when done."""
 
-    def __init__(self, db_path: Path, workers: int = 0) -> None:
+    def __init__(self, db_path: Path | str, workers: int = 0) -> None:
         self.db_path = db_path
         self._hashes: dict[int, bytes] = {}
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         # The database is read on one thread (a connection serves one statement at a time).
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="url-hashes")
         self._pool: Executor | None = None

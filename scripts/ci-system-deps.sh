@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and bench smoke runs need: promtool, prometheus, amtool,
-# prometheus-alertmanager, blackbox_exporter, systemd-analyze, ip netns, and chromium (headless,
-# for the HTML report test).
+# prometheus-alertmanager, blackbox_exporter, systemd-analyze, ip netns, chromium (headless,
+# for the HTML report test), and postgresql (the suite starts its own server, tests/pg.py).
 # Idempotent and quiet unless something fails.
 set -euo pipefail
 
-packages=(prometheus prometheus-alertmanager prometheus-blackbox-exporter systemd iproute2 chromium)
+packages=(prometheus prometheus-alertmanager prometheus-blackbox-exporter systemd iproute2 chromium
+    postgresql)
 missing=()
 for pkg in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

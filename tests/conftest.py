@@ -177,3 +177,22 @@ async def agents(collector: Collector) -> AsyncIterator[Callable[[str, str, str]
         stop.set()
     for _, _, task in running:
         await asyncio.wait_for(task, timeout=15)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (tests/pg.py)."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_dsn(postgres: Any) -> str:
+    """The DSN of a fresh, empty database on the session's PostgreSQL server."""
+    return str(postgres.new_database())

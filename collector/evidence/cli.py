@@ -18,6 +18,7 @@ from collector.evidence.errors import EvidenceError
 from collector.evidence.logkey import init_log_key, read_verifier
 from collector.evidence.note import NoteVerifier
 from collector.evidence.verify import Report, verify_bundle
+from collector.store.sql import DB_HELP, database
 
 EVIDENCE_HELP = (
     "Evidence bundles: 'export (URL | --provider P) [--since T] -o DIR --log-key KEY' writes"
@@ -38,7 +39,7 @@ def evidence_options(p: Any) -> Any:
         " wrote), or a file holding it. export: required; verify: without it the bundle's own"
         " log.vkey is used and printed for you to compare",
     )
-    p.add_argument("--db", type=Path, default=Path("takedown.db"), help="export: SQLite database")
+    p.add_argument("--db", type=database, default=Path("takedown.db"), help=f"export: {DB_HELP}")
     p.add_argument("-o", "--out", type=Path, help="export: the bundle directory to create")
     p.add_argument("--provider", help="export: every URL first attributed to this provider")
     p.add_argument(

@@ -8,16 +8,13 @@ lets readers on); the running collector only reads, once per call it checks.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
 from collector.store.model import StoreError
 from collector.store.schema import migrations
-from collector.store.writes import translate
+from collector.store.sql import DB_ERRORS, Connection, PgConnection, connect, translate
 
 
 @dataclass(frozen=True)
@@ -39,23 +36,26 @@ class CredentialConflict(StoreError):
 _COLUMNS = "c.id, c.role, c.name, c.network, c.token_id, c.created_at, c.revoked_at"
 
 
-def connect_credentials(path: Path) -> sqlite3.Connection:
-    """A write connection for the credential commands; creates and migrates the file if needed.
-
-    Unlike the collector's writer it skips the integrity check, so it is quick on a large file.
-    """
+def connect_credentials(path: Path | str) -> Connection:
+    """A write connection for the credential commands; creates and migrates the database if
+    needed. Unlike the collector's writer it skips the integrity check, so it is quick on a
+    large file."""
+    db = None
     try:
-        conn = sqlite3.connect(str(path), isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
-        conn.execute("PRAGMA journal_mode=WAL")
-        migrations.apply(sqlite_utils.Database(conn))
-    except sqlite3.Error as exc:
-        raise translate(exc, path) from exc
-    return conn
+        db = connect(path)
+        if not db.postgres:
+            db.conn.execute("PRAGMA busy_timeout=10000")
+            db.conn.execute("PRAGMA journal_mode=WAL")
+        migrations.apply(db)
+    except DB_ERRORS as exc:
+        if db is not None:
+            db.close()
+        raise translate(exc, db.name if db else str(path)) from exc
+    return db.conn  # type: ignore[no-any-return]
 
 
 def add_credential(
-    conn: sqlite3.Connection,
+    conn: Connection,
     role: str,
     name: str,
     network: str | None,
@@ -67,7 +67,8 @@ def add_credential(
 ) -> Credential:
     """Store a credential; with `replace`, revoke the name's live one in the same transaction."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        # SQLite: take the write lock now; PostgreSQL: the unique index guards the race.
+        conn.execute("BEGIN" if isinstance(conn, PgConnection) else "BEGIN IMMEDIATE")
         try:
             if replace:
                 conn.execute(
@@ -84,20 +85,19 @@ def add_credential(
                 )
             row_id = conn.execute(
                 "INSERT INTO credentials (role, name, network, token_id, token_sha256, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 (role, name, network, token_id, token_digest, now),
-            ).lastrowid
+            ).fetchone()[0]
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    except sqlite3.Error as exc:
+    except DB_ERRORS as exc:
         raise StoreError(f"credentials: {exc}") from exc
-    assert row_id is not None
-    return Credential(row_id, role, name, network, token_id, now, None)
+    return Credential(int(row_id), role, name, network, token_id, now, None)
 
 
-def revoke_credentials(conn: sqlite3.Connection, role: str, name: str, now: float) -> int:
+def revoke_credentials(conn: Connection, role: str, name: str, now: float) -> int:
     """Revoke every live credential of `name` in `role`; return how many were revoked."""
     try:
         cursor = conn.execute(
@@ -105,12 +105,12 @@ def revoke_credentials(conn: sqlite3.Connection, role: str, name: str, now: floa
             " WHERE role = ? AND name = ? AND revoked_at IS NULL",
             (now, role, name),
         )
-    except sqlite3.Error as exc:
+    except DB_ERRORS as exc:
         raise StoreError(f"credentials: {exc}") from exc
-    return cursor.rowcount
+    return int(cursor.rowcount)
 
 
-def list_credentials(conn: sqlite3.Connection, role: str) -> list[Credential]:
+def list_credentials(conn: Connection, role: str) -> list[Credential]:
     """Every credential of a role, live and revoked, with the agent's last sighting."""
     return [
         Credential(*row)
@@ -123,7 +123,7 @@ def list_credentials(conn: sqlite3.Connection, role: str) -> list[Credential]:
     ]
 
 
-def find_token(conn: sqlite3.Connection, token_id: str) -> tuple[Credential, bytes] | None:
+def find_token(conn: Connection, token_id: str) -> tuple[Credential, bytes] | None:
     """The credential with this public token id and its stored digest (revoked ones too)."""
     row = conn.execute(
         f"SELECT {_COLUMNS}, c.token_sha256 FROM credentials c WHERE c.token_id = ?",
@@ -135,7 +135,7 @@ def find_token(conn: sqlite3.Connection, token_id: str) -> tuple[Credential, byt
     return Credential(*fields), bytes(stored)
 
 
-def revoked_among(conn: sqlite3.Connection, ids: Iterable[int]) -> set[int]:
+def revoked_among(conn: Connection, ids: Iterable[int]) -> set[int]:
     """Those of the credential ids that are revoked or no longer exist."""
     wanted = sorted(set(ids))
     live: set[int] = set()
@@ -152,7 +152,7 @@ def revoked_among(conn: sqlite3.Connection, ids: Iterable[int]) -> set[int]:
 
 
 def pin_agent_key(
-    conn: sqlite3.Connection, name: str, public_key: bytes, now: float, *, replace: bool = False
+    conn: Connection, name: str, public_key: bytes, now: float, *, replace: bool = False
 ) -> None:
     """Register agent `name`'s Ed25519 public key before its first hello (or, with
     `replace`, a new key after a rotation: the new key is logged at its next hello)."""
@@ -171,6 +171,6 @@ def pin_agent_key(
     )
 
 
-def agent_keys(conn: sqlite3.Connection) -> dict[str, bytes]:
+def agent_keys(conn: Connection) -> dict[str, bytes]:
     """Every pinned agent key, by agent name."""
     return {str(n): bytes(k) for n, k in conn.execute("SELECT name, public_key FROM agent_keys")}

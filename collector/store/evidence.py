@@ -1,6 +1,6 @@
 """The evidence log in the collector's database: leaves, tree nodes and checkpoints.
 
-`EvidenceLog` wraps one sqlite3 connection (the writer's) and appends leaves
+`EvidenceLog` wraps one connection (the writer's) and appends leaves
 in whatever transaction the caller has open, so a leaf exists exactly when
 the fact it records was committed. The Merkle tree's frontier lives in
 memory; after a rolled-back transaction the caller calls `reload()`, which
@@ -12,7 +12,6 @@ The tables (`SCHEMA`, then `BATCHES`) are created by migrations in `schema.py`.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from collector.evidence.log import MerkleLog
 from collector.evidence.merkle import leaf_hash
 from collector.evidence.note import NoteSigner, NoteVerifier
 from collector.evidence.wire import split_hashes
+from collector.store.sql import DB_ERRORS, Connection, label
 
 SCHEMA = """
 CREATE TABLE log_leaves (
@@ -70,7 +70,7 @@ KEPT = 100_000
 class SqliteNodes:
     """The tree's complete subtree hashes in `log_nodes`; new ones held until `write()`."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.pending: dict[tuple[int, int], bytes] = {}
 
@@ -106,7 +106,7 @@ class EvidenceLog:
     a few statements per batch instead of three per result.
     """
 
-    def __init__(self, conn: sqlite3.Connection, signer: NoteSigner) -> None:
+    def __init__(self, conn: Connection, signer: NoteSigner) -> None:
         self.conn = conn
         self.signer = signer
         self.nodes = SqliteNodes(conn)
@@ -229,11 +229,11 @@ class EvidenceLog:
         )  # fmt: skip
 
 
-def _leaves(conn: sqlite3.Connection, sql: str, args: Sequence[object]) -> list[tuple[int, Leaf]]:
+def _leaves(conn: Connection, sql: str, args: Sequence[object]) -> list[tuple[int, Leaf]]:
     return [(int(i), decode_leaf(bytes(b))) for i, b in conn.execute(sql, args)]
 
 
-def verdict_checkpoints(conn: sqlite3.Connection, url_ids: Iterable[int]) -> list[int]:
+def verdict_checkpoints(conn: Connection, url_ids: Iterable[int]) -> list[int]:
     """The sizes of the first checkpoints that covered each verdict leaf of these URLs."""
     ids = sorted(set(url_ids))
     marks = ",".join("?" * len(ids))
@@ -249,7 +249,7 @@ def verdict_checkpoints(conn: sqlite3.Connection, url_ids: Iterable[int]) -> lis
 
 
 def export_bundle(
-    conn: sqlite3.Connection,
+    conn: Connection,
     verifier: NoteVerifier,
     url_ids: Iterable[int],
     url_hashes: Sequence[bytes],
@@ -318,7 +318,7 @@ class Exported:
 
 
 def export_urls(
-    db: Path,
+    db: Path | str,
     verifier: NoteVerifier,
     directory: Path,
     *,
@@ -332,6 +332,7 @@ def export_urls(
     from collector.urls import InvalidURL, normalize_url
 
     conn = connect_readonly(db)
+    name = label(db)
     try:
         if url is not None:
             try:
@@ -340,7 +341,7 @@ def export_urls(
                 raise ExportError(f"not a URL: {exc}") from exc
             rows = conn.execute("SELECT id, url FROM urls WHERE url = ?", (text,)).fetchall()
             if not rows:
-                raise ExportError(f"{db} has no report of that URL")
+                raise ExportError(f"{name} has no report of that URL")
         else:
             sql = (
                 "SELECT u.id, u.url FROM urls u JOIN url_state s ON s.url_id = u.id"
@@ -355,7 +356,7 @@ def export_urls(
                 sql += " AND s.notified_at >= ?"
             rows = conn.execute(sql + " ORDER BY u.id", args).fetchall()
             if not rows:
-                raise ExportError(f"{db} has no URL attributed to provider {provider!r}")
+                raise ExportError(f"{name} has no URL attributed to provider {provider!r}")
         ids = [int(i) for i, _ in rows]
         hashes = [url_sha256(str(u)) for _, u in rows]
         try:
@@ -363,8 +364,8 @@ def export_urls(
                 f"SELECT COUNT(*) FROM log_leaves WHERE url_id IN ({','.join('?' * len(ids))})",
                 ids,
             ).fetchone()
-        except sqlite3.OperationalError as exc:
-            raise ExportError(f"{db} has no evidence log (an older schema): {exc}") from exc
+        except DB_ERRORS as exc:
+            raise ExportError(f"{name} has no evidence log (an older schema): {exc}") from exc
         if not logged:
             raise ExportError(
                 "the evidence log holds nothing about these URLs (was the collector run with"

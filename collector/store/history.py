@@ -8,9 +8,10 @@ probed every five minutes for a year does not load a year of rows.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
+
+from collector.store.sql import Connection, is_postgres_conn
 
 MAX_RESULTS = 50_000
 
@@ -119,16 +120,16 @@ WITH recent AS (
     FROM recent
 )
 SELECT a.name, n.class, COUNT(*), MIN(n.started_at), MAX(n.started_at),
-    json_group_array(DISTINCT n.status), json_group_array(DISTINCT n.error),
-    json_group_array(DISTINCT n.provider)
+    {array}(DISTINCT n.status), {array}(DISTINCT n.error), {array}(DISTINCT n.provider)
 FROM numbered n JOIN agents a ON a.id = n.agent_id
-GROUP BY n.agent_id, n.class, n.island
+GROUP BY n.agent_id, a.name, n.class, n.island
 ORDER BY MIN(n.started_at), a.name
 """
 
 
-def _values(text: str) -> list[Any]:
-    values: list[Any] = json.loads(text)
+def _values(array: str | list[Any]) -> list[Any]:
+    """A JSON array: SQLite gives its text, psycopg the decoded list."""
+    values: list[Any] = json.loads(array) if isinstance(array, str) else array
     return sorted(v for v in values if v not in ("", None))
 
 
@@ -142,7 +143,7 @@ def _from_reference(memory: str) -> bool:
 
 
 def url_history(
-    conn: sqlite3.Connection, key: int | str, max_results: int = MAX_RESULTS
+    conn: Connection, key: int | str, max_results: int = MAX_RESULTS
 ) -> UrlHistory | None:
     """The URL with this id (int) or exact URL (str), or None when the database has no such URL."""
     where = "u.id = ?" if isinstance(key, int) else "u.url = ?"
@@ -191,7 +192,8 @@ def url_history(
         ProbeRun(name, cls, int(n), first, last, tuple(int(s) for s in _values(statuses)),
                  tuple(e for e in _values(errors) if e != "none"), tuple(_values(providers)))
         for name, cls, n, first, last, statuses, errors, providers in conn.execute(
-            _RUNS, (url_id, max_results)
+            _RUNS.format(array="json_agg" if is_postgres_conn(conn) else "json_group_array"),
+            (url_id, max_results),
         )
     )  # fmt: skip
     return UrlHistory(

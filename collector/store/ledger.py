@@ -9,7 +9,6 @@ method runs in the caller's transaction.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from collector.schedule import Planner
 from collector.store.codec import UnreadableState, dump_fold, load_fold
 from collector.store.evidence import EvidenceLog
 from collector.store.model import StoreError
+from collector.store.sql import Connection
 
 _SAVE_STATE = (
     "UPDATE url_state SET state = ?, baseline = ?, provider = ?, asn = ?, cdn = ?,"
@@ -103,7 +103,7 @@ class SqlLedger:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         method: Any,  # collector.fold.Method
         planner: Planner,
         evidence: EvidenceLog | None,
@@ -222,16 +222,18 @@ class SqlLedger:
         url_state a rollback left older than their results) stay unflushed."""
         self.save_states(entries, now, True)
         self.conn.execute(
-            "INSERT OR REPLACE INTO fold_marks (agent_id, seq) SELECT a.id,"
+            "INSERT INTO fold_marks (agent_id, seq) SELECT a.id,"
             " (SELECT MAX(r.seq) FROM results r WHERE r.agent_id = a.id) FROM agents a"
             " WHERE EXISTS (SELECT 1 FROM results r WHERE r.agent_id = a.id)"
+            " ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq"
         )
         self.conn.execute("DELETE FROM unflushed")
         self.conn.executemany("INSERT INTO unflushed (url_id) VALUES (?)", [(u,) for u in behind])
 
     def mark_unflushed(self, url_ids: Sequence[int]) -> None:
         self.conn.executemany(
-            "INSERT OR IGNORE INTO unflushed (url_id) VALUES (?)", [(u,) for u in url_ids]
+            "INSERT INTO unflushed (url_id) VALUES (?) ON CONFLICT DO NOTHING",
+            [(u,) for u in url_ids],
         )
 
     def unmark_unflushed(self, url_id: int) -> None:
@@ -280,8 +282,8 @@ class SqlLedger:
                         event.episode, event.at, event.at, 0.0, basis=event.basis,
                     )  # fmt: skip
                     c.execute(
-                        "INSERT OR IGNORE INTO reappearance_log (url_id, episode, provider, at)"
-                        " VALUES (?, ?, ?, ?)",
+                        "INSERT INTO reappearance_log (url_id, episode, provider, at)"
+                        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (url_id, event.episode, event.provider or entry.provider, event.at),
                     )
                 self._event(url_id, event.at, kind, {"episode": event.episode})
@@ -378,7 +380,8 @@ class SqlLedger:
         else:
             key = f"{kind.value}|{episode}|{us(last_present)}|{us(first_removed)}|{method}"
         inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO log_verdicts (url_id, key) VALUES (?, ?)", (url_id, key)
+            "INSERT INTO log_verdicts (url_id, key) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (url_id, key),
         ).rowcount
         if not inserted:
             return

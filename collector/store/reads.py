@@ -6,7 +6,6 @@ never write.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +14,7 @@ from pathlib import Path
 from collector.evidence.leaves import url_sha256
 from collector.method import UrlState, order_overdue_sql, overdue_sql
 from collector.store.model import DEFAULT_FLUSH_EVERY, CorruptDatabase, StoreError, Target
+from collector.store.sql import DB_ERRORS, Connection, connect, is_postgres, label, translate
 
 # url_state is written behind (at most every DEFAULT_FLUSH_EVERY seconds), so a URL whose
 # newest results are not written yet can show a `live_until` up to that much in the past: it is
@@ -22,33 +22,44 @@ from collector.store.model import DEFAULT_FLUSH_EVERY, CorruptDatabase, StoreErr
 STALE_GRACE = DEFAULT_FLUSH_EVERY
 
 
-def integrity_problem(path: Path) -> str | None:
-    """What `PRAGMA quick_check` finds wrong with the database (None: nothing). It reads the
-    whole file, on a read-only connection of its own, so writers go on meanwhile."""
+def integrity_problem(path: Path | str) -> str | None:
+    """What `PRAGMA quick_check` finds wrong with a SQLite file (None: nothing). It reads the
+    whole file, on a read-only connection of its own, so writers go on meanwhile. PostgreSQL
+    checks its own pages (data checksums, amcheck): nothing to do here."""
+    if is_postgres(path):
+        return None
     conn = connect_readonly(path)
     try:
         rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(20)")]
-    except sqlite3.DatabaseError as exc:
+    except DB_ERRORS as exc:
         return str(exc)
     finally:
         conn.close()
     return None if rows == ["ok"] else "; ".join(rows)
 
 
-def connect_readonly(path: Path) -> sqlite3.Connection:
-    """A read-only connection; a missing or foreign file is a clear StoreError."""
-    if not path.exists():
-        raise StoreError(f"{path}: no such database (start the collector with --db {path} first)")
+def connect_readonly(target: Path | str) -> Connection:
+    """A read-only connection (a file or a PostgreSQL URI); a missing or foreign database is a
+    clear StoreError."""
+    name = label(target)
+    if not is_postgres(target) and not Path(target).exists():
+        raise StoreError(f"{name}: no such database (start the collector with --db {name} first)")
+    db = None
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("SELECT 1 FROM url_state LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise CorruptDatabase(f"{path}: not a Takedown Monitor database ({exc})") from exc
-    return conn
+        db = connect(target, readonly=True)
+        if not db.postgres:
+            db.conn.execute("PRAGMA busy_timeout=5000")
+        db.conn.execute("SELECT 1 FROM url_state LIMIT 1").fetchall()
+    except DB_ERRORS as exc:
+        if db is not None:
+            db.close()
+        if db is None:  # could not connect at all
+            raise translate(exc, name) from exc
+        raise CorruptDatabase(f"{name}: not a Takedown Monitor database ({exc})") from exc
+    return db.conn  # type: ignore[no-any-return]
 
 
-def active_targets(conn: sqlite3.Connection) -> Iterator[Target]:
+def active_targets(conn: Connection) -> Iterator[Target]:
     """Every URL agents should probe, with its current interval, in id order."""
     for url_id, url, interval in conn.execute(
         "SELECT id, url, interval FROM urls WHERE active = 1 ORDER BY id"
@@ -56,14 +67,12 @@ def active_targets(conn: sqlite3.Connection) -> Iterator[Target]:
         yield Target(url_id, url, interval)
 
 
-def active_intervals(conn: sqlite3.Connection) -> Iterator[tuple[int, float]]:
+def active_intervals(conn: Connection) -> Iterator[tuple[int, float]]:
     """(url id, interval) of every URL agents should probe: the digests' input, no URL text."""
     yield from conn.execute("SELECT id, interval FROM urls WHERE active = 1")
 
 
-def targets_by_bucket(
-    conn: sqlite3.Connection, buckets: Sequence[int], n_buckets: int
-) -> Iterator[Target]:
+def targets_by_bucket(conn: Connection, buckets: Sequence[int], n_buckets: int) -> Iterator[Target]:
     """The active targets whose bucket (id % n_buckets) is listed, bucket by bucket, in id order.
 
     Rows stream from SQLite's sorter, so the caller holds one chunk at a time, not the set.
@@ -97,7 +106,7 @@ class ProviderFigures:
 
 
 def provider_figures(
-    conn: sqlite3.Connection,
+    conn: Connection,
     deadlines: Sequence[float],
     order_deadline: float,
     buckets: Sequence[float],
@@ -109,11 +118,14 @@ def provider_figures(
     Every figure of a URL goes to the provider that hosted its first episode (`first_provider`),
     the same rule as the provider table's."""
     states = sorted(UrlState, key=lambda s: s.value)
-    columns = [f"SUM(s.state = '{st.value}')" for st in states]
-    columns += [f"SUM{overdue_sql('s.state', 's.opened_at', '?', '?')}" for _ in deadlines]
+    columns = [f"COUNT(*) FILTER (WHERE s.state = '{st.value}')" for st in states]
+    columns += [
+        f"COUNT(*) FILTER (WHERE {overdue_sql('s.state', 's.opened_at', '?', '?')})"
+        for _ in deadlines
+    ]
     order = order_overdue_sql("s.state", "s.order_issued_at", "s.order_deadline", "?", "?")
-    columns.append(f"SUM{order}")
-    columns.append("SUM(u.active = 1 AND s.live_until < ?)")
+    columns.append(f"COUNT(*) FILTER (WHERE {order})")
+    columns.append("COUNT(*) FILTER (WHERE u.active = 1 AND s.live_until < ?)")
     # FILTER: most rows have no latency, and a false filter skips the aggregate step.
     columns += [f"COUNT(*) FILTER (WHERE s.removal_latency <= {float(b)!r})" for b in buckets]
     columns += ["COUNT(s.removal_latency)", "SUM(s.removal_latency)"]
@@ -165,7 +177,7 @@ class AgentRow:
     clock_offset: float | None
 
 
-def agents(conn: sqlite3.Connection) -> list[AgentRow]:
+def agents(conn: Connection) -> list[AgentRow]:
     return [
         AgentRow(*row)
         for row in conn.execute(
@@ -175,11 +187,14 @@ def agents(conn: sqlite3.Connection) -> list[AgentRow]:
     ]
 
 
-def result_counts(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+def result_counts(conn: Connection) -> list[tuple[str, str, int]]:
     """(agent name, class, number of results stored)."""
-    return conn.execute(
-        "SELECT a.name, c.class, c.n FROM result_counts c JOIN agents a ON a.id = c.agent_id"
-    ).fetchall()
+    return [
+        (str(name), str(cls), int(n))
+        for name, cls, n in conn.execute(
+            "SELECT a.name, c.class, c.n FROM result_counts c JOIN agents a ON a.id = c.agent_id"
+        )
+    ]
 
 
 @dataclass(frozen=True)
@@ -211,7 +226,7 @@ class UrlOutcome:
 
 
 def url_outcomes(
-    conn: sqlite3.Connection,
+    conn: Connection,
     since: float | None = None,
     until: float | None = None,
     now: float | None = None,
@@ -236,7 +251,7 @@ def url_outcomes(
         sql += " AND s.notified_at < ?"
         params.append(until)
     out = []
-    for row in conn.execute(sql, params):
+    for row in conn.execute(sql + " ORDER BY s.url_id", params):
         (provider, asn, state, notified, latency, reports, url_id, cdn, dynamic, last_present,
          first_removed, nxdomain, reappearances, order_at, order_deadline, observed,
          last_conclusive, episode, opened_at, method, stale) = row  # fmt: skip
@@ -251,7 +266,7 @@ def url_outcomes(
     return [replace(o, countries=served[o.url_id]) if o.url_id in served else o for o in out]
 
 
-def served_from(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+def served_from(conn: Connection) -> dict[int, tuple[str, ...]]:
     """Per URL, the countries of the addresses its content was seen present at, most first."""
     rows = conn.execute(
         "SELECT url_id, country, COUNT(*) FROM results WHERE class = 'present'"
@@ -280,7 +295,7 @@ class UrlStatus:
     reappearances: int
 
 
-def url_statuses(conn: sqlite3.Connection) -> list[UrlStatus]:
+def url_statuses(conn: Connection) -> list[UrlStatus]:
     return [
         UrlStatus(*row)
         for row in conn.execute(
@@ -292,7 +307,7 @@ def url_statuses(conn: sqlite3.Connection) -> list[UrlStatus]:
 
 
 def results_count(
-    conn: sqlite3.Connection,
+    conn: Connection,
     agent: str | None = None,
     url_id: int | None = None,
     since: float | None = None,
@@ -312,7 +327,7 @@ def results_count(
     return int(conn.execute(sql, params).fetchone()[0])
 
 
-def url_hashes(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, bytes]:
+def url_hashes(conn: Connection, ids: Sequence[int]) -> dict[int, bytes]:
     """The SHA-256 of each known URL's text (what agents sign and the evidence log holds)."""
     found: dict[int, bytes] = {}
     for i in range(0, len(ids), 500):

@@ -1,4 +1,6 @@
-"""The collector's SQLite schema, as an ordered list of migrations.
+"""The collector's schema, as an ordered list of migrations, for SQLite and PostgreSQL.
+
+The DDL is SQLite's; on PostgreSQL each statement's types are mapped (sql.pg_ddl).
 
 Times are REAL Unix seconds (UTC). Per-URL verdict state lives in url_state;
 every stored probe result in results, keyed by (agent_id, seq) so that a
@@ -7,25 +9,22 @@ batch delivered twice is stored once.
 
 from __future__ import annotations
 
-from typing import Any
-
-from sqlite_utils.migrations import Migrations
-
 from collector.store.evidence import BATCHES as EVIDENCE_BATCHES
 from collector.store.evidence import SCHEMA as EVIDENCE_SCHEMA
+from collector.store.sql import Database, Migrations
 
 migrations = Migrations("takedown.collector")
 
 
-def _run(db: Any, script: str) -> None:
+def _run(db: Database, script: str) -> None:
     """Run a script statement by statement, inside the migration's transaction."""
     for statement in script.split(";"):
         if statement.strip():
-            db.execute(statement)
+            db.ddl(statement)
 
 
 @migrations()
-def m001_initial(db: Any) -> None:
+def m001_initial(db: Database) -> None:
     _run(
         db,
         """
@@ -137,7 +136,7 @@ def m001_initial(db: Any) -> None:
 
 
 @migrations()
-def m002_credentials(db: Any) -> None:
+def m002_credentials(db: Database) -> None:
     """Bearer tokens of agents and hotlines (intake), stored as SHA-256 digests only."""
     _run(
         db,
@@ -159,7 +158,7 @@ def m002_credentials(db: Any) -> None:
 
 
 @migrations()
-def m003_witness_fold(db: Any) -> None:
+def m003_witness_fold(db: Database) -> None:
     """The event-time fold: per-result TLS and CDN, per-hotline references, fold bookkeeping.
 
     Verdicts folded under an earlier method keep `method = ''` until `refold` (or the first
@@ -215,20 +214,20 @@ def m003_witness_fold(db: Any) -> None:
 
 
 @migrations()
-def m004_result_country(db: Any) -> None:
+def m004_result_country(db: Database) -> None:
     """The country of the address each result came from (prefix table or country database),
     so the report can say where a provider served the content."""
     _run(db, "ALTER TABLE results ADD COLUMN country TEXT")
 
 
 @migrations()
-def m005_refold_pending(db: Any) -> None:
+def m005_refold_pending(db: Database) -> None:
     """URLs holding a result older than their fold's tail: refolded within seconds, or at start."""
     _run(db, "ALTER TABLE url_state ADD COLUMN refold_pending INTEGER NOT NULL DEFAULT 0")
 
 
 @migrations()
-def m006_evidence(db: Any) -> None:
+def m006_evidence(db: Database) -> None:
     """The evidence log (leaves, tree nodes, checkpoints), pinned agent keys, and the verdicts
     already logged (so a refold that decides the same again logs nothing new)."""
     _run(db, EVIDENCE_SCHEMA)
@@ -252,14 +251,14 @@ def m006_evidence(db: Any) -> None:
 
 
 @migrations()
-def m007_unflushed(db: Any) -> None:
+def m007_unflushed(db: Database) -> None:
     """URLs folded since their url_state row was last written (write-behind): a crash before
     the next flush refolds them at start."""
     _run(db, "CREATE TABLE unflushed (url_id INTEGER PRIMARY KEY)")
 
 
 @migrations()
-def m008_fold_checkpoints(db: Any) -> None:
+def m008_fold_checkpoints(db: Database) -> None:
     """url_state rows as checkpoints: how many results each folded (-1: not known, a refold at
     the next start after a crash), and the highest seq of each agent a flush covered."""
     _run(db, "ALTER TABLE url_state ADD COLUMN folded INTEGER NOT NULL DEFAULT -1")
@@ -267,7 +266,7 @@ def m008_fold_checkpoints(db: Any) -> None:
 
 
 @migrations()
-def m009_start_cheaply(db: Any) -> None:
+def m009_start_cheaply(db: Database) -> None:
     """What a start reads without scanning: whether the last stop was clean (then the
     integrity check, a read of the whole file, is skipped), URLs with a refold due, and URLs
     folded by another method version."""
@@ -279,14 +278,24 @@ def m009_start_cheaply(db: Any) -> None:
 
 
 @migrations()
-def m010_result_leaves(db: Any) -> None:
+def m010_result_leaves(db: Database) -> None:
     """Each stored result's observation leaf in the evidence log (NULL without a log key), so a
     verdict leaf can name the observations it rests on (its `basis`) by log index."""
     _run(db, "ALTER TABLE results ADD COLUMN leaf INTEGER")
 
 
 @migrations()
-def m011_signed_batches(db: Any) -> None:
+def m011_signed_batches(db: Database) -> None:
     """Evidence v2: agents sign each batch once, over a Merkle tree of its observations; the
     tree's leaf hashes are kept beside the batch leaf, for the proofs an export gives."""
     _run(db, EVIDENCE_BATCHES)
+
+
+@migrations()
+def m012_event_order(db: Database) -> None:
+    """A URL's timeline lists events of the same time in the order they were written: SQLite
+    keeps that order in `rowid`; PostgreSQL gets a column of that name doing the same."""
+    if db.postgres:
+        db.conn.execute(
+            "ALTER TABLE url_events ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY"
+        )

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
-
-import sqlite_utils
 
 from collector.attribution import Attribution
 from collector.evidence import leaves as ev
@@ -34,56 +31,43 @@ from collector.store.model import (
     CorruptDatabase,
     Ingested,
     ResultIn,
-    StorageFull,
     StoreError,
     SubmitOutcome,
     Submitted,
     Target,
 )
 from collector.store.schema import migrations
+from collector.store.sql import DB_ERRORS, Connection, Database, connect, label, translate
 
 log = logging.getLogger(__name__)
-_FULL_MESSAGES = ("database or disk is full", "disk i/o error")
 
 
-def translate(exc: sqlite3.Error, path: Path) -> StoreError:
-    """Turn a sqlite3 error into the store's own exception, naming the file."""
-    text = str(exc)
-    if any(m in text.lower() for m in _FULL_MESSAGES):
-        return StorageFull(f"{path}: storage full or failing, nothing was committed ({text})")
-    if "not a database" in text or "malformed" in text:
-        return CorruptDatabase(f"{path}: not a usable SQLite database ({text})")
-    return StoreError(f"{path}: {text}")
-
-
-def open_database(path: Path) -> tuple[sqlite_utils.Database, bool]:
-    """Open (creating if needed) and migrate the collector database; also whether the last
-    store on it stopped cleanly. Its integrity is not checked here: `PRAGMA quick_check` reads
-    the whole file (5 s at 2.3 GB), so after an unclean stop the collector runs it once serving
-    (reads.integrity_problem). A damaged page found before fails its statement as
-    CorruptDatabase."""
+def open_database(target: Path | str) -> tuple[Database, bool]:
+    """Open (creating if needed) and migrate the collector database, a SQLite file or a
+    PostgreSQL URI; also whether the last store on it stopped cleanly. A SQLite file's
+    integrity is not checked here: `PRAGMA quick_check` reads the whole file (5 s at 2.3 GB),
+    so after an unclean stop the collector runs it once serving (reads.integrity_problem). A
+    damaged page found before fails its statement as CorruptDatabase."""
+    name = label(target)
     try:
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        clean = _stopped_cleanly(conn)
-        db = sqlite_utils.Database(conn)
+        db = connect(target)
+        if not db.postgres:
+            db.conn.execute("PRAGMA journal_mode=WAL")
+            db.conn.execute("PRAGMA synchronous=FULL")
+            db.conn.execute("PRAGMA foreign_keys=ON")
+            db.conn.execute("PRAGMA busy_timeout=5000")
+        clean = _stopped_cleanly(db)
         migrations.apply(db)
-        conn.execute("UPDATE lifecycle SET clean_stop = 0")  # until close() says otherwise
+        db.conn.execute("UPDATE lifecycle SET clean_stop = 0")  # until close() says otherwise
         return db, clean
-    except sqlite3.Error as exc:
-        raise translate(exc, path) from exc
+    except DB_ERRORS as exc:
+        raise translate(exc, name) from exc
 
 
-def _stopped_cleanly(conn: sqlite3.Connection) -> bool:
-    try:
-        row = conn.execute("SELECT clean_stop FROM lifecycle").fetchone()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return False  # a new database, or one from before m009
-        raise
+def _stopped_cleanly(db: Database) -> bool:
+    if not db.table_exists("lifecycle"):
+        return False  # a new database, or one from before m009
+    row = db.conn.execute("SELECT clean_stop FROM lifecycle").fetchone()
     return bool(row and row[0])
 
 
@@ -104,7 +88,7 @@ class Store:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         attribution: Attributor,
         policy: Policy,
         cache_urls: int = CACHE_URLS,
@@ -113,12 +97,13 @@ class Store:
         flush_every: float = 0.0,
     ) -> None:
         self.path = path
+        self.name = label(path)  # how messages name the database
         self.db, clean = open_database(path)
         # Not known to be intact until an integrity check passes (see open_database): a new
         # database, or the last stop was not clean. A clean stop says so only once it is known.
         self.unchecked = not clean
         self.damaged: str | None = None  # what an integrity check found (see refuse_writes)
-        self.conn: sqlite3.Connection = self.db.conn
+        self.conn: Connection = self.db.conn
         self.attribution = attribution
         self.policy = policy
         self.planner = planner or Planner()
@@ -149,7 +134,7 @@ class Store:
     def _refusing(self) -> StoreError | None:
         if self.damaged is None:
             return None
-        return CorruptDatabase(f"{self.path}: integrity check failed ({self.damaged}); nothing"
+        return CorruptDatabase(f"{self.name}: integrity check failed ({self.damaged}); nothing"
                                " is accepted until the database is restored")  # fmt: skip
 
     def _resume_unflushed(self) -> None:
@@ -182,9 +167,9 @@ class Store:
             try:
                 with self._transaction():
                     p.refold_stale()
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 p.forget()
-                raise translate(exc, self.path) from exc
+                raise translate(exc, self.name) from exc
         if p.pending:
             self.refold_due(p.last_now, everything=False)
         if p.dirty:
@@ -220,9 +205,9 @@ class Store:
             with self._transaction():
                 self.ledger.verdict_logged = False
                 return self.evidence.checkpoint(now)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._reload_log()
-            raise translate(exc, self.path) from exc
+            raise translate(exc, self.name) from exc
 
     def register_agent(
         self, name: str, network: str, version: str, now: float, public_key: bytes = b""
@@ -244,9 +229,9 @@ class Store:
                     (name, network, version, now, now),
                 )
                 row = self.conn.execute("SELECT id FROM agents WHERE name = ?", (name,)).fetchone()
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._reload_log()
-            raise translate(exc, self.path) from exc
+            raise translate(exc, self.name) from exc
         except AgentKeyRefused:
             self._reload_log()
             raise
@@ -296,8 +281,8 @@ class Store:
                 return outcomes
         except BaseException as exc:
             self._rolled_back()
-            if isinstance(exc, sqlite3.Error):
-                raise translate(exc, self.path) from exc
+            if isinstance(exc, DB_ERRORS):
+                raise translate(exc, self.name) from exc
             raise
 
     def _submit_one(
@@ -330,10 +315,9 @@ class Store:
         interval = planner.interval(now, UrlState.PENDING, report.notified_at, due) or 0.0
         if new_url:
             url_id = c.execute(
-                "INSERT INTO urls (url, created_at, interval) VALUES (?, ?, ?)",
+                "INSERT INTO urls (url, created_at, interval) VALUES (?, ?, ?) RETURNING id",
                 (report.url, now, interval),
-            ).lastrowid
-            assert url_id is not None
+            ).fetchone()[0]
             fold = UrlFold.start(Notice(report.notified_at, report.sha256, due), self.method)
             c.execute(
                 "INSERT INTO url_state (url_id, state, notified_at, opened_at, order_issued_at,"
@@ -351,7 +335,8 @@ class Store:
             url_id = row[0]
             c.execute(
                 "UPDATE url_state SET"
-                " order_issued_at = COALESCE(MIN(order_issued_at, ?), order_issued_at, ?),"
+                " order_issued_at = COALESCE(CASE WHEN order_issued_at < ? THEN order_issued_at"
+                " ELSE ? END, order_issued_at),"
                 " order_deadline = COALESCE(order_deadline, ?),"
                 " origin_ip = COALESCE(origin_ip, ?) WHERE url_id = ?",
                 (report.order_issued_at, report.order_issued_at, report.order_deadline,
@@ -360,11 +345,10 @@ class Store:
         report_id = c.execute(
             "INSERT INTO reports (url_id, source, reference, notified_at, received_at,"
             " submitted_at, sha256, order_issued_at, order_deadline, origin_ip)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (url_id, source, report.reference, report.notified_at, report.received_at, now,
              report.sha256, report.order_issued_at, report.order_deadline, report.origin_ip),
-        ).lastrowid  # fmt: skip
-        assert report_id is not None
+        ).fetchone()[0]  # fmt: skip
         if self.evidence is not None:
             self.ledger.url_hashes[url_id] = digest = ev.url_sha256(report.url)
             reference, form = ev.NoticeLeaf.hashing_reference(report.reference or "")
@@ -414,9 +398,9 @@ class Store:
                 done = self._ingest(agent_id, results, now, clock_offset)
                 self.projection.refold_pending(now, self.projection.refold_budget)
                 self._checkpoint_if_verdict(now)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._rolled_back(results)
-            raise translate(exc, self.path) from exc
+            raise translate(exc, self.name) from exc
         except Exception:
             self._rolled_back(results, pending=False)
             if len(results) <= 1:
@@ -446,7 +430,7 @@ class Store:
                     try:
                         with self._transaction():  # a savepoint
                             outcomes[i] = self._ingest(agent_id, results, now, offset)
-                    except sqlite3.Error:
+                    except DB_ERRORS:
                         raise
                     except Exception:
                         # What memory holds of the URLs it touched is not what is stored. (The
@@ -458,9 +442,9 @@ class Store:
                         again.append(i)
                 self.projection.refold_pending(latest, self.projection.refold_budget)
                 self._checkpoint_if_verdict(latest)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._rolled_back()
-            error = translate(exc, self.path)
+            error = translate(exc, self.name)
             return [error] * len(items)
         for i in again:
             outcomes[i] = _outcome(self.ingest, items[i])
@@ -495,9 +479,9 @@ class Store:
                 with self._transaction():
                     p.refold_pending(now, p.refold_budget if limited else None, everything)
                     self._checkpoint_if_verdict(now)
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 self._rolled_back()
-                raise translate(exc, self.path) from exc
+                raise translate(exc, self.name) from exc
         return n
 
     def flush(self, now: float) -> int:
@@ -513,8 +497,8 @@ class Store:
         try:
             with self._transaction():
                 n = p.flush(now)
-        except sqlite3.Error as exc:
-            raise translate(exc, self.path) from exc
+        except DB_ERRORS as exc:
+            raise translate(exc, self.name) from exc
         p.flushed(now)
         return n
 
@@ -528,9 +512,9 @@ class Store:
                 with self._transaction():
                     done = self._ingest(agent_id, [r], now, offset)
                     self._checkpoint_if_verdict(now)
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 self._rolled_back([r], pending=False)
-                raise translate(exc, self.path) from exc
+                raise translate(exc, self.name) from exc
             except Exception as exc:
                 self._rolled_back([r], pending=False)
                 rejected += 1
@@ -617,14 +601,15 @@ class Store:
         p.record(folded, now)
         self.conn.executemany(
             "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
-            " ON CONFLICT(agent_id, class) DO UPDATE SET n = n + excluded.n",
+            " ON CONFLICT(agent_id, class) DO UPDATE SET n = result_counts.n + excluded.n",
             [(agent_id, cls, n) for cls, n in counts.items()],
         )
         if accepted:
+            newest = max(r.started_at for r in accepted)
             self.conn.execute(
-                "UPDATE agents SET last_result_at = MAX(COALESCE(last_result_at, 0), ?),"
-                " last_seen = ? WHERE id = ?",
-                (max(r.started_at for r in accepted), now, agent_id),
+                "UPDATE agents SET last_result_at = CASE WHEN last_result_at > ? THEN"
+                " last_result_at ELSE ? END, last_seen = ? WHERE id = ?",
+                (newest, newest, now, agent_id),
             )
         if offset is not None:
             self.conn.execute("UPDATE agents SET clock_offset = ? WHERE id = ?", (offset, agent_id))
@@ -715,9 +700,9 @@ class Store:
                 changed = self.projection.refold_all(ids, now)
                 self._checkpoint_if_verdict(now)
                 return changed
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._rolled_back()
-            raise translate(exc, self.path) from exc
+            raise translate(exc, self.name) from exc
 
     def outdated(self) -> int:
         """URLs whose verdict was folded by another method version than this one."""
@@ -743,9 +728,9 @@ class Store:
                     self._log_deadlines(now, planner)
                     self._checkpoint_if_verdict(now)
                 return self._plan(now, planner)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             self._reload_log()
-            raise translate(exc, self.path) from exc
+            raise translate(exc, self.name) from exc
         except PlanInterrupted:
             self._reload_log()
             log.info("replan_interrupted (stopping): nothing changed, the next start replans")

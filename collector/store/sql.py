@@ -1,0 +1,340 @@
+"""The two SQL engines the store runs on: SQLite (the embedded default) and PostgreSQL.
+
+The store's statements are written once, in the SQL both engines accept, with `?`
+placeholders (`INSERT ... ON CONFLICT DO NOTHING`, `RETURNING`, no `rowid`, no two-argument
+`MAX`). PostgreSQL's connection rewrites the placeholders to psycopg's `%s` and turns its
+errors into `DatabaseError`. The migrations (schema.py) are one description in SQLite's DDL;
+`pg_ddl` maps its types to PostgreSQL's, and the migration record is the one sqlite_utils'
+`Migrations` kept, so files it migrated open unchanged.
+
+psycopg is imported only when a PostgreSQL database is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import re
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from collector.store.model import CorruptDatabase, StorageFull, StoreError
+
+# sqlite3 says "full"; PostgreSQL's disk_full (53100) and out_of_memory classes.
+_FULL_MESSAGES = ("database or disk is full", "disk i/o error")
+_PG_FULL_STATES = ("53100", "53200", "53000")
+# Connection lost or refused: the database is away, nothing was committed.
+_PG_AWAY_CLASSES = ("08", "57")
+
+
+class DatabaseError(Exception):
+    """A PostgreSQL error, as the store sees it (psycopg stays behind PgConnection)."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate or ""
+
+
+# What a statement on either engine raises.
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DatabaseError)
+# What a read can raise: the engine's errors, and the store's own (a missing database).
+READ_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, StoreError)
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What the store needs of a connection: sqlite3.Connection, or PgConnection."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+    def close(self) -> None: ...
+
+
+def is_postgres(target: str | Path) -> bool:
+    """Whether a `--db` value names a PostgreSQL database (a URI) rather than a file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+DB_HELP = (
+    "the database: a SQLite file (the embedded default), or a PostgreSQL URI such as"
+    " postgresql://takedown@db.example/takedown (a password is better kept in ~/.pgpass or"
+    " PGPASSWORD than in the URI)"
+)
+
+
+def database(text: str) -> Path | str:
+    """A `--db` value: a PostgreSQL URI as given, anything else a file path."""
+    return text if is_postgres(text) else Path(text)
+
+
+def is_postgres_conn(conn: Any) -> bool:
+    """Whether a connection is PostgreSQL's, for the few statements whose SQL differs."""
+    return isinstance(conn, PgConnection)
+
+
+def label(target: str | Path) -> str:
+    """How messages name the database: the file, or the URI without its password."""
+    if not is_postgres(target):
+        return str(target)
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", str(target))
+
+
+def translate(exc: BaseException, name: str) -> StoreError:
+    """Turn an engine's error into the store's own exception, naming the database."""
+    text = str(exc).strip()
+    if isinstance(exc, DatabaseError):
+        if exc.sqlstate in _PG_FULL_STATES:
+            return StorageFull(f"{name}: storage full or failing, nothing was committed ({text})")
+        if exc.sqlstate[:2] in _PG_AWAY_CLASSES or not exc.sqlstate:
+            return StoreError(f"{name}: database unavailable, nothing was committed ({text})")
+        return StoreError(f"{name}: {text}")
+    if any(m in text.lower() for m in _FULL_MESSAGES):
+        return StorageFull(f"{name}: storage full or failing, nothing was committed ({text})")
+    if "not a database" in text or "malformed" in text:
+        return CorruptDatabase(f"{name}: not a usable SQLite database ({text})")
+    return StoreError(f"{name}: {text}")
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def pg_placeholders(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (outside quoted text), and `%` as `%%`."""
+    out = []
+    quote = ""
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "?":
+            out.append("%s")
+            continue
+        if ch == "%":
+            out.append("%%")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+_DDL_TYPES = (
+    (re.compile(r"\bINTEGER PRIMARY KEY\b"), "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+    (re.compile(r"\)\s*WITHOUT ROWID"), ")"),
+)
+
+
+def pg_ddl(statement: str) -> str:
+    """A migration's SQLite DDL in PostgreSQL's types. A single-column INTEGER PRIMARY KEY
+    (SQLite's rowid, assigned when not given) becomes an identity column."""
+    for pattern, replacement in _DDL_TYPES:
+        statement = pattern.sub(replacement, statement)
+    return statement
+
+
+def _numeric(data: Any) -> int | float:
+    """PostgreSQL's numeric (what SUM of a bigint gives) as SQLite would give it."""
+    text = bytes(data).decode()
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+class PgConnection:
+    """A psycopg connection in autocommit mode with sqlite3's calling convention."""
+
+    def __init__(self, dsn: str, readonly: bool = False) -> None:
+        import psycopg
+        from psycopg.adapt import Loader
+
+        class NumericLoader(Loader):
+            def load(self, data: Any) -> int | float:
+                return _numeric(data)
+
+        self._psycopg = psycopg
+        self._sql: dict[str, str] = {}
+        try:
+            self.raw = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        self.raw.adapters.register_loader("numeric", NumericLoader)
+        if readonly:
+            self.raw.execute("SET default_transaction_read_only = on")
+
+    def _error(self, exc: Exception) -> DatabaseError:
+        return DatabaseError(str(exc), getattr(exc, "sqlstate", None))
+
+    def _statement(self, sql: str) -> str:
+        converted = self._sql.get(sql)
+        if converted is None:
+            converted = self._sql[sql] = pg_placeholders(sql)
+        return converted
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        try:
+            if parameters:
+                return self.raw.execute(self._statement(sql), tuple(parameters))
+            return self.raw.execute(sql)
+        except self._psycopg.Error as exc:
+            raise self._error(exc) from exc
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
+        rows = [tuple(p) for p in parameters]
+        cursor = self.raw.cursor()
+        if not rows:
+            return cursor
+        try:
+            cursor.executemany(self._statement(sql), rows)
+        except self._psycopg.Error as exc:
+            raise self._error(exc) from exc
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        status = self.raw.info.transaction_status
+        return bool(status != self._psycopg.pq.TransactionStatus.IDLE)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+# -- either ----------------------------------------------------------------------------------
+
+
+class Database:
+    """One connection to the collector's database, on either engine."""
+
+    def __init__(self, conn: Any, kind: str, name: str) -> None:
+        self.conn: Any = conn  # sqlite3.Connection or PgConnection
+        self.kind = kind
+        self.name = name
+
+    @property
+    def postgres(self) -> bool:
+        return self.kind == "postgresql"
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """A transaction, or a savepoint inside one."""
+        conn = self.conn
+        if conn.in_transaction:
+            savepoint = f"s_{uuid.uuid4().hex[:16]}"
+            conn.execute(f"SAVEPOINT {savepoint}")
+            try:
+                yield
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                    conn.execute(f"RELEASE SAVEPOINT {savepoint}")
+                raise
+            conn.execute(f"RELEASE SAVEPOINT {savepoint}")
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def ddl(self, statement: str) -> None:
+        """Run one statement of a migration's DDL in this engine's dialect."""
+        self.conn.execute(pg_ddl(statement) if self.postgres else statement)
+
+    def table_exists(self, table: str) -> bool:
+        if self.postgres:
+            sql = "SELECT 1 FROM information_schema.tables WHERE table_name = ?"
+        else:
+            sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self.conn.execute(sql, (table,)).fetchone() is not None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def connect(target: str | Path, readonly: bool = False) -> Database:
+    """A connection to a file (SQLite, WAL) or a PostgreSQL URI; not migrated."""
+    name = label(target)
+    if is_postgres(target):
+        return Database(PgConnection(str(target), readonly), "postgresql", name)
+    path = Path(target)
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    return Database(conn, "sqlite", name)
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+Migration = Callable[[Database], None]
+# sqlite_utils' record, kept so files it migrated open unchanged; PostgreSQL gets a plain name.
+_RECORD = {"sqlite": "_sqlite_migrations", "postgresql": "schema_migrations"}
+
+
+class Migrations:
+    """An ordered, named set of migrations; `apply` runs those not yet recorded, each in one
+    transaction with its record."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps: list[tuple[str, Migration]] = []
+
+    def __call__(self) -> Callable[[Migration], Migration]:
+        def register(step: Migration) -> Migration:
+            if any(name == step.__name__ for name, _ in self.steps):
+                raise ValueError(f"migration {step.__name__!r} registered twice in {self.name}")
+            self.steps.append((step.__name__, step))
+            return step
+
+        return register
+
+    def applied(self, db: Database) -> list[str]:
+        table = _RECORD[db.kind]
+        if not db.table_exists(table):
+            return []
+        rows = db.conn.execute(
+            f"SELECT name FROM {table} WHERE migration_set = ? ORDER BY id",
+            (self.name,),
+        )
+        return [name for (name,) in rows]
+
+    def apply(self, db: Database) -> None:
+        table = _RECORD[db.kind]
+        db.ddl(
+            f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY, migration_set TEXT,"
+            " name TEXT, applied_at TEXT)"
+        )
+        db.conn.execute(
+            f"CREATE UNIQUE INDEX IF NOT EXISTS idx_{table}_migration_set_name"
+            f" ON {table} (migration_set, name)"
+        )
+        done = set(self.applied(db))
+        for name, step in self.steps:
+            if name in done:
+                continue
+            with db.atomic():
+                if db.postgres:  # one migrator at a time, whichever collector starts first
+                    db.conn.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+                    if name in set(self.applied(db)):
+                        continue
+                step(db)
+                db.conn.execute(
+                    f"INSERT INTO {table} (migration_set, name, applied_at) VALUES (?, ?, ?)",
+                    (self.name, name, str(datetime.datetime.now(datetime.UTC))),
+                )
+
+    def names(self) -> Sequence[str]:
+        return [name for name, _ in self.steps]
