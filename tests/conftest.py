@@ -143,8 +143,15 @@ async def logging_collector(
 
 
 @pytest.fixture
-async def collector(tmp_path: Path, prefixes: Path) -> AsyncIterator[Collector]:
-    c = Collector(collector_config(tmp_path, prefixes))
+async def collector(
+    request: pytest.FixtureRequest, tmp_path: Path, prefixes: Path
+) -> AsyncIterator[Collector]:
+    """The test collector on SQLite; on PostgreSQL (a database of the session's server) where a
+    test parametrizes it with "postgresql" (indirect=True)."""
+    config = collector_config(tmp_path, prefixes)
+    if getattr(request, "param", "sqlite") == "postgresql":
+        config = replace(config, db=request.getfixturevalue("pg_dsn"))
+    c = Collector(config)
     await c.start()
     yield c
     await c.stop(grace=1)

@@ -124,3 +124,12 @@ class PostgresServer:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+
+def postgres_dump(dsn: str) -> bytes:
+    """The whole database as pg_dump writes it (schema and every row)."""
+    dumped = subprocess.run(
+        [str(bin_dir() / "pg_dump"), "--no-owner", dsn], check=True, capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return dumped.stdout

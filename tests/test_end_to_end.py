@@ -20,6 +20,8 @@ from collector.store.reads import (
 )
 from demo.hoster import Fate, Hoster
 from tests.conftest import HOST_A, HOST_B, AgentFactory, eventually, scrape
+from tests.pg import postgres_dump
+from tests.test_postgres import refolded_on_sqlite, verdicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,6 +52,7 @@ def statuses(db: Path) -> dict[str, UrlStatus]:
         conn.close()
 
 
+@pytest.mark.parametrize("collector", ["sqlite", "postgresql"], indirect=True)
 async def test_removals_are_measured_per_provider(
     tmp_path: Path,
     collector: Collector,
@@ -193,9 +196,19 @@ async def test_removals_are_measured_per_provider(
     assert rows["Hoster B"].median_latency_seconds is not None
 
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "reports.csv"]
-    assert any(p.name == "collector.db" for p in written)
     marker = hoster.marker.encode()
+    if isinstance(db, str):  # PostgreSQL: the whole database, as pg_dump writes it out
+        written.append(tmp_path / "dump.sql")
+        written[-1].write_bytes(postgres_dump(db))
+    assert any(p.name in ("collector.db", "dump.sql") for p in written)
     contents = {path: path.read_bytes() for path in written}
     for path, data in contents.items():
         assert marker not in data, path
     assert hoster.marker not in caplog.text
+
+    # The same stored results, fed to a SQLite store on their own and refolded, decide the
+    # same: on PostgreSQL, the verdicts made live as the results came are those SQLite makes.
+    await collector.stop(grace=1)
+    again = refolded_on_sqlite(db, tmp_path / "refolded.db", collector.config.prefixes,
+                               collector.config.policy)  # fmt: skip
+    assert again == verdicts(db)

@@ -374,11 +374,15 @@ def copy_bundle(source: Path, target: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
-    tmp_path: Path, prefixes: Path, hoster: Hoster, log_key: tuple[Path, NoteVerifier]
-) -> None:
-    """Two signing agents see a page removed; its bundle verifies offline, tampering does not."""
+    tmp_path: Path, prefixes: Path, hoster: Hoster, log_key: tuple[Path, NoteVerifier],
+    engine: str, request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """Two signing agents see a page removed; its bundle verifies offline, tampering does not.
+    On PostgreSQL too: the log, its proofs and the export are the same SQL."""
     key_file, verifier = log_key
+    on: dict[str, Any] = {"db": request.getfixturevalue("pg_dsn")} if engine == "postgresql" else {}
     hoster.add("/removed")
     hoster.add("/online")
     url = f"http://{HOST_A}:{hoster.port}/removed"
@@ -388,7 +392,7 @@ async def test_bundle_of_a_real_run_verifies_and_any_tampering_is_named(
         f"url,notified_at,reference\n{url},{notified},CASE-77\n"
         f"http://{HOST_A}:{hoster.port}/online,{notified},CASE-78\n"
     )
-    async with logging_collector(tmp_path, prefixes, key_file) as collector:
+    async with logging_collector(tmp_path, prefixes, key_file, **on) as collector:
         db = collector.config.db
         assert (
             await import_file(reports, f"127.0.0.1:{collector.grpc_port}", out=io.StringIO()) == 0
