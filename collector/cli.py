@@ -331,6 +331,14 @@ def serve_parser() -> configargparse.ArgParser:
         " committed with every batch; after a crash the URLs not yet written are refolded at"
         " start); /metrics and the table lag by at most this much; 0 writes with every batch",
     )
+    p.add_argument(
+        "--lease-time",
+        type=duration,
+        default="15s",
+        help="with --db postgresql://: how long this collector's hold on its share of the URLs"
+        " lasts unrenewed (it renews every second); when a collector dies, the others fold its"
+        " URLs after this. Several collectors on one database share the URLs between them",
+    )
     add_log_key_option(p)
     p.add_argument(
         "--checkpoint-every",
@@ -746,6 +754,7 @@ def _serve(parser: configargparse.ArgParser, args: configargparse.Namespace) -> 
         max_results_per_second=args.max_results_per_second or None,
         results_burst=args.results_burst or None,
         flush_every=args.flush_every,
+        lease_seconds=args.lease_time,
         log_key_file=args.log_key_file,
         checkpoint_every=args.checkpoint_every,
         verify_workers=max(0, args.verify_workers),

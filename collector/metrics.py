@@ -80,8 +80,12 @@ class StateCollector(Collector):
         max_age: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
         prerendered: bool = False,
+        shards: Callable[[], frozenset[int] | None] = lambda: None,
     ) -> None:
         self.order_deadline = order_deadline
+        # The URL shards whose figures this collector exports (None: all): with several
+        # collectors on PostgreSQL each exports those it folds, so sum() gives the totals.
+        self.shards = shards
         self.db_path = db_path
         self.connected = connected
         self.buckets = sorted(buckets)
@@ -119,8 +123,9 @@ class StateCollector(Collector):
         conn = reads.connect_readonly(self.db_path)
         try:
             figures = reads.provider_figures(
-                conn, self.deadlines, self.order_deadline, self.buckets, self.clock()
-            )
+                conn, self.deadlines, self.order_deadline, self.buckets, self.clock(),
+                self.shards(),
+            )  # fmt: skip
         finally:
             conn.close()
         if self.prerendered:

@@ -346,6 +346,19 @@ class Projection:
             if self._dirty.pop(url_id, None) is not None:
                 self._stale.add(url_id)
 
+    def dirty_ids(self) -> list[int]:
+        return list(self._dirty)
+
+    def drop_pending(self, which: Callable[[int], bool]) -> None:
+        """Forget the due refolds of URLs another collector now folds."""
+        for url_id in [u for u in self._pending if which(u)]:
+            del self._pending[url_id]
+
+    def adopt_pending(self, url_ids: Iterable[int], now: float) -> None:
+        """Refolds the ledger lists (another collector asked for them): due from `now`."""
+        for url_id in url_ids:
+            self._pending.setdefault(url_id, now)
+
     def reload_pending(self) -> None:
         """At start, and after a rollback: the late URLs are those the ledger lists."""
         self._pending = dict.fromkeys(self.ledger.refolds_pending(), 0.0)

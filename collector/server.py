@@ -33,6 +33,7 @@ from collector.signatures import Signatures
 from collector.store import Store, StoreError, Writer
 from collector.store.model import DEFAULT_FLUSH_EVERY
 from collector.store.reads import integrity_problem
+from collector.store.shards import LEASE_SECONDS
 from collector.store.sql import label
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
@@ -73,6 +74,9 @@ class CollectorConfig:
     # Verdict states are written behind, at most this often (results, episodes and events are
     # committed with every batch; a crash refolds the URLs not yet written at start).
     flush_every: float = DEFAULT_FLUSH_EVERY
+    # PostgreSQL: how long a collector's shard leases last unrenewed (shards.py): a dead
+    # collector's URLs are folded by the others after at most this (plus a second).
+    lease_seconds: float = LEASE_SECONDS
     log_key_file: Path | None = None
     checkpoint_every: float = 300.0
     verify_workers: int = 1  # processes checking agents' signatures (0: on the event loop)
@@ -109,6 +113,7 @@ class Collector:
             lambda: Store(
                 config.db, self.attribution, config.policy, planner=config.planner,
                 log_signer=signer, flush_every=config.flush_every,
+                lease_seconds=config.lease_seconds,
             )
         )  # fmt: skip
         self.signatures: Signatures | None = None
@@ -202,6 +207,7 @@ class Collector:
             self.config.planner.order_deadline,
             max_age=self.config.metrics_max_age,
             prerendered=True,
+            shards=self.writer.held_shards,
         )
         self.registry.register(self.state)
         if self.config.metrics_max_age > 0:  # the first scan starts now, then stays fresh

@@ -9,7 +9,7 @@ method runs in the caller's transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from collector.evidence import leaves as ev
@@ -115,6 +115,8 @@ class SqlLedger:
         self.evidence = evidence
         self._cache_urls = cache_urls
         self.url_hashes: dict[int, bytes] = {}
+        # With shard leases (PostgreSQL): whether this collector folds a URL.
+        self.owns: Callable[[int], bool] | None = None
         # A verdict leaf was appended in this transaction: the store signs a checkpoint with it.
         self.verdict_logged = False
 
@@ -200,12 +202,12 @@ class SqlLedger:
         return out
 
     def refolds_pending(self) -> list[int]:
-        return [
-            u for (u,) in self.conn.execute("SELECT url_id FROM url_state WHERE refold_pending = 1")
-        ]
+        ids = self.conn.execute("SELECT url_id FROM url_state WHERE refold_pending = 1")
+        return [u for (u,) in ids if self.owns is None or self.owns(u)]
 
     def unflushed(self) -> list[int]:
-        return [u for (u,) in self.conn.execute("SELECT url_id FROM unflushed ORDER BY 1")]
+        ids = self.conn.execute("SELECT url_id FROM unflushed ORDER BY 1")
+        return [u for (u,) in ids if self.owns is None or self.owns(u)]
 
     # -- writes ------------------------------------------------------------------------------------
 

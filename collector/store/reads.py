@@ -14,6 +14,7 @@ from pathlib import Path
 from collector.evidence.leaves import url_sha256
 from collector.method import UrlState, order_overdue_sql, overdue_sql
 from collector.store.model import DEFAULT_FLUSH_EVERY, CorruptDatabase, StoreError, Target
+from collector.store.shards import SHARDS
 from collector.store.sql import DB_ERRORS, Connection, connect, is_postgres, label, translate
 
 # url_state is written behind (at most every DEFAULT_FLUSH_EVERY seconds), so a URL whose
@@ -111,6 +112,7 @@ def provider_figures(
     order_deadline: float,
     buckets: Sequence[float],
     now: float,
+    shards: frozenset[int] | None = None,
 ) -> list[ProviderFigures]:
     """URLs by state, overdue URLs per deadline and per binding order, reappearances, stale URLs
     and the latency histogram of every provider, in provider order, from one scan of url_state.
@@ -133,13 +135,21 @@ def provider_figures(
     for deadline in deadlines:
         params += [deadline, now]
     params += [order_deadline, now, now - STALE_GRACE]
+    # Only the URLs of these shards (several collectors on PostgreSQL: shards.py).
+    where, mine = "", ""
+    if shards is not None:
+        held = ",".join(str(int(s)) for s in sorted(shards)) or "-1"
+        where = f" WHERE s.url_id % {SHARDS} IN ({held})"
+        mine = f" WHERE url_id % {SHARDS} IN ({held})"
     reappeared = dict(
-        conn.execute("SELECT provider, COUNT(*) FROM reappearance_log GROUP BY provider").fetchall()
+        conn.execute(
+            f"SELECT provider, COUNT(*) FROM reappearance_log{mine} GROUP BY provider"
+        ).fetchall()
     )
     out: list[ProviderFigures] = []
     for provider, *values in conn.execute(
         f"SELECT COALESCE(s.first_provider, s.provider), {', '.join(columns)}"
-        " FROM url_state s JOIN urls u ON u.id = s.url_id"
+        f" FROM url_state s JOIN urls u ON u.id = s.url_id{where}"
         " GROUP BY COALESCE(s.first_provider, s.provider) ORDER BY 1",
         params,
     ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collector.store.evidence import BATCHES as EVIDENCE_BATCHES
 from collector.store.evidence import SCHEMA as EVIDENCE_SCHEMA
+from collector.store.shards import SHARDS
 from collector.store.sql import Database, Migrations
 
 migrations = Migrations("takedown.collector")
@@ -299,3 +300,34 @@ def m012_event_order(db: Database) -> None:
         db.conn.execute(
             "ALTER TABLE url_events ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY"
         )
+
+
+@migrations()
+def m013_shards(db: Database) -> None:
+    """Several collectors on one PostgreSQL database (collector/store/shards.py): a lease per
+    URL shard, the collectors that hold them, and the stored results waiting for the holder
+    of their shard to fold them. A SQLite file has one collector: the tables stay empty."""
+    _run(
+        db,
+        """
+        CREATE TABLE shard_leases (
+            shard INTEGER PRIMARY KEY,
+            owner TEXT,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            expires_at REAL NOT NULL DEFAULT 0
+        );
+        CREATE TABLE collectors (
+            name TEXT PRIMARY KEY,
+            seen_at REAL NOT NULL
+        );
+        CREATE TABLE fold_queue (
+            shard INTEGER NOT NULL,
+            agent_id INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (agent_id, seq)
+        );
+        CREATE INDEX fold_queue_shard ON fold_queue(shard)
+        """,
+    )
+    for shard in range(SHARDS):
+        db.conn.execute("INSERT INTO shard_leases (shard) VALUES (?)", (shard,))

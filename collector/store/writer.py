@@ -11,12 +11,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from collector.store.model import Ingested, ResultIn, StoreError
-from collector.store.writes import IngestCall, Store
+from collector.store.shards import TICK_SECONDS, Leases
+from collector.store.writes import QUEUE_CHUNK, IngestCall, Store
 
 T = TypeVar("T")
 
@@ -46,6 +48,12 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closing = threading.Event()  # close() was called: long jobs may give up
+        self._leases: Leases | None = None
+
+    def held_shards(self) -> frozenset[int] | None:
+        """The URL shards this collector folds (PostgreSQL), None for all (SQLite); safe from
+        any thread."""
+        return None if self._leases is None else self._leases.view
 
     async def start(self) -> None:
         """Open the store on the writer thread; raises StoreError if it cannot be opened."""
@@ -69,9 +77,18 @@ class Writer:
             loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
         store.interrupted = self._closing.is_set
+        self._leases = store.leases
         loop.call_soon_threadsafe(_settle, ready, None, None)
+        next_tick = time.monotonic() + TICK_SECONDS
         try:
             while True:
+                if store.leases is not None and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    try:
+                        if store.tick(time.time()) >= QUEUE_CHUNK:
+                            next_tick = 0.0  # more waiting: again after the next item
+                    except Exception as exc:  # the leases lapse if this goes on; others take over
+                        log.error("shard_tick_failed error=%s", exc)
                 try:
                     item = self._queue.get(timeout=IDLE_SECONDS)
                 except queue.Empty:

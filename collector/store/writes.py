@@ -20,7 +20,7 @@ from collector.evidence import leaves as ev
 from collector.evidence.note import NoteSigner
 from collector.fold import Notice, Observation, UrlFold
 from collector.method import Policy, UrlState, is_order_overdue, is_overdue
-from collector.projection import CACHE_URLS, Projection, method_of
+from collector.projection import ANCIENT_SLACK, CACHE_URLS, Projection, method_of
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store.codec import dump_fold
@@ -37,6 +37,7 @@ from collector.store.model import (
     Target,
 )
 from collector.store.schema import migrations
+from collector.store.shards import LEASE_SECONDS, SHARDS, Leases, collector_name
 from collector.store.sql import DB_ERRORS, Connection, Database, connect, label, translate
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def _stopped_cleanly(db: Database) -> bool:
     return bool(row and row[0])
 
 
+# Queued results a tick folds at most (about 0.1 s of work).
+QUEUE_CHUNK = 5_000
+
 # Rows a plan reads between two looks at `Store.interrupted` (about 0.1 s of work).
 PLAN_CHECK_EVERY = 10_000
 
@@ -95,6 +99,7 @@ class Store:
         planner: Planner | None = None,
         log_signer: NoteSigner | None = None,
         flush_every: float = 0.0,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.path = path
         self.name = label(path)  # how messages name the database
@@ -114,6 +119,15 @@ class Store:
         # verdict event is a leaf appended in the transaction that stores the fact.
         self.evidence = EvidenceLog(self.conn, log_signer) if log_signer is not None else None
         self.ledger = SqlLedger(self.conn, self.method, self.planner, self.evidence, cache_urls)
+        # PostgreSQL: several collectors may share the database, each folding the URL shards
+        # it holds a lease on (shards.py); the others' results wait in fold_queue. Their next
+        # holder reads their folds from url_state, so states are written with every batch.
+        self.leases: Leases | None = None
+        if self.db.postgres:
+            self.leases = Leases(self.conn, collector_name(), lease_seconds)
+            self.ledger.owns = self.leases.owns
+            flush_every = 0.0
+            self.leases.tick()
         # The verdicts: each URL's fold in memory, its url_state row written behind, at most
         # every `flush_every` seconds (0: with every batch).
         self.projection = Projection(
@@ -154,7 +168,9 @@ class Store:
             now = self.projection.last_now
             self.refold_due(now, limited=False)
             self.flush(now)
-            if not self.unchecked:
+            if self.leases is not None:
+                self.leases.release()
+            elif not self.unchecked:
                 self.conn.execute("UPDATE lifecycle SET clean_stop = 1")
         finally:
             self.conn.close()
@@ -179,10 +195,94 @@ class Store:
     def _transaction(self) -> Iterator[None]:
         """A transaction (a savepoint inside another); what the evidence log holds of it is
         written before it ends."""
+        outermost = not self.conn.in_transaction
         with self.db.atomic():
+            if outermost and self.leases is not None:
+                lost = self.leases.fence()
+                if lost:
+                    self._drop_shards(lost)
             yield
             if self.evidence is not None:
                 self.evidence.write()
+
+    def _drop_shards(self, shards: frozenset[int]) -> None:
+        """Shards no longer held: their folds leave memory (their holder writes them now)."""
+        p = self.projection
+        p.forget(u for u in [*p.entries, *p.dirty_ids()] if u % SHARDS in shards)
+        p.drop_pending(lambda u: u % SHARDS in shards)
+
+    def tick(self, now: float) -> int:
+        """Every TICK_SECONDS on the writer (PostgreSQL): renew and rebalance the shard leases,
+        take up the refolds other collectors asked for, and fold the queued results of the
+        shards held (at most `limit` each call); return how many were folded."""
+        if self.leases is None:
+            return 0
+        try:
+            moved = self.leases.tick()
+        except DB_ERRORS as exc:
+            raise translate(exc, self.name) from exc
+        if moved.lost:
+            self._drop_shards(moved.lost)
+        self.projection.adopt_pending(self.ledger.refolds_pending(), now)
+        if moved.gained and self.projection.pending:
+            # As at a start: a shard's refolds owed (its last holder died before them) are
+            # done before anything new of it is folded, within the usual budget.
+            self.refold_due(now)
+        return self.fold_queued(now)
+
+    def fold_queued(self, now: float, limit: int = QUEUE_CHUNK) -> int:
+        """Fold results other collectors stored for the shards this one holds, oldest
+        probes first, in one transaction with the claim on them; return how many."""
+        if self.leases is None:
+            return 0
+        try:
+            with self._transaction():
+                if not self.leases.owned:
+                    return 0
+                rows = self.conn.execute(
+                    _CLAIM_QUEUED, (sorted(self.leases.owned), limit)
+                ).fetchall()
+                if rows:
+                    self._fold_stored(rows, now)
+                    self.projection.refold_pending(now, self.projection.refold_budget)
+                    self._checkpoint_if_verdict(now)
+        except DB_ERRORS as exc:
+            self._rolled_back()
+            raise translate(exc, self.name) from exc
+        return len(rows)
+
+    def _fold_stored(self, rows: Sequence[Any], now: float) -> None:
+        """Fold results already stored (claimed from the queue) and record their classes."""
+        p = self.projection
+        entries = p.load({int(row[0]) for row in rows})
+        batch = []
+        for url_id, *fields in rows:
+            (agent, network, at, status, error, sha, final, challenge, truncated, seq, provider,
+             asn, cdn) = fields  # fmt: skip
+            if p.admit(url_id, at, entries) is not None:
+                continue  # retired meanwhile: stored, and a refold would read it
+            batch.append((url_id, Observation(
+                agent, network, at, status, error, bytes(sha) if sha else b"", final,
+                bool(challenge), bool(truncated), seq, provider, asn, bool(cdn),
+            )))  # fmt: skip
+        folded = p.fold(entries, batch)
+        p.record(folded, now)
+        counts: dict[tuple[int, str], int] = {}
+        for (_, obs), cls in zip(batch, folded.classes, strict=True):
+            counts[(obs.agent_id, cls.value)] = counts.get((obs.agent_id, cls.value), 0) + 1
+        self.conn.executemany(
+            "UPDATE results SET class = ? WHERE agent_id = ? AND seq = ?",
+            [(cls.value, obs.agent_id, obs.seq) for (_, obs), cls in zip(batch, folded.classes,
+                                                                       strict=True)],
+        )  # fmt: skip
+        self._count(counts)
+
+    def _count(self, counts: dict[tuple[int, str], int]) -> None:
+        self.conn.executemany(
+            "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
+            " ON CONFLICT(agent_id, class) DO UPDATE SET n = result_counts.n + excluded.n",
+            [(agent, cls, n) for (agent, cls), n in counts.items()],
+        )
 
     def _reload_log(self) -> None:
         """After a rollback: the log's frontier is what was committed."""
@@ -369,7 +469,10 @@ class Store:
             )
         reassign = new_url
         if not new_url:
-            self.projection.renotified(url_id, now)
+            if self.leases is None or self.leases.owns(url_id):
+                self.projection.renotified(url_id, now)
+            else:  # its shard's holder refolds it (Store.tick)
+                self.ledger.mark_refold([url_id], True)
             if not row[1]:
                 c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
                 reassign = True
@@ -556,11 +659,18 @@ class Store:
         for r in results:
             if r.seq not in known:
                 fresh.setdefault(r.seq, r)
-        p = self.projection
-        entries = p.load({r.url_id for r in fresh.values()})
+        owned = list(fresh.values())
         refused: list[str] = []
+        queued: list[ResultIn] = []
+        if self.leases is not None:  # the other shards' results wait for their holders
+            owns = self.leases.owns
+            queued = self._queue(agent_id, [r for r in owned if not owns(r.url_id)], suspect,
+                                 now, refused)  # fmt: skip
+            owned = [r for r in owned if owns(r.url_id)]
+        p = self.projection
+        entries = p.load({r.url_id for r in owned})
         accepted: list[ResultIn] = []
-        for r in sorted(fresh.values(), key=lambda r: (r.started_at, r.seq)):
+        for r in sorted(owned, key=lambda r: (r.started_at, r.seq)):
             why = p.admit(r.url_id, r.started_at, entries)
             if why is None:
                 accepted.append(r)
@@ -591,19 +701,10 @@ class Store:
                  r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
                  r.tls, int(obs.cdn), where.country if where else None, leaf)
             )  # fmt: skip
-        self.conn.executemany(
-            "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
-            " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
-            " class, provider, asn, stored_at, tls, cdn, country, leaf)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        self.conn.executemany(_INSERT_RESULT, rows)
         p.record(folded, now)
-        self.conn.executemany(
-            "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
-            " ON CONFLICT(agent_id, class) DO UPDATE SET n = result_counts.n + excluded.n",
-            [(agent_id, cls, n) for cls, n in counts.items()],
-        )
+        self._count({(agent_id, cls): n for cls, n in counts.items()})
+        accepted += queued
         if accepted:
             newest = max(r.started_at for r in accepted)
             self.conn.execute(
@@ -619,6 +720,52 @@ class Store:
             rejected=len(fresh) - len(accepted),
             refused=tuple(refused),
         )
+
+    def _queue(
+        self, agent_id: int, results: Sequence[ResultIn], suspect: int, now: float,
+        refused: list[str],
+    ) -> list[ResultIn]:  # fmt: skip
+        """Store results of shards another collector holds, and queue them for it to fold;
+        return those stored. Admitted as a fold would admit them (a watched URL, probed
+        after it was reported); `refused` gets the others' reasons."""
+        if not results:
+            return []
+        ids = sorted({r.url_id for r in results})
+        watched = {
+            int(u): (float(created), origin)
+            for u, created, origin in self.conn.execute(
+                "SELECT u.id, u.created_at, s.origin_ip FROM urls u JOIN url_state s"
+                " ON s.url_id = u.id WHERE u.active = 1 AND u.id = ANY(?)",
+                (ids,),
+            )
+        }
+        accepted = []
+        for r in sorted(results, key=lambda r: (r.started_at, r.seq)):
+            known = watched.get(r.url_id)
+            if known is None:
+                refused.append(f"seq {r.seq}: URL id {r.url_id} is unknown or no longer watched")
+            elif r.started_at < known[0] - ANCIENT_SLACK:
+                refused.append(f"seq {r.seq}: started_at {r.started_at:.0f} is before URL id"
+                               f" {r.url_id} was reported")  # fmt: skip
+            else:
+                accepted.append(r)
+        wheres = [self._attribute(r.peer_ip, watched[r.url_id][1]) for r in accepted]
+        leaves: Sequence[int | None] = [None] * len(accepted)
+        if self.evidence is not None:
+            leaves = self._log_observations(accepted, wheres, now)
+        self.conn.executemany(_INSERT_RESULT, [
+            (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
+             r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error, r.redirects,
+             int(r.challenge), suspect, "", where.provider if where else "",
+             where.asn if where else None, now, r.tls, int(bool(where and where.cdn)),
+             where.country if where else None, leaf)
+            for r, where, leaf in zip(accepted, wheres, leaves, strict=True)
+        ])  # fmt: skip
+        self.conn.executemany(
+            "INSERT INTO fold_queue (shard, agent_id, seq) VALUES (?, ?, ?)",
+            [(r.url_id % SHARDS, agent_id, r.seq) for r in accepted],
+        )
+        return accepted
 
     def _log_observations(
         self, accepted: Sequence[ResultIn], wheres: Sequence[Attribution | None], now: float
@@ -695,6 +842,14 @@ class Store:
             sql = "SELECT DISTINCT url_id FROM results WHERE started_at >= ? ORDER BY url_id"
             params = (since,)
         ids = [u for (u,) in self.conn.execute(sql, params)]
+        if self.leases is not None:
+            if self.leases.others_live():
+                raise StoreError(
+                    f"{self.name}: other collectors are running on this database; each"
+                    " refolds the shards it holds at its start under a new method version"
+                    " (stop them all to refold everything from here)"
+                )
+            ids = [u for u in ids if self.leases.owns(u)]
         try:
             with self._transaction():
                 changed = self.projection.refold_all(ids, now)
@@ -780,6 +935,24 @@ class Store:
         self.projection.retire(stop)  # the cache holds active URLs only (see Projection.load)
         return changed, stop
 
+
+_INSERT_RESULT = (
+    "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
+    " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
+    " class, provider, asn, stored_at, tls, cdn, country, leaf)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Claim up to N queued results of the given shards (PostgreSQL; other collectors skip the
+# rows claimed) and read them as the fold does, in event order.
+_CLAIM_QUEUED = (
+    "WITH claimed AS (DELETE FROM fold_queue WHERE (agent_id, seq) IN (SELECT agent_id, seq"
+    " FROM fold_queue WHERE shard = ANY(?) LIMIT ? FOR UPDATE SKIP LOCKED)"
+    " RETURNING agent_id, seq)"
+    " SELECT r.url_id, r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256,"
+    " r.final_url, r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn FROM claimed q"
+    " JOIN results r ON r.agent_id = q.agent_id AND r.seq = q.seq"
+    " JOIN agents a ON a.id = r.agent_id ORDER BY r.started_at, r.agent_id, r.seq"
+)
 
 IngestCall = tuple[int, Sequence[ResultIn], float, "float | None"]
 """The arguments of one `Store.ingest`: agent id, results, now, clock offset."""
