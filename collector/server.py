@@ -33,8 +33,8 @@ from collector.signatures import Signatures
 from collector.store import Store, StoreError, Writer
 from collector.store.model import DEFAULT_FLUSH_EVERY
 from collector.store.reads import integrity_problem
-from collector.store.shards import LEASE_SECONDS
-from collector.store.sql import label
+from collector.store.shards import LEASE_SECONDS, TICK_SECONDS
+from collector.store.sql import is_postgres, label
 from protos.takedown.v1 import takedown_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class Collector:
         self._refresher: threading.Thread | None = None
         self._refresher_stop = threading.Event()
         self._planning: asyncio.Task[None] | None = None
+        self._assigning: asyncio.Task[None] | None = None
         self._revalidating: asyncio.Task[None] | None = None
         self.health: health_aio.HealthServicer | None = None
         self.decoding = Decoding()
@@ -234,6 +235,8 @@ class Collector:
         # The first replan runs once serving (it reads and updates every watched URL: 10 s at
         # a million); meanwhile agents get the stored intervals, then its changes.
         self._planning = asyncio.create_task(self._replan_forever(), name="replan")
+        if is_postgres(self.config.db):
+            self._assigning = asyncio.create_task(self._assignments_forever(), name="assign")
         if self._refresher is not None:
             # /metrics opens once the refresher's first scan landed, so that no scrape waits
             # for a scan (258 ms at 100,000 URLs; seconds at a million).
@@ -324,6 +327,18 @@ class Collector:
         if changed or retired:
             log.info("assignment_replanned changed=%d retired=%d", len(changed), len(retired))
 
+    async def _assignments_forever(self) -> None:
+        """Several collectors on PostgreSQL: push the assignment changes the others made
+        (new reports, replans) to this collector's agents, every second."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                targets, retired = await self.writer.run(lambda s: s.assignment_changes())
+            except StoreError as exc:
+                log.error("assignment_changes_failed error=%s", exc)
+                continue
+            self.hub.publish(targets, retired)
+
     async def _replan_forever(self) -> None:
         while True:
             try:
@@ -347,10 +362,10 @@ class Collector:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work, let in-flight batches commit and ack, then close the database."""
-        for task in (self._planning, self._checkpointing):
+        for task in (self._planning, self._checkpointing, self._assigning):
             if task is not None:
                 task.cancel()
-        self._planning = self._checkpointing = None
+        self._planning = self._checkpointing = self._assigning = None
         if self._revalidating is not None:
             self._revalidating.cancel()
             self._revalidating = None

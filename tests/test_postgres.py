@@ -3,10 +3,14 @@ SQLite: the same deliveries give the same verdicts, timelines, figures and evide
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import json
+import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +18,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.main import Agent
 from collector.attribution import PrefixTable
 from collector.evidence.leaves import url_sha256
 from collector.evidence.merkle import leaf_hash, root_of
 from collector.evidence.note import NoteSigner
+from collector.importer import import_file
 from collector.method import Policy
 from collector.reports_file import ReportIn
+from collector.server import Collector
 from collector.store import ResultIn, Store, StoreError
 from collector.store.history import url_history
 from collector.store.model import Evidence, SignedBatch
-from collector.store.reads import connect_readonly, provider_figures, url_outcomes
+from collector.store.reads import (
+    connect_readonly,
+    provider_figures,
+    url_outcomes,
+    url_statuses,
+)
 from collector.store.shards import SHARDS
 from collector.store.sql import pg_ddl, pg_placeholders
+from demo.hoster import Fate, Hoster
+from tests.conftest import HOST_A, HOST_B, agent_config, collector_config, eventually, scrape
 from tests.test_cli import COLLECTOR
 from tests.test_cli import run as run_cli
 from tests.test_store_replay import CONTENT, PEERS, PLANNER, T0, deliveries, table
@@ -418,3 +432,84 @@ class TestSeveralCollectors:
         assert two.conn.execute("SELECT folded FROM url_state").fetchone()[0] == 1
         one.close()
         two.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_two_collectors_with_real_agents_decide_as_one(
+    tmp_path: Path, prefixes: Path, hoster: Hoster, pg_dsn: str
+) -> None:
+    """Two real collectors on one PostgreSQL database, a real agent on each, reports sent to
+    the first only once both agents are connected: both are assigned every URL, the removals
+    are confirmed, the collectors' /metrics add up to every URL once, and the stored results,
+    refolded by one SQLite store, decide the same verdicts."""
+    paths = ["/a-404", "/a-online", "/b-410", "/b-online"]
+    for path in paths:
+        hoster.add(path)
+    config = replace(collector_config(tmp_path, prefixes), db=pg_dsn, lease_seconds=3.0)
+    collectors = [Collector(config), Collector(config)]
+    stops: list[asyncio.Event] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for c in collectors:
+            await c.start()
+        url = {p: f"http://{HOST_A if p.startswith('/a') else HOST_B}:{hoster.port}{p}"
+               for p in paths}  # fmt: skip
+        notified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 5))
+        reports = tmp_path / "reports.csv"
+        reports.write_text("url,notified_at,reference\n" + "".join(
+            f"{url[p]},{notified},case-{i}\n" for i, p in enumerate(paths)))  # fmt: skip
+        for n, (c, source) in enumerate(zip(collectors, ("127.0.0.2", "127.0.0.3"), strict=True)):
+            agent = Agent(agent_config(c, f"agent-{n}", f"net-{n}", source),
+                          rng=random.Random(n))  # fmt: skip
+            stops.append(asyncio.Event())
+            tasks.append(asyncio.create_task(agent.run(stops[-1])))
+        # Both streams open before the reports arrive: the second collector's agent learns of
+        # them from the assignment log, not at its hello.
+        await eventually(lambda: all(c.hub.connected() for c in collectors), 15, "both agents")
+        out = io.StringIO()
+        assert await import_file(reports, f"127.0.0.1:{collectors[0].grpc_port}", out=out) == 0
+
+        def states() -> dict[str, str]:
+            conn = connect_readonly(pg_dsn)
+            try:
+                return {s.url.rsplit("/", 1)[1]: s.state for s in url_statuses(conn)}
+            finally:
+                conn.close()
+
+        def probed_by_both() -> bool:
+            conn = connect_readonly(pg_dsn)
+            try:
+                pairs = conn.execute("SELECT DISTINCT agent_id, url_id FROM results").fetchall()
+            finally:
+                conn.close()
+            return len(pairs) == 2 * len(paths)
+
+        available = dict.fromkeys([p.strip("/") for p in paths], "available")
+        await eventually(probed_by_both, 30, "every URL probed by both agents")
+        await eventually(lambda: states() == available, 30, "every URL seen available")
+        hoster.set_fate("/a-404", Fate.GONE_404)
+        hoster.set_fate("/b-410", Fate.GONE_410)
+        removed = {**available, "a-404": "removed", "b-410": "removed"}
+        await eventually(lambda: states() == removed, 30, "both removals confirmed")
+
+        async def counted() -> bool:
+            total = 0.0
+            for c in collectors:
+                metrics = await scrape(c.metrics_port)
+                total += sum(s.value for s in metrics.get("takedown_urls", []))
+            return total == len(paths)
+
+        await eventually(counted, 20, "each URL counted by exactly one collector")
+        held = [c.writer.held_shards() for c in collectors]
+        assert held[0] is not None and held[1] is not None
+        assert held[0].isdisjoint(held[1]) and len(held[0]) + len(held[1]) == SHARDS
+    finally:
+        for stop in stops:
+            stop.set()
+        for task in tasks:
+            await asyncio.wait_for(task, timeout=15)
+        for c in collectors:
+            await c.stop(grace=1)
+    again = refolded_on_sqlite(pg_dsn, tmp_path / "refolded.db", prefixes, config.policy)
+    assert again == verdicts(pg_dsn)

@@ -305,8 +305,10 @@ def m012_event_order(db: Database) -> None:
 @migrations()
 def m013_shards(db: Database) -> None:
     """Several collectors on one PostgreSQL database (collector/store/shards.py): a lease per
-    URL shard, the collectors that hold them, and the stored results waiting for the holder
-    of their shard to fold them. A SQLite file has one collector: the tables stay empty."""
+    URL shard, the collectors that hold them, the stored results waiting for the holder of
+    their shard to fold them, and the URLs whose assignment changed (new, replanned,
+    retired), which every collector pushes to its own agents. A SQLite file has one
+    collector: the tables stay empty."""
     _run(
         db,
         """
@@ -326,7 +328,11 @@ def m013_shards(db: Database) -> None:
             seq INTEGER NOT NULL,
             PRIMARY KEY (agent_id, seq)
         );
-        CREATE INDEX fold_queue_shard ON fold_queue(shard)
+        CREATE INDEX fold_queue_shard ON fold_queue(shard);
+        CREATE TABLE assignment_log (
+            id INTEGER PRIMARY KEY,
+            url_id INTEGER NOT NULL
+        )
         """,
     )
     for shard in range(SHARDS):

@@ -72,6 +72,9 @@ def _stopped_cleanly(db: Database) -> bool:
     return bool(row and row[0])
 
 
+# Assignment log rows read again at each look (see Store.assignment_changes).
+ASSIGNMENT_WINDOW = 10_000
+
 # Queued results a tick folds at most (about 0.1 s of work).
 QUEUE_CHUNK = 5_000
 
@@ -123,7 +126,13 @@ class Store:
         # it holds a lease on (shards.py); the others' results wait in fold_queue. Their next
         # holder reads their folds from url_state, so states are written with every batch.
         self.leases: Leases | None = None
+        self._assignment_seen: set[int] = set()
+        self._assignment_cursor = 0
         if self.db.postgres:
+            (last,) = self.conn.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM assignment_log"
+            ).fetchone()
+            self._assignment_cursor = int(last)  # agents get the rest at their hello
             self.leases = Leases(self.conn, collector_name(), lease_seconds)
             self.ledger.owns = self.leases.owns
             flush_every = 0.0
@@ -204,6 +213,53 @@ class Store:
             yield
             if self.evidence is not None:
                 self.evidence.write()
+
+    def _assignment_changed(self, url_ids: Sequence[int]) -> None:
+        """Several collectors (PostgreSQL): tell the others' agents too (assignment_changes).
+        This collector pushes its own changes itself: it skips their log rows."""
+        if self.leases is None or not url_ids:
+            return
+        for u in url_ids:
+            (index,) = self.conn.execute(
+                "INSERT INTO assignment_log (url_id) VALUES (?) RETURNING id", (u,)
+            ).fetchone()
+            self._assignment_seen.add(int(index))
+
+    def assignment_changes(self) -> tuple[list[Target], list[int]]:
+        """The assignment changes other collectors made since the last call (PostgreSQL):
+        targets to push to this collector's agents, and URLs they no longer probe.
+
+        A log row's id is drawn before its transaction commits, so rows may appear out of
+        id order: the rows of the last ASSIGNMENT_WINDOW ids are read again each time, and
+        those already pushed are skipped."""
+        if self.leases is None:
+            return [], []
+        try:
+            rows = self.conn.execute(
+                "SELECT l.id, u.id, u.url, u.interval, u.active FROM assignment_log l"
+                " JOIN urls u ON u.id = l.url_id WHERE l.id > ? ORDER BY l.id",
+                (self._assignment_cursor - ASSIGNMENT_WINDOW,),
+            ).fetchall()
+        except DB_ERRORS as exc:
+            raise translate(exc, self.name) from exc
+        seen = self._assignment_seen
+        targets: dict[int, Target] = {}
+        retired: dict[int, None] = {}
+        for index, url_id, url, interval, active in rows:
+            if index in seen:
+                continue
+            seen.add(index)
+            if active:
+                targets[url_id] = Target(url_id, url, interval)
+                retired.pop(url_id, None)
+            else:
+                retired[url_id] = None
+                targets.pop(url_id, None)
+        if rows:
+            self._assignment_cursor = max(self._assignment_cursor, int(rows[-1][0]))
+        low = self._assignment_cursor - ASSIGNMENT_WINDOW
+        self._assignment_seen = {i for i in seen if i > low}
+        return list(targets.values()), list(retired)
 
     def _drop_shards(self, shards: frozenset[int]) -> None:
         """Shards no longer held: their folds leave memory (their holder writes them now)."""
@@ -468,6 +524,8 @@ class Store:
                 url_id,
             )
         reassign = new_url
+        if new_url:
+            self._assignment_changed([url_id])
         if not new_url:
             if self.leases is None or self.leases.owns(url_id):
                 self.projection.renotified(url_id, now)
@@ -475,6 +533,7 @@ class Store:
                 self.ledger.mark_refold([url_id], True)
             if not row[1]:
                 c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
+                self._assignment_changed([url_id])
                 reassign = True
         return SubmitOutcome(Submitted.ACCEPTED, report_id, url_id, reassign, interval)
 
@@ -932,6 +991,7 @@ class Store:
             "UPDATE urls SET interval = ? WHERE id = ?", [(t.interval, t.url_id) for t in changed]
         )
         self.conn.executemany("UPDATE urls SET active = 0 WHERE id = ?", [(u,) for u in stop])
+        self._assignment_changed([t.url_id for t in changed] + stop)
         self.projection.retire(stop)  # the cache holds active URLs only (see Projection.load)
         return changed, stop
 
