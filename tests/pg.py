@@ -75,6 +75,10 @@ class PostgresServer:
         )  # fmt: skip
         if made.returncode != 0:
             raise RuntimeError(f"initdb failed: {made.stderr.decode(errors='replace')[-2000:]}")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data directory and port (again, after `pause`)."""
         log = self.log.open("ab")
         self.process = subprocess.Popen(
             [*self._as_owner(), str(self.bin / "postgres"), "-D", str(self.data),
@@ -113,6 +117,10 @@ class PostgresServer:
             self._stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data: the database is away until `resume`."""
+        self._stop()
 
     def _stop(self) -> None:
         if self.process is None:

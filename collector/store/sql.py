@@ -154,25 +154,46 @@ def _numeric(data: Any) -> int | float:
 
 
 class PgConnection:
-    """A psycopg connection in autocommit mode with sqlite3's calling convention."""
+    """A psycopg connection in autocommit mode with sqlite3's calling convention.
+
+    When the server goes away the transaction in progress fails (DatabaseError, nothing of
+    it committed); the next statement outside a transaction connects again, so a collector
+    goes on by itself once the database is back."""
 
     def __init__(self, dsn: str, readonly: bool = False) -> None:
         import psycopg
+
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self._readonly = readonly
+        self._sql: dict[str, str] = {}
+        self._closed = False  # close() was called: no reconnecting
+        self.raw = self._connect()
+
+    def _connect(self) -> Any:
         from psycopg.adapt import Loader
 
         class NumericLoader(Loader):
             def load(self, data: Any) -> int | float:
                 return _numeric(data)
 
-        self._psycopg = psycopg
-        self._sql: dict[str, str] = {}
         try:
-            self.raw = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
+            raw = self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+            raw.adapters.register_loader("numeric", NumericLoader)
+            if self._readonly:
+                raw.execute("SET default_transaction_read_only = on")
+        except self._psycopg.Error as exc:
             raise self._error(exc) from exc
-        self.raw.adapters.register_loader("numeric", NumericLoader)
-        if readonly:
-            self.raw.execute("SET default_transaction_read_only = on")
+        return raw
+
+    def _usable(self) -> Any:
+        """The connection, connected again if the server dropped it between transactions."""
+        raw = self.raw
+        if (raw.broken or raw.closed) and not self._closed:
+            with contextlib.suppress(Exception):
+                raw.close()
+            self.raw = raw = self._connect()
+        return raw
 
     def _error(self, exc: Exception) -> DatabaseError:
         return DatabaseError(str(exc), getattr(exc, "sqlstate", None))
@@ -184,16 +205,17 @@ class PgConnection:
         return converted
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        raw = self._usable()
         try:
             if parameters:
-                return self.raw.execute(self._statement(sql), tuple(parameters))
-            return self.raw.execute(sql)
+                return raw.execute(self._statement(sql), tuple(parameters))
+            return raw.execute(sql)
         except self._psycopg.Error as exc:
             raise self._error(exc) from exc
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
         rows = [tuple(p) for p in parameters]
-        cursor = self.raw.cursor()
+        cursor = self._usable().cursor()
         if not rows:
             return cursor
         try:
@@ -204,10 +226,14 @@ class PgConnection:
 
     @property
     def in_transaction(self) -> bool:
-        status = self.raw.info.transaction_status
-        return bool(status != self._psycopg.pq.TransactionStatus.IDLE)
+        """Whether a transaction is open (one on a dropped connection is gone)."""
+        raw = self.raw
+        if raw.broken or raw.closed:
+            return False
+        return bool(raw.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE)
 
     def close(self) -> None:
+        self._closed = True
         self.raw.close()
 
 
