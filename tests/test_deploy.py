@@ -944,3 +944,195 @@ class TestCredentials:
         assert set(mutual) == {"systemd", "container", "k8s"}
         for deployment, where, args in clients:
             assert not mutual[deployment] or (args.cert_file and args.key_file), where
+
+
+PG_COMPOSE = DEPLOY / "container" / "compose.postgresql.yaml"
+PG_K8S = K8S / "postgresql"
+PG_URI = "postgresql://takedown@postgres:5432/takedown"
+
+
+def _pg_k8s(yaml: ModuleType) -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(PG_K8S.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def _no_password(uri: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    assert parts.scheme == "postgresql" and parts.username and parts.password is None, uri
+
+
+class TestPostgreSQL:
+    def test_collector_image_installs_the_postgresql_extra(self) -> None:
+        """The collector image can run on --db postgresql:// (psycopg is the extra)."""
+        assert re.search(r"pip install \.\[postgresql\]", _containerfile("collector")["RUN"])
+
+    def test_compose_runs_two_collectors_on_one_database(
+        self, yaml: ModuleType, tmp_path: Path
+    ) -> None:
+        """Both collectors parse with --db postgresql:// (no password, no evidence log), wait for
+        a healthy postgres, read the password file postgres-password makes; the agents dial a
+        name both collectors answer to and the certificate names; files and volumes exist."""
+        compose = load_yaml(yaml, PG_COMPOSE)
+        services = compose["services"]
+        postgres = services["postgres"]
+        assert re.fullmatch(r"docker\.io/library/postgres:1[56](\.\d+)?", postgres["image"])
+        assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+        password_file = postgres["environment"]["POSTGRES_PASSWORD_FILE"]
+        assert dict(_mounts(postgres))[str(Path(password_file).parent)] == "postgres-password"
+        for name, service in services.items():
+            if "build" in service:
+                context = (PG_COMPOSE.parent / service["build"]["context"]).resolve()
+                assert (context / service["build"]["dockerfile"]).is_file(), name
+            for _, source in _mounts(service):
+                if isinstance(source, Path):
+                    assert source.exists(), f"{name}: {source}"
+                else:
+                    assert source in compose["volumes"], f"{name}: volume {source}"
+        collectors = [n for n, s in services.items() if "--db" in s.get("command", [])]
+        assert collectors == ["collector-1", "collector-2"]
+        aliases = set()
+        for name in collectors:
+            service = services[name]
+            assert service["depends_on"]["postgres"] == {"condition": "service_healthy"}
+            files = files_of(service)
+            args = parse_config("collector", files[service["command"][1]], tmp_path)
+            assert option(service["command"], "--db") == [PG_URI]
+            _no_password(PG_URI)
+            assert args.log_key_file is None and "--log-key-file" not in service["command"]
+            pgpass = Path(service["environment"]["PGPASSFILE"])
+            assert dict(_mounts(service))[str(pgpass.parent)] == "postgres-password"
+            aliases |= set(service["networks"]["default"]["aliases"])
+        init = services["init"]
+        assert init["environment"]["COLLECTOR_DB"] == PG_URI
+        assert init["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        names = set(init["environment"]["COLLECTOR_DNS"].split())
+        assert set(collectors) <= names
+        agents = [n for n, s in services.items() if "Containerfile.agent" in str(s.get("build"))]
+        assert len(agents) == 2
+        for name in [*agents, "import"]:
+            config = tomllib.loads(files_of(services[name])[next(
+                t for t, s in _mounts(services[name]) if isinstance(s, Path)
+            )])  # fmt: skip
+            host = hostport(next(iter(config.values()))["collector"])[0]
+            assert host in aliases and host in names, name
+            assert set(services[name]["depends_on"]) >= {"init", *collectors}, name
+        scrape = yaml.safe_load(compose["configs"]["prometheus-yml"]["content"])
+        jobs = {j["job_name"]: j for j in scrape["scrape_configs"]}
+        targets = {t for c in jobs["takedown-collector"]["static_configs"] for t in c["targets"]}
+        assert targets == {f"{name}:9464" for name in collectors}
+
+    def test_kubernetes_two_replicas_behind_one_service(
+        self, yaml: ModuleType, tmp_path: Path
+    ) -> None:
+        """The collector Deployment has 2 replicas on PostgreSQL (no password in the URI, no
+        evidence log, PGPASSWORD from the documented Secret that postgres also reads), the
+        probes, ports and security context of ../collector.yaml, and one gRPC Service selects
+        it, the one agents.yaml dials; PostgreSQL is a StatefulSet with a claim template and a
+        headless Service."""
+        docs = _pg_k8s(yaml)
+        assert "Secret" not in {d["kind"] for d in docs}
+        assert all(d["metadata"]["namespace"] == "takedown" for d in docs)
+        by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+        sqlite = {(d["kind"], d["metadata"]["name"]): d for d in _k8s(yaml)}
+        secrets: dict[str, dict[str, Path]] = {}
+        for words in documented_commands(*sorted(PG_K8S.glob("*.yaml"))):
+            if words[:6] == ["kubectl", "-n", "takedown", "create", "secret", "generic"]:
+                pairs = (w.removeprefix("--from-file=").split("=", 1) for w in words[7:])
+                secrets[words[6]] = {key: Path(file) for key, file in pairs}
+        assert secrets["takedown-collector-tls"] == k8s_secrets()["takedown-collector-tls"]
+
+        deployment = by[("Deployment", "takedown-collector")]
+        assert deployment["spec"]["replicas"] == 2
+        pod = deployment["spec"]["template"]
+        (container,) = pod["spec"]["containers"]
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+        files = _config_files(container, volumes, configmaps)
+        args = parse_args("collector", container["args"], files, tmp_path)
+        assert isinstance(args.db, str)
+        _no_password(args.db)
+        assert args.log_key_file is None
+        assert "log-key-file" not in tomllib.loads(files[container["args"][1]])["collector"]
+        assert str(args.prefixes) in files
+        (env,) = [e for e in container["env"] if e["name"] == "PGPASSWORD"]
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets[ref["name"]]
+        for path in credential_files(args).values():
+            mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+            secret = volumes[mount["name"]]["secret"]["secretName"]
+            assert path.name in secrets[secret]
+
+        reference = sqlite[("StatefulSet", "takedown-collector")]["spec"]["template"]["spec"]
+        for key in ("readinessProbe", "livenessProbe", "ports", "securityContext", "command"):
+            assert container[key] == reference["containers"][0][key], key
+        assert pod["spec"]["securityContext"] == reference["securityContext"]
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert (
+            hostport(args.listen)[1] in ports
+            and listen_port(files[container["args"][1]], "collector") in ports
+        )
+        assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports
+
+        labels = pod["metadata"]["labels"].items()
+        selecting = [
+            d for d in docs if d["kind"] == "Service" and d["spec"]["selector"].items() <= labels
+        ]
+        assert [s["metadata"]["name"] for s in selecting] == ["takedown-collector"]
+        (service,) = selecting
+        assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+        assert service["spec"]["ports"][0]["port"] == hostport(args.listen)[1]
+        agent_config = sqlite[("ConfigMap", "takedown-agent-config")]["data"]
+        for text in agent_config.values():
+            host, port = hostport(tomllib.loads(text)["agent"]["collector"])
+            assert (
+                host.split(".")[0] == "takedown-collector"
+                and port == service["spec"]["ports"][0]["port"]
+            )
+
+        statefulset = by[("StatefulSet", "takedown-postgresql")]
+        headless = by[("Service", statefulset["spec"]["serviceName"])]
+        assert headless["spec"]["clusterIP"] == "None"
+        template = statefulset["spec"]["template"]
+        assert headless["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+        claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
+        (postgres,) = template["spec"]["containers"]
+        assert re.fullmatch(r"docker\.io/library/postgres:1[56](\.\d+)?", postgres["image"])
+        assert postgres["readinessProbe"]["exec"]["command"][0] == "pg_isready"
+        pg_volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert {m["name"] for m in postgres["volumeMounts"]} <= pg_volumes.keys() | claims
+        pg_env = {e["name"]: e.get("value") for e in postgres["env"]}
+        password = Path(pg_env["POSTGRES_PASSWORD_FILE"])
+        mount = next(m for m in postgres["volumeMounts"] if m["mountPath"] == str(password.parent))
+        assert pg_volumes[mount["name"]]["secret"]["secretName"] == ref["name"]
+        assert password.name == ref["key"]
+        host, port = hostport(args.db.removeprefix("postgresql://").split("@")[1].split("/")[0])
+        assert host.split(".")[0] == headless["metadata"]["name"]
+        assert port in {p["port"] for p in headless["spec"]["ports"]}
+        assert urlsplit_path(args.db) == pg_env["POSTGRES_DB"]
+
+    def test_systemd_config_for_hosts_sharing_a_database(self, tmp_path: Path) -> None:
+        """The systemd example parses as the unit's collector.toml: a PostgreSQL URI without a
+        password, no evidence log, credentials where the unit's LoadCredential= puts them."""
+        path = SYSTEMD / "collector-postgresql.toml"
+        args = parse_config("collector", path.read_text(), tmp_path)
+        assert isinstance(args.db, str)
+        _no_password(args.db)
+        assert args.log_key_file is None
+        loaded = dict(
+            v.split(":", 1) for v in _unit(SYSTEMD / "takedown-collector.service")["LoadCredential"]
+        )
+        for file in credential_files(args).values():
+            assert file.parent == Path("/run/credentials/takedown-collector.service")
+            assert file.name in loaded
+
+
+def urlsplit_path(uri: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(uri).path.lstrip("/")
