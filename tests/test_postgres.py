@@ -513,3 +513,16 @@ async def test_two_collectors_with_real_agents_decide_as_one(
             await c.stop(grace=1)
     again = refolded_on_sqlite(pg_dsn, tmp_path / "refolded.db", prefixes, config.policy)
     assert again == verdicts(pg_dsn)
+
+
+def test_the_evidence_log_has_one_writer(pg_dsn: str, tmp_path: Path) -> None:
+    """A collector keeping the evidence log runs alone on its database: another, with the
+    log or without it, is refused by name; once the first stops, another may start."""
+    keeper = Store(pg_dsn, table(tmp_path), Policy(), log_signer=NoteSigner.generate("t/log"))
+    try:
+        for signer in (NoteSigner.generate("t/log"), None):
+            with pytest.raises(StoreError, match="evidence log runs on this database"):
+                Store(pg_dsn, table(tmp_path), Policy(), log_signer=signer)
+    finally:
+        keeper.close()
+    Store(pg_dsn, table(tmp_path), Policy()).close()

@@ -168,6 +168,9 @@ class PgConnection:
         self._readonly = readonly
         self._sql: dict[str, str] = {}
         self._closed = False  # close() was called: no reconnecting
+        # Run on each new connection, the first and every reconnect (session state such as
+        # advisory locks is the connection's).
+        self.on_connect: list[Callable[[Any], None]] = []
         self.raw = self._connect()
 
     def _connect(self) -> Any:
@@ -193,6 +196,8 @@ class PgConnection:
             with contextlib.suppress(Exception):
                 raw.close()
             self.raw = raw = self._connect()
+            for hook in self.on_connect:
+                hook(self)
         return raw
 
     def _error(self, exc: Exception) -> DatabaseError:

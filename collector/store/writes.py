@@ -50,6 +50,7 @@ def open_database(target: Path | str) -> tuple[Database, bool]:
     so after an unclean stop the collector runs it once serving (reads.integrity_problem). A
     damaged page found before fails its statement as CorruptDatabase."""
     name = label(target)
+    db = None
     try:
         db = connect(target)
         if not db.postgres:
@@ -62,6 +63,8 @@ def open_database(target: Path | str) -> tuple[Database, bool]:
         db.conn.execute("UPDATE lifecycle SET clean_stop = 0")  # until close() says otherwise
         return db, clean
     except DB_ERRORS as exc:
+        if db is not None:
+            db.close()
         raise translate(exc, name) from exc
 
 
@@ -71,6 +74,9 @@ def _stopped_cleanly(db: Database) -> bool:
     row = db.conn.execute("SELECT clean_stop FROM lifecycle").fetchone()
     return bool(row and row[0])
 
+
+# PostgreSQL advisory lock held by the collector keeping the evidence log ("TMLOG").
+_LOG_LOCK = 0x544D4C4F47
 
 # Assignment log rows read again at each look (see Store.assignment_changes).
 ASSIGNMENT_WINDOW = 10_000
@@ -107,6 +113,18 @@ class Store:
         self.path = path
         self.name = label(path)  # how messages name the database
         self.db, clean = open_database(path)
+        try:
+            self._open(clean, attribution, policy, cache_urls, planner, log_signer,
+                       flush_every, lease_seconds)  # fmt: skip
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open(
+        self, clean: bool, attribution: Attributor, policy: Policy, cache_urls: int,
+        planner: Planner | None, log_signer: NoteSigner | None, flush_every: float,
+        lease_seconds: float,
+    ) -> None:  # fmt: skip
         # Not known to be intact until an integrity check passes (see open_database): a new
         # database, or the last stop was not clean. A clean stop says so only once it is known.
         self.unchecked = not clean
@@ -133,6 +151,8 @@ class Store:
                 "SELECT COALESCE(MAX(id), 0) FROM assignment_log"
             ).fetchone()
             self._assignment_cursor = int(last)  # agents get the rest at their hello
+            self._one_log_writer(self.conn)
+            self.db.conn.on_connect.append(self._one_log_writer)
             self.leases = Leases(self.conn, collector_name(), lease_seconds)
             self.ledger.owns = self.leases.owns
             flush_every = 0.0
@@ -213,6 +233,21 @@ class Store:
             yield
             if self.evidence is not None:
                 self.evidence.write()
+
+    def _one_log_writer(self, conn: Connection) -> None:
+        """PostgreSQL: the evidence log has one writer (its tree's frontier is in memory), so
+        a collector keeping it holds a session lock for its life, and no other collector,
+        with the log or without it (its results would be missing from the log), runs
+        beside it. Several collectors run with the log off."""
+        (got,) = conn.execute("SELECT pg_try_advisory_lock(?)", (_LOG_LOCK,)).fetchone()
+        if not got:
+            raise StoreError(
+                f"{self.name}: another collector keeping the evidence log runs on this database;"
+                " the log has one writer: run one collector with --log-key-file, or several"
+                " without it (docs/EVIDENCE.md)"
+            )
+        if self.evidence is None:
+            conn.execute("SELECT pg_advisory_unlock(?)", (_LOG_LOCK,))
 
     def _assignment_changed(self, url_ids: Sequence[int]) -> None:
         """Several collectors (PostgreSQL): tell the others' agents too (assignment_changes).
