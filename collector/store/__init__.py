@@ -1,4 +1,4 @@
-"""The collector's state in one SQLite file: the only package that runs SQL."""
+"""The collector's state (a SQLite file or a PostgreSQL database): the only package running SQL."""
 
 from collector.store.model import (
     CorruptDatabase,

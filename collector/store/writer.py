@@ -2,7 +2,9 @@
 
 SQLite allows one writer at a time and its calls block, so all writes run on
 a dedicated thread, in the order they were submitted, and the asyncio side
-awaits a future for each. The loop never blocks on the disk.
+awaits a future for each. The loop never blocks on the disk. On PostgreSQL the
+same thread also renews the shard leases and folds the queue every second
+(`Store.tick`).
 """
 
 from __future__ import annotations
