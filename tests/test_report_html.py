@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlite_utils
 
 from collector.method import METHOD_VERSION
 from collector.report_html import COLUMNS, cell_text, nice_ticks, time_unit
 from collector.store.schema import migrations
+from collector.store.sql import Database
 
 BIN = Path(sys.executable).parent
 COLLECTOR = str(BIN / "takedown-collector")
@@ -40,7 +40,7 @@ PROVIDERS: list[tuple[str, int, tuple[str, ...], list[float | None]]] = [
 def make_db(path: Path) -> Path:
     """A collector database with verdicts of three providers, written through the schema."""
     conn = sqlite3.connect(path)
-    migrations.apply(sqlite_utils.Database(conn))
+    migrations.apply(Database(conn, "sqlite", str(path)))
     conn.execute(
         "INSERT INTO agents (id, name, network, version, first_seen, last_seen)"
         " VALUES (1, 'a1', 'n1', 'x', ?, ?)",
