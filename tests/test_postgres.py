@@ -10,6 +10,7 @@ import json
 import random
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def run(target: Path | str, tmp: Path, case: Delivery, signer: Any, crash_at: in
 
 class TestSameVerdictsOnBothEngines:
     @settings(
-        max_examples=8, deadline=None,
+        max_examples=6, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )  # fmt: skip
     @given(case=deliveries(), crash=st.booleans())
@@ -303,20 +304,31 @@ class TestCommandsOnPostgres:
             assert done.returncode == 0, done.stderr
             return done.stdout + done.stderr
 
-        made = cli("agents", "add", "agent-x", "--network", "net-x")
-        assert "token id" in made and "agent-x" in made
-        assert "agent-x" in cli("agents", "list")
-        assert "hotline-1" in cli("intake-tokens", "add", "hotline-1")
-        assert "hotline-1" in cli("intake-tokens", "list")
-        assert "1 token(s) revoked" in cli("intake-tokens", "revoke", "hotline-1")
-        for db in (pg_dsn, sqlite):
-            cli("refold", "--prefixes", str(tmp_path / "prefixes.csv"), db=db)
+        def credentials() -> None:
+            made = cli("agents", "add", "agent-x", "--network", "net-x")
+            assert "token id" in made and "agent-x" in made
+            assert "agent-x" in cli("agents", "list")
+            assert "hotline-1" in cli("intake-tokens", "add", "hotline-1")
+            assert "hotline-1" in cli("intake-tokens", "list")
+            assert "1 token(s) revoked" in cli("intake-tokens", "revoke", "hotline-1")
+
+        prefixes = str(tmp_path / "prefixes.csv")
+        with ThreadPoolExecutor(3) as pool:  # independent commands side by side (wall time)
+            done = [pool.submit(credentials)] + [
+                pool.submit(cli, "refold", "--prefixes", prefixes, db=db) for db in (pg_dsn, sqlite)
+            ]
+            for future in done:
+                future.result()
         assert verdicts(pg_dsn) == verdicts(sqlite)
         assert [v[1] for v in verdicts(pg_dsn)] == ["removed", "available"]
-        reports = [json.loads(cli("report", "--format", "json", db=db)) for db in (pg_dsn, sqlite)]
+        with ThreadPoolExecutor(3) as pool:
+            reports = list(pool.map(lambda db: json.loads(cli("report", "--format", "json", db=db)),
+                                    (pg_dsn, sqlite)))  # fmt: skip
+            urls = list(pool.map(
+                lambda db: json.loads(cli("url", "http://x/a", "--format", "json", db=db)),
+                (pg_dsn, sqlite),
+            ))  # fmt: skip
         assert reports[0] == reports[1] and reports[0]
-        urls = [json.loads(cli("url", "http://x/a", "--format", "json", db=db))
-                for db in (pg_dsn, sqlite)]  # fmt: skip
         assert urls[0] == urls[1] and urls[0]["url"] == "http://x/a"
         missing = run_cli(COLLECTOR, "url", "http://x/none", "--db", pg_dsn)
         assert missing.returncode != 0 and "no URL" in missing.stderr
