@@ -38,6 +38,8 @@ class DatabaseError(Exception):
         self.sqlstate = sqlstate or ""
 
 
+Rows = Sequence[Sequence[Any]]
+
 # What a statement on either engine raises.
 DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DatabaseError)
 # What a read can raise: the engine's errors, and the store's own (a missing database).
@@ -229,6 +231,21 @@ class PgConnection:
             raise self._error(exc) from exc
         return cursor
 
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Rows) -> None:
+        """Insert rows with COPY (one round trip for a batch, where INSERT takes one per row
+        or a pipeline); in the caller's transaction."""
+        if not rows:
+            return
+        try:
+            with (
+                self._usable().cursor() as cursor,
+                cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
+        except self._psycopg.Error as exc:
+            raise self._error(exc) from exc
+
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction is open (one on a dropped connection is gone)."""
@@ -281,6 +298,18 @@ class Database:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert many rows: COPY on PostgreSQL, one prepared INSERT on SQLite."""
+        if self.postgres:
+            self.conn.copy_rows(table, columns, rows)
+        else:
+            marks = ", ".join("?" * len(columns))
+            self.conn.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
+            )
 
     def ddl(self, statement: str) -> None:
         """Run one statement of a migration's DDL in this engine's dialect."""

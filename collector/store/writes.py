@@ -795,7 +795,7 @@ class Store:
                  r.redirects, int(r.challenge), suspect, cls.value, obs.provider, obs.asn, now,
                  r.tls, int(obs.cdn), where.country if where else None, leaf)
             )  # fmt: skip
-        self.conn.executemany(_INSERT_RESULT, rows)
+        self.db.insert_rows("results", _RESULT_COLUMNS, rows)
         p.record(folded, now)
         self._count({(agent_id, cls): n for cls, n in counts.items()})
         accepted += queued
@@ -847,7 +847,7 @@ class Store:
         leaves: Sequence[int | None] = [None] * len(accepted)
         if self.evidence is not None:
             leaves = self._log_observations(accepted, wheres, now)
-        self.conn.executemany(_INSERT_RESULT, [
+        self.db.insert_rows("results", _RESULT_COLUMNS, [
             (agent_id, r.seq, r.url_id, r.started_at, r.elapsed, r.status, r.final_url,
              r.sha256 or None, r.body_bytes, int(r.truncated), r.peer_ip, r.error, r.redirects,
              int(r.challenge), suspect, "", where.provider if where else "",
@@ -1031,12 +1031,11 @@ class Store:
         return changed, stop
 
 
-_INSERT_RESULT = (
-    "INSERT INTO results (agent_id, seq, url_id, started_at, elapsed, status, final_url,"
-    " sha256, body_bytes, truncated, peer_ip, error, redirects, challenge, clock_suspect,"
-    " class, provider, asn, stored_at, tls, cdn, country, leaf)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_RESULT_COLUMNS = (
+    "agent_id", "seq", "url_id", "started_at", "elapsed", "status", "final_url", "sha256",
+    "body_bytes", "truncated", "peer_ip", "error", "redirects", "challenge", "clock_suspect",
+    "class", "provider", "asn", "stored_at", "tls", "cdn", "country", "leaf",
+)  # fmt: skip
 # Claim up to N queued results of the given shards (PostgreSQL; other collectors skip the
 # rows claimed) and read them as the fold does, in event order.
 _CLAIM_QUEUED = (
