@@ -35,6 +35,7 @@ from client.exposition import label_value, sample_value
 from collector.durations import duration_label as deadline_label
 from collector.method import METHOD_VERSION, UrlState
 from collector.store import reads
+from collector.store.shards import SHARDS
 from collector.store.sql import READ_ERRORS, Connection
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,13 @@ class StateCollector(Collector):
             figures = self.figures()
             yield from self._urls(figures)
             yield from self._latency(figures)
+        held = self.shards()
+        if held is not None:  # several collectors on PostgreSQL (collector/store/shards.py)
+            yield GaugeMetricFamily(
+                "takedown_collector_shards_held",
+                f"URL shards (of {SHARDS}) whose verdicts this collector folds and exports",
+                value=len(held),
+            )
         conn = reads.connect_readonly(self.db_path)
         try:
             yield from self._agents(conn)

@@ -513,6 +513,9 @@ async def test_two_collectors_with_real_agents_decide_as_one(
             return total == len(paths)
 
         await eventually(counted, 20, "each URL counted by exactly one collector")
+        shards = [(await scrape(c.metrics_port))["takedown_collector_shards_held"][0].value
+                  for c in collectors]  # fmt: skip
+        assert sum(shards) == SHARDS and min(shards) > 0
         held = [c.writer.held_shards() for c in collectors]
         assert held[0] is not None and held[1] is not None
         assert held[0].isdisjoint(held[1]) and len(held[0]) + len(held[1]) == SHARDS
