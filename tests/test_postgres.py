@@ -37,6 +37,7 @@ from collector.store.reads import (
     url_outcomes,
     url_statuses,
 )
+from collector.store.schema import RESULT_PARTITIONS
 from collector.store.shards import SHARDS
 from collector.store.sql import pg_ddl, pg_placeholders
 from demo.hoster import Fate, Hoster
@@ -195,6 +196,28 @@ class TestPostgresStore:
         finally:
             first.close()
             second.close()
+
+
+def test_results_are_hash_partitioned_and_a_resent_batch_is_known(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    store = Store(pg_dsn, table(tmp_path), Policy(), planner=PLANNER)
+    try:
+        (parts,) = store.conn.execute(
+            "SELECT COUNT(*) FROM pg_inherits WHERE inhparent = 'results'::regclass"
+        ).fetchone()
+        assert parts == RESULT_PARTITIONS
+        agent = store.register_agent("a1", "n1", "t", T0)
+        store.submit_reports([ReportIn("http://x/a", T0, None, "r1")], T0, PLANNER)
+        batch = [dataclasses.replace(r, started_at=T0 + r.started_at)
+                 for r in fixed_case()[0][0][1]]  # fmt: skip
+        first = store.ingest(agent, batch, T0 + 100)
+        again = store.ingest(agent, batch, T0 + 101)
+        # URL 2 was never reported: its result is refused each time; the others are stored once.
+        assert (first.stored, first.rejected) == (len(batch) - 1, 1)
+        assert (again.stored, again.duplicates, again.rejected) == (0, first.stored, 1)
+    finally:
+        store.close()
 
 
 class TestDialect:

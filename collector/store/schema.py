@@ -337,3 +337,31 @@ def m013_shards(db: Database) -> None:
     )
     for shard in range(SHARDS):
         db.conn.execute("INSERT INTO shard_leases (shard) VALUES (?)", (shard,))
+
+
+RESULT_PARTITIONS = 16  # PostgreSQL: results hash-partitioned by url_id
+
+
+@migrations()
+def m014_partitioned_results(db: Database) -> None:
+    """PostgreSQL: results hash-partitioned by url_id, so that a shard's reads (its refolds,
+    its queue) and vacuum stay within a few partitions however many results there are.
+
+    A partitioned table's primary key must hold the partition key, so it is (agent_id, seq,
+    url_id): a batch delivered twice (the same results) is still refused by it, whichever
+    collector took it first. SQLite keeps its table: one file, one writer."""
+    if not db.postgres:
+        return
+    c = db.conn
+    c.execute("CREATE TABLE results_p (LIKE results INCLUDING DEFAULTS) PARTITION BY HASH (url_id)")
+    for n in range(RESULT_PARTITIONS):
+        c.execute(
+            f"CREATE TABLE results_p{n} PARTITION OF results_p"
+            f" FOR VALUES WITH (MODULUS {RESULT_PARTITIONS}, REMAINDER {n})"
+        )
+    c.execute("ALTER TABLE results_p ADD PRIMARY KEY (agent_id, seq, url_id)")
+    c.execute("INSERT INTO results_p SELECT * FROM results")
+    c.execute("DROP TABLE results")
+    c.execute("ALTER TABLE results_p RENAME TO results")
+    c.execute("CREATE INDEX results_url ON results(url_id, started_at)")
+    c.execute("CREATE INDEX results_agent_seq ON results(agent_id, seq)")
