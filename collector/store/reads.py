@@ -202,7 +202,8 @@ def result_counts(conn: Connection) -> list[tuple[str, str, int]]:
     return [
         (str(name), str(cls), int(n))
         for name, cls, n in conn.execute(
-            "SELECT a.name, c.class, c.n FROM result_counts c JOIN agents a ON a.id = c.agent_id"
+            "SELECT a.name, c.class, SUM(c.n) FROM result_counts c JOIN agents a"
+            " ON a.id = c.agent_id GROUP BY a.name, c.class"
         )
     ]
 

@@ -365,3 +365,27 @@ def m014_partitioned_results(db: Database) -> None:
     c.execute("ALTER TABLE results_p RENAME TO results")
     c.execute("CREATE INDEX results_url ON results(url_id, started_at)")
     c.execute("CREATE INDEX results_agent_seq ON results(agent_id, seq)")
+
+
+@migrations()
+def m015_counts_per_collector(db: Database) -> None:
+    """Result counts kept per collector (`counter`): several collectors on PostgreSQL each add
+    to rows of their own, so no two transactions wait on one row (they deadlocked on it when
+    their batches met the same agents in another order). Readers sum over counters; SQLite's
+    one collector writes counter ''."""
+    _run(
+        db,
+        """
+        CREATE TABLE result_counts_v15 (
+            agent_id INTEGER NOT NULL REFERENCES agents(id),
+            class TEXT NOT NULL,
+            counter TEXT NOT NULL DEFAULT '',
+            n INTEGER NOT NULL,
+            PRIMARY KEY (agent_id, class, counter)
+        ) WITHOUT ROWID;
+        INSERT INTO result_counts_v15 (agent_id, class, n)
+            SELECT agent_id, class, n FROM result_counts;
+        DROP TABLE result_counts;
+        ALTER TABLE result_counts_v15 RENAME TO result_counts
+        """,
+    )

@@ -145,6 +145,7 @@ class Store:
         # holder reads their folds from url_state, so states are written with every batch.
         self.leases: Leases | None = None
         self._assignment_seen: set[int] = set()
+        self._counter = ""
         self._assignment_cursor = 0
         if self.db.postgres:
             (last,) = self.conn.execute(
@@ -154,6 +155,7 @@ class Store:
             self._one_log_writer(self.conn)
             self.db.conn.on_connect.append(self._one_log_writer)
             self.leases = Leases(self.conn, collector_name(), lease_seconds)
+            self._counter = self.leases.name  # result_counts rows of its own (m015)
             self.ledger.owns = self.leases.owns
             flush_every = 0.0
             self.leases.tick()
@@ -370,9 +372,9 @@ class Store:
 
     def _count(self, counts: dict[tuple[int, str], int]) -> None:
         self.conn.executemany(
-            "INSERT INTO result_counts (agent_id, class, n) VALUES (?, ?, ?)"
-            " ON CONFLICT(agent_id, class) DO UPDATE SET n = result_counts.n + excluded.n",
-            [(agent, cls, n) for (agent, cls), n in counts.items()],
+            "INSERT INTO result_counts (agent_id, class, counter, n) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(agent_id, class, counter) DO UPDATE SET n = result_counts.n + excluded.n",
+            [(agent, cls, self._counter, n) for (agent, cls), n in sorted(counts.items())],
         )
 
     def _reload_log(self) -> None:
