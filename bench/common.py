@@ -344,26 +344,28 @@ def stdin_lines(
 
 
 def start_collector(
-    db: Path,
+    db: Path | str,
     prefixes: Path | None = None,
     interval: float = 300.0,
     within: float = 120.0,
     metrics_max_age: float = 0.0,
     log_key_file: Path | None = None,
+    stderr: IO[str] | None = None,
 ) -> Child:
-    """A real collector (grpc.aio, SQLite file, /metrics) in a child process on 127.0.0.1;
-    with `log_key_file`, keeping the evidence log and checking agents' signatures."""
+    """A real collector (grpc.aio, a SQLite file or a postgresql:// database, /metrics) in a
+    child process on 127.0.0.1; with `log_key_file`, keeping the evidence log and checking
+    agents' signatures."""
     args = ["collector", "--db", str(db), "--interval", str(interval)]
     args += ["--metrics-max-age", str(metrics_max_age)]
     if log_key_file is not None:
         args += ["--log-key-file", str(log_key_file)]
     if prefixes is not None:
         args += ["--prefixes", str(prefixes)]
-    return Child.start("bench.common", args, within)
+    return Child.start("bench.common", args, within, stderr=stderr)
 
 
 async def _collector_main(
-    db: Path,
+    db: Path | str,
     prefixes: Path | None,
     interval: float,
     metrics_max_age: float,
@@ -570,10 +572,12 @@ class AgentStream:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Child entry points: `python -m bench.common collector --db PATH [...]`."""
+    from collector.store.sql import database  # a file, or a postgresql:// URI
+
     parser = argparse.ArgumentParser(prog="python -m bench.common")
     sub = parser.add_subparsers(dest="command", required=True)
     col = sub.add_parser("collector", help="a collector on 127.0.0.1 (ports on stdout)")
-    col.add_argument("--db", type=Path, required=True)
+    col.add_argument("--db", type=database, required=True)
     col.add_argument("--prefixes", type=Path)
     col.add_argument("--interval", type=float, default=300.0)
     col.add_argument("--metrics-max-age", type=float, default=0.0)

@@ -10,18 +10,26 @@ time (a second serialized message appended; the parser merges an embedded messag
 
 Results: 90% present (the URL's page hash), 5% 404, 5% read timeouts, peer 127.0.0.10
 (attributed to one provider), so verdicts, episodes and counters all move.
+
+`--db postgresql` runs the same on a PostgreSQL server of the benchmark's own (bench/pg.py:
+fsync and synchronous_commit on), with `--collectors N` collector processes on its one
+database: agent i streams to collector i % N, URLs are reported to the first, and the clock
+stops when every batch is acknowledged and `fold_queue` is empty (every result folded by the
+holder of its shard). CPU is counted per collector (with its worker processes) and for the
+whole PostgreSQL server (the postmaster and every backend).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -32,8 +40,10 @@ from agent.keys import AgentKey, ResultSigner
 from agent.link import encode
 from agent.outbox import Outbox
 from agent.result import ErrorClass, ProbeResult
+from bench import pg
 from bench.common import (
     AgentStream,
+    Child,
     Deadline,
     cpu_seconds,
     family_cpu,
@@ -49,11 +59,13 @@ from bench.common import (
     table,
 )
 from collector.evidence.logkey import init_log_key
+from collector.store.shards import SHARDS
 from protos.takedown.v1 import takedown_pb2 as pb
 
 PEER = "127.0.0.10"
 PROVIDER = "Bench Hoster"
 TARGET_RATE = 100_000.0
+DRAIN_WITHIN = 300.0  # seconds for fold_queue to empty after the last ack (PostgreSQL)
 
 
 def page_hash(url_id: int) -> bytes:
@@ -113,6 +125,16 @@ def build_batches(
 
 
 @dataclass
+class CollectorFigures:
+    """One collector process's share of a run."""
+
+    received: int  # results its agents had acknowledged
+    cpu: float  # the collector process
+    workers_cpu: float  # its worker processes
+    rss: int  # peak
+
+
+@dataclass
 class IngestReport:
     agents: int
     urls: int
@@ -132,6 +154,18 @@ class IngestReport:
     assign_seconds: float
     text: str = ""
     evidence: bool = False
+    db: str = "sqlite"
+    # PostgreSQL: each collector, the server's CPU, the clock at the last ack (`wall` runs on
+    # until fold_queue is empty), the rows in `results`, the most results seen queued.
+    collectors: list[CollectorFigures] = field(default_factory=list)
+    postgres_cpu: float = 0.0
+    wall_acked: float = 0.0
+    result_rows: int = 0
+    queue_peak: int = 0
+    queue_left: int = 0
+    shards: dict[str, int] = field(default_factory=dict)
+    waits: dict[str, int] = field(default_factory=dict)  # busy backends sampled, by wait
+    log_lines: list[str] = field(default_factory=list)  # what the collectors wrote to stderr
 
     @property
     def rate(self) -> float:
@@ -154,14 +188,39 @@ async def _ingest(
     seconds: float,
     workdir: Path,
     evidence: bool = False,
+    db_kind: str = "sqlite",
+    collectors: int = 1,
 ) -> IngestReport:
     db = workdir / "collector.db"
     prefixes = workdir / "prefixes.csv"
     prefixes.write_text(f"prefix,asn,provider\n{PEER}/32,64500,{PROVIDER}\n")
     log_key = init_log_key(workdir / "log-key", "bench/log")[0] if evidence else None
-    collector = await asyncio.to_thread(start_collector, db, prefixes, 300.0, 120.0, 0.0, log_key)
+    server: pg.DurablePostgresServer | None = None
+    watcher: pg.Watcher | None = None
+    children: list[Child] = []
+    logs = [workdir / f"collector-{i}.log" for i in range(collectors)]
+    shards: dict[str, int] = {}
     try:
-        target = f"127.0.0.1:{collector.info['grpc_port']}"
+        if db_kind == "postgresql":
+            server = pg.DurablePostgresServer()
+            await asyncio.to_thread(server.start)
+            dsn = await asyncio.to_thread(server.new_database)
+            for log in logs:  # one after another: the first creates the schema
+                with log.open("w") as err:
+                    children.append(
+                        await asyncio.to_thread(
+                            pg.start_collector, dsn, prefixes, 300.0, 120.0, 0.0, err
+                        )
+                    )
+            shards = await asyncio.to_thread(pg.wait_shards_shared, dsn, collectors, SHARDS, 60.0)
+            watcher = await asyncio.to_thread(pg.Watcher, dsn)
+        else:
+            children.append(
+                await asyncio.to_thread(start_collector, db, prefixes, 300.0, 120.0, 0.0, log_key)
+            )
+        collector = children[0]
+        targets = [f"127.0.0.1:{c.info['grpc_port']}" for c in children]
+        target = targets[0]
         now = time.time()
         names = [f"https://bench-{i % 997}.example.net/reported/{i:08d}.html" for i in range(urls)]
         ids = await submit_urls(target, names, now - 3600)
@@ -179,7 +238,7 @@ async def _ingest(
             build_batches(a, pairs, per_agent, batch_size, start, signers[a]) for a in range(agents)
         ]
         streams = [
-            AgentStream(target, f"bench-agent-{a}", f"bench-net-{a}",
+            AgentStream(targets[a % len(targets)], f"bench-agent-{a}", f"bench-net-{a}",
                         public_key=keys[a].public_key if evidence else b"")
             for a in range(agents)
         ]  # fmt: skip
@@ -190,33 +249,67 @@ async def _ingest(
         assign_seconds = time.perf_counter() - t_assign
 
         deadline = Deadline(seconds)
-        cpu0, gen0 = cpu_seconds(collector.pid), cpu_seconds()
-        family0 = family_cpu(collector.pid)
+        cpu0 = [cpu_seconds(c.pid) for c in children]
+        gen0 = cpu_seconds()
+        family0 = [family_cpu(c.pid) for c in children]
+        pg0 = server.cpu_seconds() if server is not None else 0.0
+        queue_peak = [0]
+        waits: dict[str, int] = {}
+        sampling = (
+            asyncio.create_task(_sample_queue(watcher, queue_peak, waits)) if watcher is not None
+            else None
+        )  # fmt: skip
         t0 = time.perf_counter()
         sent_maps = await asyncio.gather(
             *(_send(s, batches, window, deadline) for s, batches in zip(streams, plan, strict=True))
         )
+        wall_acked = time.perf_counter() - t0
+        queue_left = 0
+        if watcher is not None:
+            assert sampling is not None
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
+            queue_left = await _drained(watcher, Deadline(DRAIN_WITHIN), queue_peak)
         wall = time.perf_counter() - t0
-        collector_cpu = cpu_seconds(collector.pid) - cpu0
-        workers_cpu = family_cpu_since(collector.pid, family0) - collector_cpu
+        each_cpu = [cpu_seconds(c.pid) - c0 for c, c0 in zip(children, cpu0, strict=True)]
+        each_workers = [
+            family_cpu_since(c.pid, f0) - cpu
+            for c, f0, cpu in zip(children, family0, each_cpu, strict=True)
+        ]
+        postgres_cpu = server.cpu_seconds() - pg0 if server is not None else 0.0
         generator_cpu = cpu_seconds() - gen0
         latencies: list[float] = []
         stored = duplicates = rejected = sent = 0
-        for s, sent_at in zip(streams, sent_maps, strict=True):
+        received = [0] * len(children)
+        for a, (s, sent_at) in enumerate(zip(streams, sent_maps, strict=True)):
             for batch_id, at in sent_at.items():
                 acked_at, ack = s.acks[batch_id]
                 latencies.append(acked_at - at)
                 stored += ack.stored
                 duplicates += ack.duplicates
                 rejected += ack.rejected
+                received[a % len(children)] += ack.stored
             sent += sum(1 for _ in sent_at)
-        rss = memory(collector.pid)[1]
+        peaks = [memory(c.pid)[1] for c in children]
+        rss = peaks[0]
         counted = await _counted_results(collector.info["metrics_port"])
+        result_rows = db_bytes = 0
+        if watcher is not None:
+            result_rows = await asyncio.to_thread(watcher.count, "SELECT COUNT(*) FROM results")
+            db_bytes = await asyncio.to_thread(
+                watcher.count, "SELECT pg_database_size(current_database())"
+            )
         for s in streams:
             await s.close()
     finally:
-        await asyncio.to_thread(collector.stop, 60.0)
-    return IngestReport(
+        if watcher is not None:
+            watcher.close()
+        for c in children:
+            await asyncio.to_thread(c.stop, 60.0)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+    report = IngestReport(
         agents=agents,
         urls=urls,
         sent=sent,
@@ -226,14 +319,57 @@ async def _ingest(
         wall=wall,
         ack_p50=percentile(latencies, 50),
         ack_p99=percentile(latencies, 99),
-        collector_cpu=collector_cpu,
-        workers_cpu=workers_cpu,
+        collector_cpu=sum(each_cpu),
+        workers_cpu=sum(each_workers),
         generator_cpu=generator_cpu,
         collector_rss=rss,
-        db_bytes=file_size(db),
+        db_bytes=db_bytes if server is not None else file_size(db),
         metrics_results=counted,
         assign_seconds=assign_seconds,
+        db=db_kind,
+        wall_acked=wall_acked,
     )
+    if server is not None:
+        report.collectors = [
+            CollectorFigures(*figures)
+            for figures in zip(received, each_cpu, each_workers, peaks, strict=True)
+        ]
+        report.postgres_cpu = postgres_cpu
+        report.result_rows = result_rows
+        report.queue_peak = queue_peak[0]
+        report.queue_left = queue_left
+        report.shards = shards
+        report.waits = waits
+        for log in logs:
+            with contextlib.suppress(OSError):
+                report.log_lines += [
+                    f"{log.stem}: {line}" for line in log.read_text().splitlines() if line
+                ]
+    return report
+
+
+QUEUED = "SELECT COUNT(*) FROM fold_queue"
+
+
+async def _sample_queue(watcher: pg.Watcher, peak: list[int], waits: dict[str, int]) -> None:
+    """While the agents send, once a second: the results waiting in fold_queue (the most
+    kept), and what the collectors' busy backends are waiting for (counted in `waits`)."""
+    while True:
+        peak[0] = max(peak[0], await asyncio.to_thread(watcher.count, QUEUED))
+        for wait in await asyncio.to_thread(watcher.waits):
+            waits[wait] = waits.get(wait, 0) + 1
+        await asyncio.sleep(1.0)
+
+
+async def _drained(watcher: pg.Watcher, deadline: Deadline, peak: list[int]) -> int:
+    """Wait until fold_queue is empty (every stored result folded); what is left at the
+    deadline (0 when it emptied)."""
+    while True:
+        left = await asyncio.to_thread(watcher.count, QUEUED)
+        peak[0] = max(peak[0], left)
+        if left == 0 or deadline.expired:
+            return left
+        await asyncio.sleep(0.05)
 
 
 async def _send(
@@ -265,12 +401,28 @@ def benchmark(
     seconds: float = 120.0,
     loop: str = "asyncio",
     evidence: bool = False,
+    db: str = "sqlite",
+    collectors: int = 1,
 ) -> IngestReport:
+    """`db`: "sqlite" (one collector on a file) or "postgresql" (`collectors` collectors on a
+    server of the benchmark's own)."""
+    if db not in ("sqlite", "postgresql"):
+        raise ValueError(f"db is sqlite or postgresql, not {db!r}")
+    if collectors < 1 or (collectors > 1 and db != "postgresql"):
+        raise ValueError("several collectors need db='postgresql'")
+    if evidence and db != "sqlite":
+        raise ValueError("the evidence log is measured on SQLite only")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = _ingest(agents, results, urls, batch_size, window, seconds, Path(tmp), evidence)
+        work = _ingest(
+            agents, results, urls, batch_size, window, seconds, Path(tmp), evidence, db,
+            collectors,
+        )  # fmt: skip
         report = run(work, loop)
     report.evidence = evidence
-    report.text = _render(report, batch_size, window)
+    if db == "sqlite":
+        report.text = _render(report, batch_size, window)
+    else:
+        report.text = _render_postgres(report, batch_size, window)
     return report
 
 
@@ -306,6 +458,75 @@ def _render(r: IngestReport, batch_size: int, window: int) -> str:
     return table("collector ingest over gRPC", ["figure", "value"], rows)
 
 
+def _per_100k(cpu: float, results: int) -> float:
+    return 100_000 * cpu / results if results else float("nan")
+
+
+def _waits(waits: dict[str, int]) -> str:
+    """The most frequent waits, with their share of the samples."""
+    total = sum(waits.values())
+    top = sorted(waits.items(), key=lambda kv: -kv[1])[:4]
+    return ", ".join(f"{w} {100 * n / total:.0f}%" for w, n in top) + f" (n={total})"
+
+
+def _render_postgres(r: IngestReport, batch_size: int, window: int) -> str:
+    n = len(r.collectors)
+    rows: list[list[object]] = [
+        ["database", "PostgreSQL (fsync, full_page_writes, synchronous_commit on)"],
+        ["collectors on it (shards held)", f"{n} ({', '.join(map(str, r.shards.values()))})"],
+        ["agents x batch x window", f"{r.agents} x {batch_size} x {window}"],
+        ["URLs (assigned to every agent)", r.urls],
+        ["assignment to all agents (s)", r.assign_seconds],
+        ["results stored (acknowledged)", r.stored],
+        ["rows in results", r.result_rows],
+        ["duplicates / rejected", f"{r.duplicates} / {r.rejected}"],
+        ["results counted by /metrics", int(r.metrics_results)],
+        ["fold_queue: most seen / left at the end", f"{r.queue_peak:,} / {r.queue_left:,}"],
+        ["wall to the last ack (s)", r.wall_acked],
+        ["wall until fold_queue is empty (s)", r.wall],
+        ["results/s (end to end)", r.rate],
+        ["ack latency p50 (ms)", 1000 * r.ack_p50],
+        ["ack latency p99 (ms)", 1000 * r.ack_p99],
+    ]
+    for i, c in enumerate(r.collectors):
+        total = c.cpu + c.workers_cpu
+        rows += [
+            [f"collector {i}: results its agents sent", c.received],
+            [f"collector {i}: CPU with workers (s)", total],
+            [f"collector {i}: CPU per 100k of all results (s)", _per_100k(total, r.stored)],
+            [f"collector {i}: CPU per 100k results it received (s)", _per_100k(total, c.received)],
+            [f"collector {i}: CPU use (cores)", total / r.wall if r.wall else 0.0],
+            [f"collector {i}: peak RSS", mib(c.rss)],
+        ]
+    collectors_cpu = r.collector_cpu + r.workers_cpu
+    everything = collectors_cpu + r.postgres_cpu
+    rows += [
+        ["collectors together, CPU per 100k results (s)", _per_100k(collectors_cpu, r.stored)],
+        ["PostgreSQL server CPU (s)", r.postgres_cpu],
+        ["PostgreSQL CPU per 100k results (s)", _per_100k(r.postgres_cpu, r.stored)],
+        ["PostgreSQL CPU use (cores)", r.postgres_cpu / r.wall if r.wall else 0.0],
+        ["collectors + PostgreSQL, CPU per 100k results (s)", _per_100k(everything, r.stored)],
+        ["results per CPU-second, collectors + PostgreSQL", r.stored / everything
+         if everything else float("nan")],
+        ["load generator CPU (s)", r.generator_cpu],
+        ["database size", mib(r.db_bytes)],
+        ["busy backends sampled each second, by wait", _waits(r.waits)],
+        ["lines the collectors wrote to stderr", len(r.log_lines)],
+        [
+            "target results/s",
+            f">= {TARGET_RATE:,.0f}: {'ok' if r.rate >= TARGET_RATE else 'MISSED'}",
+        ],
+    ]  # fmt: skip
+    text = table(f"collector ingest over gRPC, {n} on PostgreSQL", ["figure", "value"], rows)
+    if r.log_lines:
+        shown = r.log_lines[:20]
+        more = len(r.log_lines) - len(shown)
+        text += "\n" + "\n".join(["collectors' stderr:", *shown])
+        if more:
+            text += f"\n... and {more} more lines"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> IngestReport:
     parser = argparse.ArgumentParser(
         prog="python -m bench ingest", description=__doc__.split("\n")[0]
@@ -323,12 +544,30 @@ def main(argv: Sequence[str] | None = None) -> IngestReport:
         action="store_true",
         help="agents sign every result; the collector checks them and keeps the evidence log",
     )
+    parser.add_argument(
+        "--db",
+        default="sqlite",
+        choices=("sqlite", "postgresql"),
+        help="postgresql: a server of the benchmark's own (fsync on), the collectors on it",
+    )
+    parser.add_argument(
+        "--collectors",
+        type=int,
+        default=1,
+        help="collector processes on one PostgreSQL database (agent i to collector i %% N)",
+    )
     args = parser.parse_args(argv)
+    if args.collectors < 1 or (args.collectors > 1 and args.db != "postgresql"):
+        parser.error("--collectors N > 1 needs --db postgresql")
+    if args.evidence and args.db != "sqlite":
+        parser.error("--evidence is measured on SQLite only")
+    if args.collectors > args.agents:
+        parser.error("--collectors must not exceed --agents (each collector needs an agent)")
     if args.quick:
         args.results, args.urls = min(args.results, 100_000), min(args.urls, 5_000)
     report = benchmark(
         args.agents, args.results, args.urls, args.batch_size, args.window, args.seconds,
-        args.loop, args.evidence,
+        args.loop, args.evidence, args.db, args.collectors,
     )  # fmt: skip
     print(report.text)
     sys.stdout.flush()

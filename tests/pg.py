@@ -14,9 +14,12 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 START_WITHIN = 30.0  # seconds for initdb + start
+# Tests need no durability against power loss: commits are not flushed to disk.
+TEST_SETTINGS = ("fsync=off", "full_page_writes=off", "max_connections=200", "shared_buffers=64MB")
 
 
 def bin_dir() -> Path:
@@ -45,7 +48,8 @@ def _free_port() -> int:
 class PostgresServer:
     """One server for the whole test session; each test gets a database of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Sequence[str] = TEST_SETTINGS) -> None:
+        self.settings = tuple(settings)  # the server's `-c` options
         # Its own directory under /tmp: pytest's are root's alone (0700), closed to `postgres`.
         self.root = Path(tempfile.mkdtemp(prefix="takedown-pg-"))
         self.data = self.root / "data"
@@ -83,8 +87,7 @@ class PostgresServer:
         self.process = subprocess.Popen(
             [*self._as_owner(), str(self.bin / "postgres"), "-D", str(self.data),
              "-p", str(self.port), "-k", str(self.sockets), "-c", "listen_addresses=127.0.0.1",
-             "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200",
-             "-c", "shared_buffers=64MB"],
+             *(arg for setting in self.settings for arg in ("-c", setting))],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()

@@ -70,6 +70,30 @@ def test_ingest() -> None:
     assert "results/s" in report.text
 
 
+def test_ingest_on_postgresql_with_two_collectors() -> None:
+    """Two collectors on one PostgreSQL database (a server of the bench's own, fsync on):
+    every result stored once and folded (fold_queue empty), CPU counted for each collector
+    and for the PostgreSQL server."""
+    report = ingest.main(
+        ["--db", "postgresql", "--collectors", "2", "--agents", "4", "--results", "4000",
+         "--urls", "500", "--batch-size", "200", "--window", "4", "--seconds", "60"]
+    )  # fmt: skip
+    assert report.db == "postgresql"
+    assert report.stored == report.result_rows == 4000
+    assert report.duplicates == 0 and report.rejected == 0
+    assert report.metrics_results == 4000
+    assert report.queue_left == 0  # every result folded, half of them from fold_queue
+    assert sorted(report.shards.values()) == [32, 32]
+    assert 0 < report.ack_p50 <= report.ack_p99
+    assert report.rate > 0 and report.wall >= report.wall_acked > 0
+    assert [c.received for c in report.collectors] == [2000, 2000]
+    assert all(c.cpu > 0 and c.rss > 0 for c in report.collectors)
+    assert report.postgres_cpu > 0 and report.db_bytes > 0
+    assert not [line for line in report.log_lines if "Traceback" in line], report.log_lines
+    for figure in ("results/s (end to end)", "collector 1: CPU per 100k", "PostgreSQL CPU per"):
+        assert figure in report.text
+
+
 def test_scale() -> None:
     """Assignment, holding, reconciling and filling the verdict cache, small."""
     report = scale.benchmark(reports=3000, agents=3, changes=10, fill_urls=300, seconds=60)
