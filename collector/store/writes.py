@@ -1016,6 +1016,10 @@ class Store:
             url_id for url_id, current, *_ in rows if url_id in wanted and current != wanted[url_id]
         ]
         del rows
+        # In id order: collectors sharing a PostgreSQL database plan the same URLs, and two
+        # transactions updating rows in different orders can deadlock.
+        moved.sort()
+        stop.sort()
         changed: list[Target] = []
         for chunk in range(0, len(moved), 500):
             if chunk % PLAN_CHECK_EVERY == 0 and self.interrupted():
