@@ -156,7 +156,7 @@ class Collector:
         outdated = await self.writer.run(lambda s: s.outdated())
         if outdated:
             log.warning("refold_at_start urls=%d method=%s", outdated, METHOD_VERSION)
-            await self.writer.run(lambda s: s.refold(now=self.clock()))
+            await self.writer.run(lambda s: s.refold(now=self.clock(), held_only=True))
         server = grpc.aio.server(
             # Outermost first: undecodable bytes are refused before the gate reads a hello.
             interceptors=[self.decoding, *([self.gate] if self.gate is not None else [])],

@@ -446,6 +446,32 @@ class TestSeveralCollectors:
             run_sqlite_refolds(sqlite)
             assert decided(dsn) == decided(sqlite)
 
+    def test_a_start_under_a_new_method_refolds_only_its_shards(
+        self, pg_dsn: str, tmp_path: Path
+    ) -> None:
+        """Beside another collector, a collector starting under a new method version refolds
+        the URLs of the shards it holds (the server does at start); a full refold, which
+        would write the others' URLs, is refused by name."""
+        one = self.open(pg_dsn, tmp_path)
+        one.submit_reports(
+            [ReportIn(f"http://x/{n}", T0, None, f"r{n}") for n in range(SHARDS + 6)],
+            T0,
+            PLANNER,
+        )
+        two = self.open(pg_dsn, tmp_path)
+        try:
+            ticked_until([one, two], lambda: len(one.leases.owned) == len(two.leases.owned))
+            one.conn.execute("UPDATE url_state SET method = 'tm-older'")
+            changed = two.refold(now=T0 + 10, held_only=True)
+            assert changed and all(two.leases.owns(u) for u, _, _ in changed)
+            held = {u for u in range(1, SHARDS + 7) if two.leases.owns(u)}
+            assert {u for u, _, _ in changed} == held and 0 < len(held) < SHARDS + 6
+            with pytest.raises(StoreError, match="other collectors are running"):
+                two.refold(now=T0 + 10)
+        finally:
+            one.close()
+            two.close()
+
     def test_a_stale_holder_cannot_write_and_learns_it(self, pg_dsn: str, tmp_path: Path) -> None:
         """A collector paused past its lease (no renewal) finds at its next transaction that
         another took its shards over: its result goes to the queue, it writes no fold."""

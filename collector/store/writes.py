@@ -929,9 +929,14 @@ class Store:
                 )  # fmt: skip
 
     def refold(
-        self, since: float | None = None, now: float = 0.0
+        self, since: float | None = None, now: float = 0.0, held_only: bool = False
     ) -> list[tuple[int, UrlState, UrlState]]:
-        """Recompute every URL's verdict (or those with results probed at or after `since`)."""
+        """Recompute every URL's verdict (or those with results probed at or after `since`).
+
+        On PostgreSQL with other collectors running, `held_only` refolds the URLs of the
+        shards this one holds (a start under a new method version: each collector refolds
+        its own, and a shard taken over later refolds as its states are read); without it
+        the call is refused, since the others fold the rest."""
         sql = "SELECT id FROM urls ORDER BY id"
         params: tuple[Any, ...] = ()
         if since is not None:
@@ -939,7 +944,7 @@ class Store:
             params = (since,)
         ids = [u for (u,) in self.conn.execute(sql, params)]
         if self.leases is not None:
-            if self.leases.others_live():
+            if not held_only and self.leases.others_live():
                 raise StoreError(
                     f"{self.name}: other collectors are running on this database; each"
                     " refolds the shards it holds at its start under a new method version"
