@@ -472,6 +472,37 @@ class TestSeveralCollectors:
             one.close()
             two.close()
 
+    def test_a_new_notice_taken_by_another_collector_reaches_the_holder(
+        self, pg_dsn: str, tmp_path: Path
+    ) -> None:
+        """A removed URL notified again through the collector that does not hold it: its
+        holder refolds it at its next tick, and a new episode opens."""
+        one = self.open(pg_dsn, tmp_path)
+        agents = {a: one.register_agent(f"a{a}", f"n{a}", "t", T0) for a in (1, 2, 3)}
+        one.submit_reports([ReportIn("http://x/a", T0, None, "r1")], T0, PLANNER)
+        for agent, batch in fixed_case()[0]:
+            one.ingest(agents[agent], [dataclasses.replace(r, started_at=T0 + r.started_at)
+                                       for r in batch], T0 + 500)  # fmt: skip
+        two = self.open(pg_dsn, tmp_path)
+        try:
+            ticked_until([one, two], lambda: len(one.leases.owned) == len(two.leases.owned))
+            assert one.leases.owns(1) and not two.leases.owns(1)
+
+            def episodes() -> list[Any]:
+                return list(one.conn.execute(
+                    "SELECT episode, opened_by FROM episodes WHERE url_id = 1 ORDER BY episode"
+                ).fetchall())  # fmt: skip
+
+            assert episodes() == [(1, "notice")]
+            assert verdicts(pg_dsn)[0][1] == "removed"
+            two.submit_reports([ReportIn("http://x/a", T0 + 900, None, "r2")], T0 + 900, PLANNER)
+            assert episodes() == [(1, "notice")]  # the holder has not looked yet
+            one.tick(T0 + 901)
+            assert episodes() == [(1, "notice"), (2, "renotified")]
+        finally:
+            one.close()
+            two.close()
+
     def test_a_stale_holder_cannot_write_and_learns_it(self, pg_dsn: str, tmp_path: Path) -> None:
         """A collector paused past its lease (no renewal) finds at its next transaction that
         another took its shards over: its result goes to the queue, it writes no fold."""

@@ -389,3 +389,12 @@ def m015_counts_per_collector(db: Database) -> None:
         ALTER TABLE result_counts_v15 RENAME TO result_counts
         """,
     )
+
+
+@migrations()
+def m016_refold_requests(db: Database) -> None:
+    """Several collectors on PostgreSQL: a report for a known URL, taken by a collector that
+    does not hold the URL's shard, asks the holder for a refold here. The holder claims the
+    request (deletes it) in the transaction that refolds, so a request made while it refolds
+    stays for its next tick (a flag in url_state could be cleared by that refold)."""
+    _run(db, "CREATE TABLE refold_requests (id INTEGER PRIMARY KEY, url_id INTEGER NOT NULL)")

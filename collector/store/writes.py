@@ -321,7 +321,28 @@ class Store:
             # As at a start: a shard's refolds owed (its last holder died before them) are
             # done before anything new of it is folded, within the usual budget.
             self.refold_due(now)
+        self._refold_requested(now)
         return self.fold_queued(now)
+
+    def _refold_requested(self, now: float) -> None:
+        """Refold the URLs other collectors took a new report for, claiming each request in
+        the transaction that refolds it (see m016)."""
+        assert self.leases is not None
+        try:
+            with self._transaction():
+                if not self.leases.owned:
+                    return
+                asked = self.conn.execute(
+                    f"DELETE FROM refold_requests WHERE url_id % {SHARDS} = ANY(?)"
+                    " RETURNING url_id",
+                    (sorted(self.leases.owned),),
+                ).fetchall()
+                for url_id in sorted({int(u) for (u,) in asked}):
+                    self.projection.renotified(url_id, now)
+                self._checkpoint_if_verdict(now)
+        except DB_ERRORS as exc:
+            self._rolled_back()
+            raise translate(exc, self.name) from exc
 
     def fold_queued(self, now: float, limit: int = QUEUE_CHUNK) -> int:
         """Fold results other collectors stored for the shards this one holds, oldest
@@ -567,7 +588,7 @@ class Store:
             if self.leases is None or self.leases.owns(url_id):
                 self.projection.renotified(url_id, now)
             else:  # its shard's holder refolds it (Store.tick)
-                self.ledger.mark_refold([url_id], True)
+                c.execute("INSERT INTO refold_requests (url_id) VALUES (?)", (url_id,))
             if not row[1]:
                 c.execute("UPDATE urls SET active = 1 WHERE id = ?", (url_id,))
                 self._assignment_changed([url_id])
