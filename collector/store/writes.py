@@ -200,6 +200,11 @@ class Store:
             self.refold_due(now, limited=False)
             self.flush(now)
             if self.leases is not None:
+                # What others queued for the shards held is folded before they are handed
+                # over (bounded: a chunk at a time while chunks come back full).
+                for _ in range(100):
+                    if self.fold_queued(now) < QUEUE_CHUNK:
+                        break
                 self.leases.release()
             elif not self.unchecked:
                 self.conn.execute("UPDATE lifecycle SET clean_stop = 1")
