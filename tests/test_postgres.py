@@ -503,6 +503,19 @@ class TestSeveralCollectors:
             one.close()
             two.close()
 
+    def test_a_collector_gone_for_a_day_is_forgotten(self, pg_dsn: str, tmp_path: Path) -> None:
+        one = self.open(pg_dsn, tmp_path)
+        try:
+            one.conn.execute(
+                "INSERT INTO collectors (name, seen_at) VALUES ('gone', 0), ('recent',"
+                " EXTRACT(EPOCH FROM clock_timestamp()) - 60)"
+            )
+            one.tick(T0)
+            names = {n for (n,) in one.conn.execute("SELECT name FROM collectors").fetchall()}
+            assert names == {one.leases.name, "recent"}
+        finally:
+            one.close()
+
     def test_a_stale_holder_cannot_write_and_learns_it(self, pg_dsn: str, tmp_path: Path) -> None:
         """A collector paused past its lease (no renewal) finds at its next transaction that
         another took its shards over: its result goes to the queue, it writes no fold."""

@@ -32,6 +32,7 @@ from collector.store.sql import Connection
 SHARDS = 64
 LEASE_SECONDS = 15.0  # a dead collector's shards move within this (plus one tick)
 TICK_SECONDS = 1.0  # how often a collector renews, rebalances and folds its queue
+FORGET_AFTER = 86_400.0  # seconds without renewal after which a collector's row goes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Leases:
                 " ON CONFLICT (name) DO UPDATE SET seen_at = excluded.seen_at",
                 (self.name,),
             )
+            # Collectors gone for a day (killed, never stopped cleanly) are forgotten.
+            c.execute(f"DELETE FROM collectors WHERE seen_at < {_NOW} - ?", (FORGET_AFTER,))
             live = 1 + self.others_live()
             held = {
                 int(s): int(e)
