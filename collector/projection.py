@@ -143,6 +143,17 @@ class Folded:
     late: set[int] = field(default_factory=set)  # URLs to refold from the stored results
 
 
+def refusal(url_id: int, created_at: float | None, started_at: float) -> str | None:
+    """Why a result for `url_id` (watched since `created_at`, None: not watched) probed at
+    `started_at` is refused, or None: the rule for a fold and for a result queued for
+    another collector's fold alike."""
+    if created_at is None:
+        return f"URL id {url_id} is unknown or no longer watched"
+    if started_at < created_at - ANCIENT_SLACK:
+        return f"started_at {started_at:.0f} is before URL id {url_id} was reported"
+    return None
+
+
 class Projection:
     """Each active URL's fold, in an LRU cache, with write-behind of its url_state row.
 
@@ -207,11 +218,7 @@ class Projection:
     def admit(self, url_id: int, started_at: float, entries: dict[int, UrlEntry]) -> str | None:
         """Why a result for `url_id` probed at `started_at` is refused, or None."""
         entry = entries.get(url_id)
-        if entry is None:
-            return f"URL id {url_id} is unknown or no longer watched"
-        if started_at < entry.created_at - ANCIENT_SLACK:
-            return f"started_at {started_at:.0f} is before URL id {url_id} was reported"
-        return None
+        return refusal(url_id, None if entry is None else entry.created_at, started_at)
 
     def fold(
         self, entries: dict[int, UrlEntry], batch: Sequence[tuple[int, Observation]]

@@ -40,18 +40,18 @@ _SAVE_STATE = (
     " first_provider = ?, truncated_vs_reference = ?, notified_at = ?, updated_at = ?,"
     " folded = ? WHERE url_id = ?"
 )
-_OBSERVATION_COLUMNS = (
+OBSERVATION_COLUMNS = (
     "r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256, r.final_url,"
     " r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn"
     " FROM results r JOIN agents a ON a.id = r.agent_id"
 )
 _OBSERVATIONS = (
-    f"SELECT {_OBSERVATION_COLUMNS} WHERE r.url_id = ? ORDER BY r.started_at, r.agent_id, r.seq"
+    f"SELECT {OBSERVATION_COLUMNS} WHERE r.url_id = ? ORDER BY r.started_at, r.agent_id, r.seq"
 )
 # Results stored after the last flush's marks (see Projection._after_checkpoint), of the URLs
 # in {marks}.
 _AFTER_MARKS = (
-    f"SELECT r.url_id, {_OBSERVATION_COLUMNS} WHERE r.url_id IN ({{marks}}) AND r.seq >"
+    f"SELECT r.url_id, {OBSERVATION_COLUMNS} WHERE r.url_id IN ({{marks}}) AND r.seq >"
     " COALESCE((SELECT m.seq FROM fold_marks m WHERE m.agent_id = r.agent_id), -1)"
     " ORDER BY r.url_id, r.started_at, r.agent_id, r.seq"
 )
@@ -60,8 +60,8 @@ _KIND_MARKS = ",".join("?" * len(_HISTORY_KINDS))
 _CHUNK = 500  # ids per IN (...) list
 
 
-def _observation(row: Sequence[Any]) -> Observation:
-    """A result row of _OBSERVATION_COLUMNS as the fold reads it."""
+def observation_of_row(row: Sequence[Any]) -> Observation:
+    """A result row of OBSERVATION_COLUMNS as the fold reads it."""
     (agent, network, at, status, error, sha, final, challenge, truncated, seq, provider, asn,
      cdn) = row  # fmt: skip
     return Observation(agent, network, at, status, error, sha or b"", final, bool(challenge),
@@ -172,7 +172,7 @@ class SqlLedger:
 
     def observations(self, url_id: int) -> list[Observation]:
         """The URL's stored results in event order."""
-        return [_observation(row) for row in self.conn.execute(_OBSERVATIONS, (url_id,))]
+        return [observation_of_row(row) for row in self.conn.execute(_OBSERVATIONS, (url_id,))]
 
     def checkpoints(self, url_ids: Sequence[int]) -> dict[int, Checkpoint]:
         out = {}
@@ -198,7 +198,7 @@ class SqlLedger:
         out: dict[int, list[Observation]] = {}
         for chunk, marks in _chunks(url_ids):
             for url_id, *row in self.conn.execute(_AFTER_MARKS.format(marks=marks), chunk):
-                out.setdefault(url_id, []).append(_observation(row))
+                out.setdefault(url_id, []).append(observation_of_row(row))
         return out
 
     def refolds_pending(self) -> list[int]:

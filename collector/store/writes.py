@@ -20,12 +20,12 @@ from collector.evidence import leaves as ev
 from collector.evidence.note import NoteSigner
 from collector.fold import Notice, Observation, UrlFold
 from collector.method import Policy, UrlState, is_order_overdue, is_overdue
-from collector.projection import ANCIENT_SLACK, CACHE_URLS, Projection, method_of
+from collector.projection import CACHE_URLS, Projection, method_of, refusal
 from collector.reports_file import ReportIn
 from collector.schedule import Planner
 from collector.store.codec import dump_fold
 from collector.store.evidence import EvidenceLog
-from collector.store.ledger import SqlLedger, us
+from collector.store.ledger import OBSERVATION_COLUMNS, SqlLedger, observation_of_row, us
 from collector.store.model import (
     AgentKeyRefused,
     CorruptDatabase,
@@ -257,15 +257,15 @@ class Store:
             conn.execute("SELECT pg_advisory_unlock(?)", (_LOG_LOCK,))
 
     def _assignment_changed(self, url_ids: Sequence[int]) -> None:
-        """Several collectors (PostgreSQL): tell the others' agents too (assignment_changes).
-        This collector pushes its own changes itself: it skips their log rows."""
+        """Several collectors (PostgreSQL): tell the others' agents too (assignment_changes),
+        in one statement however many URLs a plan changed. The rows name their writer: this
+        collector pushes its own changes itself and skips them."""
         if self.leases is None or not url_ids:
             return
-        for u in url_ids:
-            (index,) = self.conn.execute(
-                "INSERT INTO assignment_log (url_id) VALUES (?) RETURNING id", (u,)
-            ).fetchone()
-            self._assignment_seen.add(int(index))
+        self.conn.execute(
+            "INSERT INTO assignment_log (url_id, writer) SELECT unnest(?::bigint[]), ?",
+            (list(url_ids), self.leases.name),
+        )
 
     def assignment_changes(self) -> tuple[list[Target], list[int]]:
         """The assignment changes other collectors made since the last call (PostgreSQL):
@@ -273,14 +273,14 @@ class Store:
 
         A log row's id is drawn before its transaction commits, so rows may appear out of
         id order: the rows of the last ASSIGNMENT_WINDOW ids are read again each time, and
-        those already pushed are skipped."""
+        those already pushed are skipped (this collector's own were pushed as it made them)."""
         if self.leases is None:
             return [], []
         try:
             rows = self.conn.execute(
                 "SELECT l.id, u.id, u.url, u.interval, u.active FROM assignment_log l"
-                " JOIN urls u ON u.id = l.url_id WHERE l.id > ? ORDER BY l.id",
-                (self._assignment_cursor - ASSIGNMENT_WINDOW,),
+                " JOIN urls u ON u.id = l.url_id WHERE l.id > ? AND l.writer <> ? ORDER BY l.id",
+                (self._assignment_cursor - ASSIGNMENT_WINDOW, self.leases.name),
             ).fetchall()
         except DB_ERRORS as exc:
             raise translate(exc, self.name) from exc
@@ -376,14 +376,10 @@ class Store:
         entries = p.load({int(row[0]) for row in rows})
         batch = []
         for url_id, *fields in rows:
-            (agent, network, at, status, error, sha, final, challenge, truncated, seq, provider,
-             asn, cdn) = fields  # fmt: skip
-            if p.admit(url_id, at, entries) is not None:
+            obs = observation_of_row(fields)
+            if p.admit(url_id, obs.at, entries) is not None:
                 continue  # retired meanwhile: stored, and a refold would read it
-            batch.append((url_id, Observation(
-                agent, network, at, status, error, bytes(sha) if sha else b"", final,
-                bool(challenge), bool(truncated), seq, provider, asn, bool(cdn),
-            )))  # fmt: skip
+            batch.append((url_id, obs))
         folded = p.fold(entries, batch)
         p.record(folded, now)
         counts: dict[tuple[int, str], int] = {}
@@ -864,13 +860,11 @@ class Store:
         accepted = []
         for r in sorted(results, key=lambda r: (r.started_at, r.seq)):
             known = watched.get(r.url_id)
-            if known is None:
-                refused.append(f"seq {r.seq}: URL id {r.url_id} is unknown or no longer watched")
-            elif r.started_at < known[0] - ANCIENT_SLACK:
-                refused.append(f"seq {r.seq}: started_at {r.started_at:.0f} is before URL id"
-                               f" {r.url_id} was reported")  # fmt: skip
-            else:
+            why = refusal(r.url_id, None if known is None else known[0], r.started_at)
+            if why is None:
                 accepted.append(r)
+            else:
+                refused.append(f"seq {r.seq}: {why}")
         wheres = [self._attribute(r.peer_ip, watched[r.url_id][1]) for r in accepted]
         leaves: Sequence[int | None] = [None] * len(accepted)
         if self.evidence is not None:
@@ -1079,10 +1073,9 @@ _CLAIM_QUEUED = (
     "WITH claimed AS (DELETE FROM fold_queue WHERE (agent_id, seq) IN (SELECT agent_id, seq"
     " FROM fold_queue WHERE shard = ANY(?) LIMIT ? FOR UPDATE SKIP LOCKED)"
     " RETURNING agent_id, seq)"
-    " SELECT r.url_id, r.agent_id, a.network, r.started_at, r.status, r.error, r.sha256,"
-    " r.final_url, r.challenge, r.truncated, r.seq, r.provider, r.asn, r.cdn FROM claimed q"
-    " JOIN results r ON r.agent_id = q.agent_id AND r.seq = q.seq"
-    " JOIN agents a ON a.id = r.agent_id ORDER BY r.started_at, r.agent_id, r.seq"
+    f" SELECT r.url_id, {OBSERVATION_COLUMNS}"
+    " JOIN claimed q ON q.agent_id = r.agent_id AND q.seq = r.seq"
+    " ORDER BY r.started_at, r.agent_id, r.seq"
 )
 
 IngestCall = tuple[int, Sequence[ResultIn], float, "float | None"]
