@@ -331,7 +331,8 @@ def m013_shards(db: Database) -> None:
         CREATE INDEX fold_queue_shard ON fold_queue(shard);
         CREATE TABLE assignment_log (
             id INTEGER PRIMARY KEY,
-            url_id INTEGER NOT NULL
+            url_id INTEGER NOT NULL,
+            writer TEXT NOT NULL DEFAULT ''  -- the collector that made the change
         )
         """,
     )
