@@ -479,6 +479,20 @@ def _mounts(service: dict[str, Any]) -> Iterator[tuple[str, Path | str]]:
         yield target, (COMPOSE.parent / source).resolve() if source.startswith(".") else source
 
 
+def assert_references_resolve(compose: dict[str, Any], path: Path) -> None:
+    """Every build file and bind mount of the compose file at `path` exists; its named volumes
+    are declared."""
+    for name, service in compose["services"].items():
+        if "build" in service:
+            context = (path.parent / service["build"]["context"]).resolve()
+            assert (context / service["build"]["dockerfile"]).is_file(), name
+        for _, source in _mounts(service):
+            if isinstance(source, Path):
+                assert source.exists(), f"{name}: {source}"
+            else:
+                assert source in compose["volumes"], f"{name}: volume {source}"
+
+
 def _local(service: dict[str, Any], path: str, volumes: Path) -> Path:
     """Where a container path of a compose service is on this host: in its bind mount's source,
     or in volumes/NAME for a named volume (by the longest mount target that holds it)."""
@@ -579,15 +593,7 @@ class TestContainers:
     def test_compose_references_resolve(self, yaml: ModuleType) -> None:
         """Every build file and bind mount of compose.yaml exists; volumes are declared."""
         compose = load_yaml(yaml, COMPOSE)
-        for name, service in compose["services"].items():
-            if "build" in service:
-                context = (COMPOSE.parent / service["build"]["context"]).resolve()
-                assert (context / service["build"]["dockerfile"]).is_file(), name
-            for _, source in _mounts(service):
-                if isinstance(source, Path):
-                    assert source.exists(), f"{name}: {source}"
-                else:
-                    assert source in compose["volumes"], f"{name}: volume {source}"
+        assert_references_resolve(compose, COMPOSE)
 
     def test_compose_configs_parse_and_ports_agree(self, yaml: ModuleType, tmp_path: Path) -> None:
         """Configs parse with our CLIs; scrape targets, health checks and addresses match them."""
@@ -985,15 +991,7 @@ class TestPostgreSQL:
         assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
         password_file = postgres["environment"]["POSTGRES_PASSWORD_FILE"]
         assert dict(_mounts(postgres))[str(Path(password_file).parent)] == "postgres-password"
-        for name, service in services.items():
-            if "build" in service:
-                context = (PG_COMPOSE.parent / service["build"]["context"]).resolve()
-                assert (context / service["build"]["dockerfile"]).is_file(), name
-            for _, source in _mounts(service):
-                if isinstance(source, Path):
-                    assert source.exists(), f"{name}: {source}"
-                else:
-                    assert source in compose["volumes"], f"{name}: volume {source}"
+        assert_references_resolve(compose, PG_COMPOSE)
         collectors = [n for n, s in services.items() if "--db" in s.get("command", [])]
         assert collectors == ["collector-1", "collector-2"]
         aliases = set()
